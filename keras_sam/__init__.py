@@ -1,0 +1,21 @@
+"""keras_sam: sharpness-aware minimization (SAM, ASAM, GSAM) for Keras 3.
+
+Public names:
+
+- `SAMModel`, `GSAMModel`, `SharpnessAwareMinimization`: wrap any Keras model
+  so that `fit` trains it with a sharpness-aware step (`keras_sam.models`);
+- `keras_sam.rules`: the math of one step, backend-neutral;
+- `keras_sam.schedules`: epoch-aware learning-rate schedules;
+- `keras_sam.callbacks`: `BatchSizeScheduler`, `SharpnessMonitor`;
+- `keras_sam.sharpness`: worst-case sharpness, full-gradient norm, Hessian
+  eigenvalue.
+"""
+
+from keras_sam import rules
+from keras_sam.models import GSAMModel
+from keras_sam.models import SAMModel
+from keras_sam.models import SharpnessAwareMinimization
+
+__version__ = "0.1.0"
+
+__all__ = ["SAMModel", "GSAMModel", "SharpnessAwareMinimization", "rules"]

@@ -1,0 +1,36 @@
+"""The only backend-specific code in keras_sam: how to take a gradient, and how
+replicas talk to each other.
+
+Everything else in the package is written with `keras.ops` and calls these
+functions. Each backend module exports the same names:
+
+- `value_and_grad(fn)`: `fn(values, *args) -> (value, aux)` becomes
+  `g(values, *args) -> ((value, aux), grads)`, with `grads` a list matching
+  `values` (zeros for values the value does not depend on).
+- `hessian_vector_product(fn, values, vector)`: `H(values) @ vector` for
+  `fn(values) -> scalar`.
+- `num_replicas()`: replicas taking part in the current step (1 outside a
+  `tf.distribute` replica context).
+- `all_reduce(tensors, reduction)`: `"sum"` or `"mean"` over those replicas
+  (identity with one replica).
+- `in_replica_context()`: whether code runs inside a distributed step.
+- `check_divisible(size, divisor, name)`: run-time check of a dynamic batch
+  size (a no-op where shapes are always static).
+- `read_values(variables)`: the variables' current values as tensors.
+"""
+
+import keras
+
+_BACKEND = keras.backend.backend()
+
+if _BACKEND == "tensorflow":
+    from keras_sam.backend.tensorflow import *  # noqa: F401,F403
+elif _BACKEND == "jax":
+    from keras_sam.backend.jax import *  # noqa: F401,F403
+elif _BACKEND == "torch":
+    from keras_sam.backend.torch import *  # noqa: F401,F403
+else:
+    raise ImportError(
+        f"keras_sam supports the tensorflow, jax and torch backends of Keras; "
+        f"KERAS_BACKEND is {_BACKEND!r}."
+    )

@@ -1,0 +1,127 @@
+"""The math of SAM, ASAM and GSAM: small pure functions on lists of tensors.
+
+Nothing here knows about models, optimizers or backends; every function takes
+and returns lists of tensors (one per trainable variable) and uses `keras.ops`
+only, so it runs unchanged on TensorFlow, JAX and PyTorch.
+
+One SAM-family step is
+
+    g   = grad f_B(w)                                  (clean gradient)
+    e   = sam_perturbation(g, rho)                     (or asam_perturbation)
+    g_p = grad f_B(w + e)                              (same batch)
+    d   = g_p                                          (SAM / ASAM)
+    d   = gsam_descent(g, g_p, alpha)                  (GSAM)
+    optimizer.apply(d) at w
+
+Norms are ONE global L2 norm over all variables together, never per variable.
+"""
+
+from keras import ops
+
+EPSILON = 1e-12
+"""Protects the divisions against a zero gradient; too small to change any
+non-degenerate result."""
+
+
+def dot(xs, ys):
+    """Global inner product `sum_i <xs_i, ys_i>` of two lists of tensors."""
+    return ops.sum(ops.stack([ops.sum(x * y) for x, y in zip(xs, ys)]))
+
+
+def global_norm(tensors):
+    """One L2 norm over all tensors of the list together."""
+    return ops.sqrt(dot(tensors, tensors))
+
+
+def sam_perturbation(grads, rho):
+    """SAM's ascent step `e = rho * g / ||g||`.
+
+    Args:
+        grads: list of gradient tensors `g`.
+        rho: radius of the neighbourhood (float or scalar tensor).
+
+    Returns:
+        The list of perturbations `e`, with `||e|| = rho`.
+    """
+    scale = rho / (global_norm(grads) + EPSILON)
+    return [g * ops.cast(scale, g.dtype) for g in grads]
+
+
+def asam_scale(weights, eta, scaled):
+    """ASAM's elementwise operator `T_w = |w| + eta` (1 where not `scaled`).
+
+    Args:
+        weights: list of weight tensors `w`.
+        eta: the offset `eta >= 0`.
+        scaled: list of booleans, which variables get `|w| + eta`.
+
+    Returns:
+        A list of tensors (or the Python float 1.0 for unscaled variables).
+    """
+    return [ops.abs(w) + eta if s else 1.0 for w, s in zip(weights, scaled)]
+
+
+def asam_perturbation(grads, weights, rho, eta, scaled):
+    """Adaptive SAM's ascent step `e = rho * T_w^2 g / ||T_w g||`.
+
+    Args:
+        grads: list of gradient tensors `g`.
+        weights: list of the current weights `w`, matching `grads`.
+        rho: radius (ASAM typically needs ~10x SAM's).
+        eta: offset in `T_w = |w| + eta`.
+        scaled: list of booleans, which variables are scaled by `T_w`.
+
+    Returns:
+        The list of perturbations `e`.
+    """
+    t = asam_scale(weights, eta, scaled)
+    tg = [ti * g for ti, g in zip(t, grads)]
+    scale = rho / (global_norm(tg) + EPSILON)
+    return [ti * x * ops.cast(scale, x.dtype) for ti, x in zip(t, tg)]
+
+
+def gsam_descent(grads, perturbed_grads, alpha):
+    """GSAM's descent direction `d = g_p - alpha * g_perp`.
+
+    `g_perp` is the component of the clean gradient `g` orthogonal to the
+    perturbed gradient `g_p`:
+    `g_perp = g - (<g, g_p> / ||g_p||^2) g_p`. With `alpha = 0` this is SAM's
+    `g_p` exactly.
+
+    Args:
+        grads: clean gradients `g`.
+        perturbed_grads: gradients `g_p` at `w + e`.
+        alpha: weight of the orthogonal correction.
+
+    Returns:
+        The list of descent gradients `d`.
+    """
+    if isinstance(alpha, (int, float)) and alpha == 0:
+        return list(perturbed_grads)
+    coef = dot(grads, perturbed_grads) / (dot(perturbed_grads, perturbed_grads) + EPSILON)
+    return [
+        gp - ops.cast(alpha, gp.dtype) * (g - ops.cast(coef, gp.dtype) * gp)
+        for g, gp in zip(grads, perturbed_grads)
+    ]
+
+
+def gsam_rho(learning_rate, rho_max, rho_min, lr_max, lr_min):
+    """GSAM's radius tied to the learning rate.
+
+    `rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)`,
+    `rho_max` when `lr_max == lr_min`, and clipped into `[rho_min, rho_max]` so a
+    warmup below `lr_min` never drives it below `rho_min`.
+
+    Args:
+        learning_rate: the optimizer's ACTUAL learning rate at this step.
+        rho_max, rho_min: the radius at `lr_max` and at `lr_min`.
+        lr_max, lr_min: the largest and smallest learning rate of the schedule.
+
+    Returns:
+        A scalar tensor.
+    """
+    lr = ops.cast(learning_rate, "float32")
+    if lr_max == lr_min or rho_max == rho_min:
+        return ops.convert_to_tensor(rho_max, "float32")
+    rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+    return ops.clip(rho, rho_min, rho_max)
