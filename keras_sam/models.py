@@ -44,15 +44,40 @@ def _batch_size(x):
 
 
 def _split(structure, num_splits):
-    """Cuts every tensor of a nested structure into `num_splits` equal parts
-    along the batch axis; returns a list of `num_splits` structures."""
+    """Cuts every tensor of a nested structure into `num_splits` parts along
+    the batch axis (equal parts when the batch divides, else sizes differing by
+    at most one); returns a list of `num_splits` structures."""
     if structure is None:
         return [None] * num_splits
-    size = _batch_size(structure) // num_splits
+    size = _batch_size(structure)
+    bounds = [i * size // num_splits for i in range(num_splits + 1)]
     return [
-        tree.map_structure(lambda t, i=i: t[i * size : (i + 1) * size], structure)
-        for i in range(num_splits)
+        tree.map_structure(lambda t, a=a, b=b: t[a:b], structure)
+        for a, b in zip(bounds[:-1], bounds[1:])
     ]
+
+
+def _static_batch_size(x):
+    first = next(t for t in tree.flatten(x) if t is not None)
+    size = first.shape[0]
+    return None if size is None else int(size)
+
+
+def _first_batch_size(x, batch_size):
+    """The global batch size `fit` will use, or None if it cannot be told
+    without consuming data."""
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        first = tree.flatten(x.element_spec)[0]
+        if first.shape.rank and first.shape[0] is not None:
+            return int(first.shape[0])
+        for batch in x.take(1):
+            return int(tree.flatten(batch)[0].shape[0])
+        return None
+    if hasattr(x, "shape") or isinstance(x, (list, tuple, dict)):
+        return 32 if batch_size is None else int(batch_size)
+    return None
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -105,9 +130,13 @@ class SAMModel(keras.Model):
             before perturbing.
         num_batch_splits: split each replica's batch into this many equal
             sub-batches, each with its own perturbation (m-sharpness on one
-            device); the descent gradients are averaged.
+            device); the descent gradients are averaged. It must divide the
+            per-replica batch size (checked when `fit` starts); a last partial
+            batch is cut into parts whose sizes differ by at most one.
         sub_batch_size: alternative to `num_batch_splits`: sub-batches of this
-            many examples, so m stays fixed when the batch size grows.
+            many examples, so m stays fixed when the batch size grows (with
+            `keras_sam.callbacks.BatchSizeScheduler`, batch the data with
+            `drop_remainder=True` so each batch size is traced on its own).
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -138,7 +167,7 @@ class SAMModel(keras.Model):
                 "`model` must be a keras.Model (Sequential, functional or "
                 f"subclassed), got {type(model).__name__}."
             )
-        if not model.built and not allow_unbuilt:
+        if not (model.built and model.variables) and not allow_unbuilt:
             raise ValueError(
                 f"`model` ({model.name}) is not built, so its variables do not "
                 "exist yet. Build it first: give it an `keras.Input`, call it "
@@ -165,6 +194,7 @@ class SAMModel(keras.Model):
         self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self._grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self._rho_tracker = keras.metrics.Mean(name="rho")
+        self._fit_batch_size = None
         if model.built:
             self.built = True
 
@@ -231,6 +261,16 @@ class SAMModel(keras.Model):
                 "(and drop the last partial batch)."
             )
         return k
+
+    def fit(self, x=None, y=None, batch_size=None, **kwargs):
+        """`keras.Model.fit`, with the batch split checked before training."""
+        if self.num_batch_splits or self.sub_batch_size:
+            size = _first_batch_size(x, batch_size)
+            if size is not None:
+                per_replica = size // self.distribute_strategy.num_replicas_in_sync
+                self.num_splits(per_replica)  # raises if the split does not divide
+                self._fit_batch_size = per_replica
+        return super().fit(x, y, batch_size=batch_size, **kwargs)
 
     # ------------------------------------------------------------- the step
     def current_rho(self):
@@ -319,10 +359,9 @@ class SAMModel(keras.Model):
         update with the mean of the sub-batch statistics), other state (seed
         counters) is carried from one sub-batch to the next.
         """
-        splits = self.num_splits(_static_batch_size(x))
+        splits = self._splits_for(_static_batch_size(x))
         if splits == 1:
             return self._sam_step(weights, state, x, y, sample_weight)
-        sam_backend.check_divisible(_batch_size(x), splits, self._split_arg_name())
         xs, ys, sws = (_split(t, splits) for t in (x, y, sample_weight))
         is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
         carried = list(state)
@@ -346,8 +385,17 @@ class SAMModel(keras.Model):
         }
         return descent, new_state, y_pred, outs[-1][3], stats
 
-    def _split_arg_name(self):
-        return "num_batch_splits" if self.num_batch_splits else "sub_batch_size"
+    def _splits_for(self, static_batch_size):
+        if static_batch_size is not None:
+            return self.num_splits(static_batch_size)
+        if self.sub_batch_size and self._fit_batch_size is None:
+            raise ValueError(
+                "`sub_batch_size` needs the batch size when the step is traced: "
+                "batch the dataset with `drop_remainder=True`."
+            )
+        if self.sub_batch_size:
+            return self.num_splits(self._fit_batch_size)
+        return self.num_splits(None)
 
     def _apply(self, descent, variables):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
@@ -384,12 +432,6 @@ class SAMModel(keras.Model):
         self._sharpness_tracker.update_state(stats["sharpness"])
         self._grad_norm_tracker.update_state(stats["grad_norm"])
         self._rho_tracker.update_state(stats["rho"])
-
-
-def _static_batch_size(x):
-    first = next(t for t in tree.flatten(x) if t is not None)
-    size = first.shape[0]
-    return None if size is None else int(size)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")

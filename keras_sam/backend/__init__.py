@@ -14,8 +14,6 @@ functions. Each backend module exports the same names:
 - `all_reduce(tensors, reduction)`: `"sum"` or `"mean"` over those replicas
   (identity with one replica).
 - `in_replica_context()`: whether code runs inside a distributed step.
-- `check_divisible(size, divisor, name)`: run-time check of a dynamic batch
-  size (a no-op where shapes are always static).
 - `read_values(variables)`: the variables' current values as tensors.
 """
 

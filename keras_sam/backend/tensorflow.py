@@ -8,7 +8,6 @@ __all__ = [
     "num_replicas",
     "all_reduce",
     "in_replica_context",
-    "check_divisible",
     "read_values",
 ]
 
@@ -64,15 +63,6 @@ def all_reduce(tensors, reduction):
         return list(tensors)
     op = tf.distribute.ReduceOp.SUM if reduction == "sum" else tf.distribute.ReduceOp.MEAN
     return tf.distribute.get_replica_context().all_reduce(op, list(tensors))
-
-
-def check_divisible(size, divisor, name):
-    """Asserts at run time that a dynamic batch `size` is a multiple of `divisor`."""
-    tf.debugging.assert_equal(
-        size % divisor,
-        tf.zeros_like(size),
-        message=f"`{name}`={divisor} does not divide the per-replica batch size",
-    )
 
 
 def read_values(variables):

@@ -1,0 +1,405 @@
+"""SAMModel / GSAMModel / SharpnessAwareMinimization against a hand-written
+in-place reference step (perturb the variables, restore the saved copy) with
+the perturbation and GSAM's combination computed in float64 NumPy."""
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+import keras_sam
+
+N, D, BATCH, STEPS = 48, 6, 16, 3
+LR = 0.1
+
+
+@keras.saving.register_keras_serializable(package="test_models")
+class AddActivityLoss(keras.layers.Layer):
+    """An `add_loss` term that depends on the activations."""
+
+    def call(self, x):
+        self.add_loss(0.01 * keras.ops.mean(keras.ops.square(x)))
+        return x
+
+
+def make_inner(seed=0, bn=True, synchronized=False):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((D,))
+    h = keras.layers.Dense(
+        8, activation="tanh", kernel_regularizer=keras.regularizers.L2(1e-3)
+    )(inputs)
+    if bn:
+        h = keras.layers.BatchNormalization(momentum=0.9, synchronized=synchronized)(h)
+    h = AddActivityLoss()(h)
+    outputs = keras.layers.Dense(2)(h)
+    return keras.Model(inputs, outputs)
+
+
+def make_data(seed=1, n=N):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = rng.normal(size=(n, 2)).astype("float32")
+    sw = rng.uniform(0.5, 1.5, size=(n,)).astype("float32")
+    return x, y, sw
+
+
+def as_dataset(x, y, sw, batch=BATCH):
+    return tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(batch)
+
+
+# ----------------------------------------------------------------- reference
+def _norm(xs):
+    return np.sqrt(sum(float(np.sum(x * x)) for x in xs))
+
+
+def reference_fit(model, x, y, sw, *, rho, lr_fn, kind="sam", alpha=0.0,
+                  adaptive=False, eta=0.01, rho_fn=None, splits=1, batch=BATCH):
+    """Trains `model` (a plain keras.Model) in place with a hand-written SAM step.
+
+    Returns per-step records (clean loss, perturbed loss, ||g||, rho).
+    """
+    loss_obj = keras.losses.MeanSquaredError()
+    tv = model.trainable_variables
+    state_vars = model.non_trainable_variables
+    records = []
+
+    def loss_and_grad(xb, yb, swb):
+        with tf.GradientTape() as tape:
+            pred = model(xb, training=True)
+            loss = loss_obj(yb, pred, sample_weight=swb) + tf.add_n(model.losses)
+        return float(loss), [g.numpy().astype(np.float64) for g in tape.gradient(loss, tv)]
+
+    for step, start in enumerate(range(0, len(x), batch)):
+        lr = lr_fn(step)
+        rho_t = rho if rho_fn is None else rho_fn(lr)
+        w0 = [v.numpy() for v in tv]
+        s0 = [v.numpy() for v in state_vars]
+        descents, new_states, stats = [], [], []
+        m = batch // splits
+        for k in range(splits):
+            sl = slice(start + k * m, start + (k + 1) * m)
+            for v, s in zip(state_vars, s0):
+                v.assign(s)
+            loss, g = loss_and_grad(x[sl], y[sl], sw[sl])  # clean pass, updates BN
+            new_states.append([v.numpy() for v in state_vars])
+            if adaptive:
+                t = [np.abs(w.astype(np.float64)) + eta if w.ndim >= 2 else 1.0 for w in w0]
+                tg = [ti * gi for ti, gi in zip(t, g)]
+                e = [rho_t * ti * ti * gi / (_norm(tg) + 1e-12) for ti, gi in zip(t, g)]
+            else:
+                e = [rho_t * gi / (_norm(g) + 1e-12) for gi in g]
+            for v, w, ei in zip(tv, w0, e):
+                v.assign((w + ei).astype(np.float32))
+            loss_adv, gp = loss_and_grad(x[sl], y[sl], sw[sl])
+            for v, w in zip(tv, w0):  # restore exactly
+                v.assign(w)
+            if kind == "gsam":
+                coef = sum(np.sum(a * b) for a, b in zip(g, gp)) / (_norm(gp) ** 2 + 1e-12)
+                d = [b - alpha * (a - coef * b) for a, b in zip(g, gp)]
+            else:
+                d = gp
+            descents.append(d)
+            stats.append((loss, loss_adv, _norm(g), rho_t))
+        d = [np.mean(ds, axis=0) for ds in zip(*descents)]
+        for v, ss in zip(state_vars, zip(*new_states)):
+            v.assign(np.mean(ss, axis=0))
+        for v, w, di in zip(tv, w0, d):
+            v.assign((w - lr * di).astype(np.float32))
+        records.append(np.mean(stats, axis=0))
+    return np.array(records)
+
+
+def assert_weights_close(a, b, rtol=2e-5, atol=2e-6):
+    assert len(a.weights) == len(b.weights)
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(
+            np.asarray(va.numpy(), np.float64), np.asarray(vb.numpy(), np.float64),
+            rtol=rtol, atol=atol, err_msg=va.path,
+        )
+
+
+def fit_wrapper(wrapper, x, y, sw, optimizer=None, epochs=1):
+    wrapper.compile(
+        optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse"
+    )
+    return wrapper.fit(as_dataset(x, y, sw), epochs=epochs, verbose=0, shuffle=False)
+
+
+# --------------------------------------------------------------------- tests
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_and_asam_match_in_place_reference(adaptive):
+    x, y, sw = make_data()
+    rho = 0.5 if adaptive else 0.05
+    model = keras_sam.SAMModel(make_inner(), rho=rho, adaptive=adaptive, eta=0.01)
+    history = fit_wrapper(model, x, y, sw)
+    reference = make_inner()
+    rec = reference_fit(reference, x, y, sw, rho=rho, lr_fn=lambda s: LR,
+                        adaptive=adaptive)
+    assert_weights_close(model.inner, reference)
+    # Logged values are the clean pass's loss, the SAM sharpness estimate and ||g||.
+    np.testing.assert_allclose(history.history["loss"][0], _weighted_loss_mean(rec, x, BATCH), rtol=1e-5)
+    np.testing.assert_allclose(history.history["sharpness"][0], np.mean(rec[:, 1] - rec[:, 0]), rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(history.history["grad_norm"][0], np.mean(rec[:, 2]), rtol=1e-5)
+    np.testing.assert_allclose(history.history["rho"][0], rho, rtol=1e-7)
+
+
+def _weighted_loss_mean(rec, x, batch):
+    # Keras' loss tracker weights each batch's loss by its size.
+    sizes = np.array([min(batch, len(x) - s) for s in range(0, len(x), batch)])
+    return float(np.sum(rec[:, 0] * sizes) / sizes.sum())
+
+
+def test_gsam_matches_reference_with_rho_following_the_learning_rate():
+    x, y, sw = make_data()
+    schedule = keras.optimizers.schedules.PolynomialDecay(0.2, decay_steps=2, end_learning_rate=0.05)
+    model = keras_sam.GSAMModel(make_inner(), rho=0.1, alpha=0.3, rho_min=0.02)
+    history = fit_wrapper(model, x, y, sw, optimizer=keras.optimizers.SGD(schedule))
+
+    def lr_fn(step):  # the closed form of PolynomialDecay(power=1)
+        return 0.05 + (0.2 - 0.05) * (1 - min(step, 2) / 2)
+
+    def rho_fn(lr):
+        return 0.02 + (0.1 - 0.02) * (lr - 0.05) / (0.2 - 0.05)
+
+    reference = make_inner()
+    rec = reference_fit(reference, x, y, sw, rho=None, lr_fn=lr_fn, kind="gsam",
+                        alpha=0.3, rho_fn=rho_fn)
+    assert_weights_close(model.inner, reference)
+    np.testing.assert_allclose(history.history["rho"][0], np.mean(rec[:, 3]), rtol=1e-6)
+    assert sorted(set(np.round(rec[:, 3], 6))) == [0.02, 0.06, 0.1]
+
+
+def test_gsam_alpha_zero_is_sam_exactly():
+    x, y, sw = make_data()
+    sam = keras_sam.SAMModel(make_inner(), rho=0.05)
+    gsam = keras_sam.GSAMModel(make_inner(), rho=0.05, alpha=0.0)
+    fit_wrapper(sam, x, y, sw, epochs=2)
+    fit_wrapper(gsam, x, y, sw, epochs=2)
+    for a, b in zip(sam.weights, gsam.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("cls", [keras_sam.SAMModel, keras_sam.GSAMModel])
+def test_rho_zero_is_plain_keras_training_exactly(cls):
+    x, y, sw = make_data()
+    wrapped = cls(make_inner(), rho=0.0)
+    fit_wrapper(wrapped, x, y, sw, epochs=2)
+    plain = make_inner()
+    plain.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    plain.fit(as_dataset(x, y, sw), epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(wrapped.inner.weights, plain.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_weights_return_exactly_and_batchnorm_moves_once_from_clean_pass():
+    x, y, sw = make_data()
+    inner = make_inner()
+    initial = [v.numpy() for v in inner.trainable_variables]
+    model = keras_sam.SAMModel(inner, rho=0.5)
+    # With a zero learning rate the optimizer's update is exactly zero, so the
+    # weights must come back bit for bit from the perturbation.
+    fit_wrapper(model, x[:BATCH], y[:BATCH], sw[:BATCH],
+                optimizer=keras.optimizers.SGD(0.0))
+    for v, w in zip(inner.trainable_variables, initial):
+        np.testing.assert_array_equal(v.numpy(), w)
+    # One BatchNorm update from the clean pass at w, in training mode.
+    dense, bn = inner.layers[1], inner.layers[2]
+    h = np.tanh(x[:BATCH].astype(np.float64) @ initial[0] + initial[1])
+    expected_mean = 0.9 * 0.0 + 0.1 * h.mean(axis=0)
+    expected_var = 0.9 * 1.0 + 0.1 * h.var(axis=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), expected_var, rtol=1e-5)
+    assert dense is not None
+
+
+def test_both_passes_run_in_training_mode_with_the_same_dropout_mask():
+    """A layer that is the identity at inference and a fixed offset in training:
+    if either pass ran in inference mode the gradient would differ."""
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x, training=None):
+            seen.append(training)
+            return x + (1.0 if training else 0.0)
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((D,))
+    h = keras.layers.Dense(4)(inputs)
+    h = keras.layers.Dropout(0.5)(Probe()(h))
+    inner = keras.Model(inputs, keras.layers.Dense(1)(h))
+    model = keras_sam.SAMModel(inner, rho=0.05)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y, _ = make_data()
+    model.fit(x, y[:, :1], batch_size=BATCH, epochs=1, verbose=0)
+    assert seen and all(t is True for t in seen[-2:]), seen
+
+    # Same dropout mask in both passes: with rho=0 the perturbed gradient
+    # equals the clean one bit for bit, so the step equals plain training.
+    w = keras_sam.SAMModel(inner, rho=0.0)
+    grads = []
+    real_descent = keras_sam.SAMModel._descent
+
+    def spy(self, g, gp):
+        grads.append((g, gp))
+        return real_descent(self, g, gp)
+
+    keras_sam.SAMModel._descent = spy
+    try:
+        w.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+        w.fit(x[:BATCH], y[:BATCH, :1], batch_size=BATCH, epochs=1, verbose=0)
+    finally:
+        keras_sam.SAMModel._descent = real_descent
+    g, gp = grads[0]
+    for a, b in zip(g, gp):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_num_batch_splits_averages_sub_batch_gradients():
+    x, y, sw = make_data()
+    model = keras_sam.SharpnessAwareMinimization(make_inner(), rho=0.05, num_batch_splits=2)
+    fit_wrapper(model, x, y, sw)
+    reference = make_inner()
+    reference_fit(reference, x, y, sw, rho=0.05, lr_fn=lambda s: LR, splits=2)
+    assert_weights_close(model.inner, reference)
+
+
+def test_sub_batch_size_equals_num_batch_splits():
+    x, y, sw = make_data()
+    a = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=4)
+    b = keras_sam.SAMModel(make_inner(), rho=0.05, sub_batch_size=BATCH // 4)
+    fit_wrapper(a, x, y, sw)
+    fit_wrapper(b, x, y, sw)
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+
+
+def test_num_batch_splits_not_dividing_the_batch_is_an_error_before_training():
+    x, y, sw = make_data()
+    inner = make_inner()
+    before = [v.numpy() for v in inner.weights]
+    model = keras_sam.SharpnessAwareMinimization(inner, num_batch_splits=3)
+    with pytest.raises(ValueError, match="num_batch_splits"):
+        fit_wrapper(model, x, y, sw)
+    for v, w in zip(inner.weights, before):
+        np.testing.assert_array_equal(v.numpy(), w)
+
+
+def test_legacy_signature():
+    m = keras_sam.SharpnessAwareMinimization(make_inner(), 0.1, 2, name="legacy")
+    assert (m.rho, m.num_batch_splits, m.name) == (0.1, 2, "legacy")
+
+
+# -------------------------------------------------------------------- saving
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda inner: keras_sam.SAMModel(inner, rho=0.07, adaptive=True, eta=0.02, sync_perturbation=True),
+        lambda inner: keras_sam.GSAMModel(inner, rho=0.08, alpha=0.1, rho_min=0.01, lr_max=0.1, lr_min=0.001),
+        lambda inner: keras_sam.SharpnessAwareMinimization(inner, rho=0.03, num_batch_splits=2),
+    ],
+    ids=["sam", "gsam", "legacy"],
+)
+def test_save_load_round_trip_and_training_on(tmp_path, make):
+    x, y, sw = make_data()
+    model = make(make_inner())
+    fit_wrapper(model, x, y, sw, optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    config, loaded_config = model.get_config(), loaded.get_config()
+    config.pop("model"), loaded_config.pop("model")
+    assert config == loaded_config
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    ds = as_dataset(x, y, sw)
+    model.fit(ds, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(ds, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+@keras.saving.register_keras_serializable(package="test_models")
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(5, activation="relu")
+        self.out = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclassed"])
+def test_wraps_sequential_and_subclassed_models(tmp_path, kind):
+    keras.utils.set_random_seed(0)
+    if kind == "sequential":
+        inner = keras.Sequential([keras.Input((D,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(2)])
+    else:
+        inner = Subclassed()
+        inner(np.zeros((1, D), "float32"))
+    x, y, sw = make_data()
+    model = keras_sam.SAMModel(inner, rho=0.05)
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
+    np.testing.assert_allclose(model.predict(x, verbose=0), inner.predict(x, verbose=0))
+    np.testing.assert_allclose(
+        evaluated["loss"], np.mean((inner.predict(x, verbose=0) - y) ** 2), rtol=1e-5
+    )
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        (dict(rho=-0.1), "rho"),
+        (dict(rho=float("nan")), "rho"),
+        (dict(eta=-1.0), "eta"),
+        (dict(num_batch_splits=0), "num_batch_splits"),
+        (dict(num_batch_splits=1.5), "num_batch_splits"),
+        (dict(sub_batch_size=-2), "sub_batch_size"),
+        (dict(adaptive_scope="biases"), "adaptive_scope"),
+    ],
+)
+def test_sam_bad_arguments(kwargs, arg):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        keras_sam.SAMModel(make_inner(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        (dict(alpha=-0.5), "alpha"),
+        (dict(rho=0.05, rho_min=0.1), "rho_min"),
+        (dict(rho_min=-0.1), "rho_min"),
+        (dict(lr_max=0.1), "lr_min"),
+    ],
+)
+def test_gsam_bad_arguments(kwargs, arg):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        keras_sam.GSAMModel(make_inner(), **kwargs)
+
+
+def test_model_must_be_a_built_keras_model():
+    with pytest.raises(TypeError, match="model"):
+        keras_sam.SAMModel(keras.layers.Dense(3))
+    with pytest.raises(ValueError, match="not built"):
+        keras_sam.SAMModel(Subclassed())
+
+
+def test_gsam_unknown_schedule_range_names_lr_max():
+    class Custom(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return 0.1
+
+    model = keras_sam.GSAMModel(make_inner(), rho_min=0.01)
+    x, y, sw = make_data()
+    with pytest.raises(ValueError, match="lr_max"):
+        fit_wrapper(model, x, y, sw, optimizer=keras.optimizers.SGD(Custom()))
