@@ -305,9 +305,8 @@ class SAMModel(keras.Model):
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
         new_state = [scope.get_current_value(v) for v in self.non_trainable_variables]
-        metric_updates = [
-            (v, scope.get_current_value(v)) for v in self.metrics_variables
-        ]
+        # Metrics written by compute_loss (per-output losses); None if untouched.
+        metric_updates = [scope.get_current_value(v) for v in self.metrics_variables]
         scaled = self.optimizer.scale_loss(loss) if self.optimizer else loss
         return scaled, (loss, y_pred, new_state, metric_updates)
 
@@ -406,23 +405,54 @@ class SAMModel(keras.Model):
                 descent = sam_backend.all_reduce(descent, "mean")
         self.optimizer.apply(descent, variables)
 
-    def train_step(self, data):
+    def _stateful_train_step(self, data):
+        """`train_step` for TensorFlow and PyTorch: variables updated in place."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         trainable = self.trainable_variables
         non_trainable = self.non_trainable_variables
-        weights = sam_backend.read_values(trainable)
-        state = sam_backend.read_values(non_trainable)
         descent, new_state, y_pred, metric_updates, stats = self._step_on_batch(
-            weights, state, x, y, sample_weight
+            sam_backend.read_values(trainable),
+            sam_backend.read_values(non_trainable),
+            x,
+            y,
+            sample_weight,
         )
-        self._apply(descent, trainable)
-        for v, value in zip(non_trainable, new_state):
-            v.assign(value)
-        for v, value in metric_updates:
-            if value is not None:
+        with sam_backend.no_grad():
+            self._apply(descent, trainable)
+            for v, value in zip(non_trainable, new_state):
                 v.assign(value)
+            for v, value in zip(self.metrics_variables, metric_updates):
+                if value is not None:
+                    v.assign(value)
         self._track(x, stats)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _stateless_train_step(self, state, data):
+        """`train_step` for JAX: state in, state out (see Keras' JAX trainer)."""
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        mapping = list(zip(self.optimizer.variables, optimizer_vars))
+        with keras.StatelessScope(state_mapping=mapping):
+            descent, new_state, y_pred, metric_updates, stats = self._step_on_batch(
+                trainable, non_trainable, x, y, sample_weight
+            )
+        trainable, optimizer_vars = self.optimizer.stateless_apply(
+            optimizer_vars, descent, trainable
+        )
+        metrics_vars = [
+            old if new is None else new for old, new in zip(metrics_vars, metric_updates)
+        ]
+        mapping = list(zip(self.metrics_variables, metrics_vars))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self._track(x, stats)
+            logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
+        return logs, (trainable, new_state, optimizer_vars, metrics_vars)
+
+    if keras.backend.backend() == "jax":
+        train_step = _stateless_train_step
+    else:
+        train_step = _stateful_train_step
 
     def _track(self, x, stats):
         replicas = sam_backend.num_replicas()

@@ -15,6 +15,7 @@ functions. Each backend module exports the same names:
   (identity with one replica).
 - `in_replica_context()`: whether code runs inside a distributed step.
 - `read_values(variables)`: the variables' current values as tensors.
+- `no_grad()`: a context for in-place updates (torch's `no_grad`).
 """
 
 import keras

@@ -1,5 +1,7 @@
 """TensorFlow gradients and `tf.distribute` reductions."""
 
+import contextlib
+
 import tensorflow as tf
 
 __all__ = [
@@ -9,6 +11,7 @@ __all__ = [
     "all_reduce",
     "in_replica_context",
     "read_values",
+    "no_grad",
 ]
 
 
@@ -68,3 +71,7 @@ def all_reduce(tensors, reduction):
 def read_values(variables):
     """The current values of Keras variables, as plain tensors."""
     return [tf.convert_to_tensor(v.value) for v in variables]
+
+
+def no_grad():
+    return contextlib.nullcontext()

@@ -1,0 +1,53 @@
+"""JAX gradients. Keras' JAX trainer is pure and shards the global batch itself
+(`keras.distribution.DataParallel`), so a step always sees the global batch:
+the perturbation is the synchronized one, and there is no replica context."""
+
+import contextlib
+
+import jax
+
+__all__ = [
+    "value_and_grad",
+    "hessian_vector_product",
+    "num_replicas",
+    "all_reduce",
+    "in_replica_context",
+    "read_values",
+    "no_grad",
+]
+
+
+def value_and_grad(fn):
+    def wrapped(values, *args, **kwargs):
+        return jax.value_and_grad(
+            lambda v: fn(v, *args, **kwargs), has_aux=True
+        )(list(values))
+
+    return wrapped
+
+
+def hessian_vector_product(fn, values, vector):
+    _, tangent = jax.jvp(jax.grad(fn), (list(values),), (list(vector),))
+    return tangent
+
+
+def in_replica_context():
+    return False
+
+
+def num_replicas():
+    return 1
+
+
+def all_reduce(tensors, reduction):
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return list(tensors)
+
+
+def read_values(variables):
+    return [v.value for v in variables]
+
+
+def no_grad():
+    return contextlib.nullcontext()

@@ -1,0 +1,68 @@
+"""PyTorch gradients with `torch.autograd.grad` on detached leaves, so the
+model's parameters never accumulate `.grad` and no graph outlives a pass."""
+
+import torch
+from keras import tree
+
+__all__ = [
+    "value_and_grad",
+    "hessian_vector_product",
+    "num_replicas",
+    "all_reduce",
+    "in_replica_context",
+    "read_values",
+    "no_grad",
+]
+
+
+def _detach(structure):
+    return tree.map_structure(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, structure
+    )
+
+
+def value_and_grad(fn):
+    def wrapped(values, *args, **kwargs):
+        leaves = [v.detach().requires_grad_(True) for v in values]
+        with torch.enable_grad():
+            value, aux = fn(leaves, *args, **kwargs)
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        grads = [
+            torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)
+        ]
+        return (value.detach(), _detach(aux)), grads
+
+    return wrapped
+
+
+def hessian_vector_product(fn, values, vector):
+    leaves = [v.detach().requires_grad_(True) for v in values]
+    with torch.enable_grad():
+        value = fn(leaves)
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+        dot = sum((g * u.detach()).sum() for g, u in zip(grads, vector))
+        hvp = torch.autograd.grad(dot, leaves, allow_unused=True)
+    return [torch.zeros_like(v) if h is None else h.detach() for v, h in zip(leaves, hvp)]
+
+
+def in_replica_context():
+    return False
+
+
+def num_replicas():
+    return 1
+
+
+def all_reduce(tensors, reduction):
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return list(tensors)
+
+
+def read_values(variables):
+    return [v.value.detach() for v in variables]
+
+
+def no_grad():
+    return torch.no_grad()
