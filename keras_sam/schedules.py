@@ -1,0 +1,527 @@
+"""Epoch-aware learning rate schedules, for training whose batch size changes.
+
+Keras' built-in schedules are functions of the optimizer's step count. When the
+batch size grows during training (16, 32, 64, ... as in Harada & Iiduka), an
+epoch no longer has a fixed number of steps, and a step-based schedule sized
+from the first batch size ends far from its final value. The schedules here are
+functions of the FRACTIONAL EPOCH instead:
+
+    epoch(step) = e + (step - start_e) / steps_e     for start_e <= step < start_{e+1}
+
+where `steps_e` is the number of steps of epoch `e` (an int, or one int per
+epoch, see `steps_per_epoch()`) and `start_e` their running sum. The rate at
+the first step of epoch `e` is therefore the closed form at `e`, whatever the
+batch sizes were. With progress `p = (epoch - warmup_epochs) /
+(epochs - warmup_epochs)` clipped to [0, 1]:
+
+    warmup  (epoch < warmup_epochs)  initial * epoch / warmup_epochs
+    CosineAnnealing                  final + (initial - final) * (1 + cos(pi p)) / 2
+    LinearDecay                      initial + (final - initial) * p
+    PolynomialDecay                  final + (initial - final) * (1 - p) ** power
+    ExponentialDecay                 initial * (final / initial) ** p
+    Constant                         initial
+
+and the rate stays at `final` after `epochs`. `step` is the optimizer's update
+count read before it is incremented, so step 0 is the first update (one count
+per `optimizer.apply`, i.e. per SAM step). Everything is written with
+`keras.ops` in float32 and traces under `tf.function` / `jax.jit`.
+"""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+__all__ = [
+    "CosineAnnealing",
+    "LinearDecay",
+    "PolynomialDecay",
+    "ExponentialDecay",
+    "Constant",
+    "steps_per_epoch",
+]
+
+
+# --------------------------------------------------------------------------
+# Argument checks: each raises ValueError naming the argument and what it allows.
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_rate(name, value, allow_zero=False):
+    allowed = "a finite float >= 0" if allow_zero else "a finite float > 0"
+    if (
+        not _is_real(value)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        raise ValueError(f"`{name}` must be {allowed}; received: {value!r}")
+    return float(value)
+
+
+def _check_positive_int(name, value):
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int; received: {value!r}")
+    return int(value)
+
+
+def _check_steps(value):
+    """`steps_per_epoch` as given (int or list of ints) -> (config value, list)."""
+    if _is_int(value):
+        steps = _check_positive_int("steps_per_epoch", value)
+        return steps, [steps]
+    if isinstance(value, (list, tuple)) and value and all(
+        _is_int(s) and s > 0 for s in value
+    ):
+        steps = [int(s) for s in value]
+        return steps, steps
+    raise ValueError(
+        "`steps_per_epoch` must be a positive int or a non-empty list of "
+        f"positive ints (one per epoch); received: {value!r}"
+    )
+
+
+# --------------------------------------------------------------------------
+# The shared machinery.
+
+
+class _EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Base class: step -> fractional epoch -> warmup, then `_decay(p)`.
+
+    A subclass only defines `_decay(self, p)`: the rate at progress
+    `p in [0, 1]` (a float32 tensor), from `self.initial_learning_rate` at
+    `p = 0` to `self.final_learning_rate` at `p = 1`.
+    """
+
+    _needs_horizon = True  # Constant may go without epochs / steps_per_epoch
+
+    def __init__(
+        self,
+        initial_learning_rate,
+        final_learning_rate,
+        epochs,
+        steps_per_epoch,
+        warmup_epochs=0,
+    ):
+        self.initial_learning_rate = _check_rate(
+            "initial_learning_rate", initial_learning_rate
+        )
+        self.final_learning_rate = _check_rate(
+            "final_learning_rate", final_learning_rate, allow_zero=True
+        )
+        if epochs is None and self._needs_horizon:
+            raise ValueError(
+                f"`epochs` must be a positive int for {type(self).__name__}; "
+                "received: None"
+            )
+        self.epochs = None if epochs is None else _check_positive_int("epochs", epochs)
+        if (
+            not _is_real(warmup_epochs)
+            or not math.isfinite(warmup_epochs)
+            or warmup_epochs < 0
+            or (self.epochs is not None and warmup_epochs >= self.epochs)
+        ):
+            bound = f" and < epochs ({self.epochs})" if self.epochs else ""
+            raise ValueError(
+                f"`warmup_epochs` must be a number >= 0{bound}; "
+                f"received: {warmup_epochs!r}"
+            )
+        self.warmup_epochs = int(warmup_epochs) if _is_int(warmup_epochs) else float(
+            warmup_epochs
+        )
+        if steps_per_epoch is None and (self._needs_horizon or warmup_epochs > 0):
+            raise ValueError(
+                "`steps_per_epoch` must be a positive int or a non-empty list "
+                "of positive ints; received: None"
+            )
+        self.steps_per_epoch = None
+        self._steps = None  # steps of epochs 0..n-1; the last one repeats after
+        if steps_per_epoch is not None:
+            self.steps_per_epoch, steps = _check_steps(steps_per_epoch)
+            # Past `epochs` the rate is constant, so later entries never matter.
+            self._steps = steps[: self.epochs] if self.epochs else steps
+
+    @property
+    def max_learning_rate(self):
+        """Largest rate of the schedule, warmup start excluded."""
+        return max(self.initial_learning_rate, self.final_learning_rate)
+
+    @property
+    def min_learning_rate(self):
+        """Smallest rate of the schedule, warmup start excluded."""
+        return min(self.initial_learning_rate, self.final_learning_rate)
+
+    def fractional_epoch(self, step):
+        """The fractional epoch at optimizer step `step` (float32 tensor).
+
+        Args:
+            step: int or tensor of optimizer steps (any shape); step 0 is the
+                first update.
+
+        Returns:
+            A float32 tensor of the shape of `step`: `e + (step - start_e) /
+            steps_e`, extrapolated with the last listed epoch length. Step
+            counts are exact in float32 up to 2**24 (16.7M) steps.
+        """
+        if self._steps is None:
+            raise ValueError(
+                "`steps_per_epoch` is needed to map steps to epochs; received: None"
+            )
+        step = ops.cast(step, "float32")
+        starts = [0]
+        for s in self._steps[:-1]:
+            starts.append(starts[-1] + s)
+        # Index of the current epoch = number of later epoch starts reached
+        # (comparison and sum: `ops.searchsorted` with a scalar fails on TF).
+        index = ops.zeros_like(step, dtype="int32")
+        if len(starts) > 1:
+            later_starts = ops.convert_to_tensor(starts[1:], dtype="float32")
+            reached = ops.greater_equal(ops.expand_dims(step, -1), later_starts)
+            index = ops.sum(ops.cast(reached, "int32"), axis=-1)
+        start = ops.take(ops.convert_to_tensor(starts, dtype="float32"), index)
+        length = ops.take(ops.convert_to_tensor(self._steps, dtype="float32"), index)
+        epoch = ops.cast(index, "float32") + (step - start) / length
+        return ops.maximum(epoch, 0.0)
+
+    def __call__(self, step):
+        if self._steps is None:  # Constant without warmup: no epochs needed
+            return ops.full_like(ops.cast(step, "float32"), self.initial_learning_rate)
+        epoch = self.fractional_epoch(step)
+        if self.epochs is None:
+            progress = ops.zeros_like(epoch)
+        else:
+            progress = (epoch - self.warmup_epochs) / (self.epochs - self.warmup_epochs)
+            progress = ops.clip(progress, 0.0, 1.0)
+        rate = self._decay(progress)
+        if self.warmup_epochs > 0:
+            warm = self.initial_learning_rate * epoch / self.warmup_epochs
+            rate = ops.where(epoch < self.warmup_epochs, warm, rate)
+        return rate
+
+    def _decay(self, p):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "final_learning_rate": self.final_learning_rate,
+            "epochs": self.epochs,
+            "steps_per_epoch": (
+                list(self.steps_per_epoch)
+                if isinstance(self.steps_per_epoch, list)
+                else self.steps_per_epoch
+            ),
+            "warmup_epochs": self.warmup_epochs,
+        }
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+# --------------------------------------------------------------------------
+# The schedules: each is its decay formula.
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class CosineAnnealing(_EpochSchedule):
+    """Cosine annealing over epochs, with optional linear warmup.
+
+    After warmup the rate follows
+    `final + (initial - final) * (1 + cos(pi * p)) / 2` with progress
+    `p = (epoch - warmup_epochs) / (epochs - warmup_epochs)`, where `epoch` is
+    the fractional epoch of the optimizer step; it stays at `final` after
+    `epochs`.
+
+    Args:
+        initial_learning_rate: float > 0, the rate at the end of warmup.
+        final_learning_rate: float >= 0, the rate at epoch `epochs` and after.
+        epochs: positive int, the epoch at which the decay ends.
+        steps_per_epoch: positive int, or a list of positive ints giving the
+            number of optimizer steps of each epoch (see `steps_per_epoch()`);
+            a list shorter than `epochs` repeats its last entry.
+        warmup_epochs: number in `[0, epochs)`, default 0. The rate rises
+            linearly from 0 at step 0 to `initial_learning_rate` over this many
+            (fractional) epochs.
+
+    Returns:
+        A `LearningRateSchedule`; called with the optimizer's step count it
+        returns the float32 learning rate.
+
+    Example:
+
+    ```python
+    steps = keras_sam.schedules.steps_per_epoch(
+        50000, {0: 16, 40: 32, 80: 64, 120: 128, 160: 256}, epochs=200
+    )
+    lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, 200, steps)
+    optimizer = keras.optimizers.SGD(learning_rate=lr)
+    ```
+    """
+
+    def _decay(self, p):
+        initial, final = self.initial_learning_rate, self.final_learning_rate
+        return final + (initial - final) * (1.0 + ops.cos(math.pi * p)) / 2.0
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class LinearDecay(_EpochSchedule):
+    """Linear decay over epochs, with optional linear warmup.
+
+    After warmup the rate follows `initial + (final - initial) * p`, with `p`
+    the progress through the decay epochs (see `CosineAnnealing`).
+
+    Args:
+        initial_learning_rate: float > 0, the rate at the end of warmup.
+        final_learning_rate: float >= 0, the rate at epoch `epochs` and after.
+        epochs: positive int, the epoch at which the decay ends.
+        steps_per_epoch: positive int or list of positive ints, steps of each
+            epoch (a short list repeats its last entry).
+        warmup_epochs: number in `[0, epochs)`, default 0.
+
+    Returns:
+        A `LearningRateSchedule`.
+
+    Example:
+
+    ```python
+    lr = keras_sam.schedules.LinearDecay(
+        0.1, 0.0, epochs=200, steps_per_epoch=[390] * 100 + [195] * 100
+    )
+    ```
+    """
+
+    def _decay(self, p):
+        initial, final = self.initial_learning_rate, self.final_learning_rate
+        return initial + (final - initial) * p
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class PolynomialDecay(_EpochSchedule):
+    """Polynomial decay over epochs, with optional linear warmup.
+
+    After warmup the rate follows `final + (initial - final) * (1 - p) ** power`,
+    with `p` the progress through the decay epochs (see `CosineAnnealing`).
+
+    Args:
+        initial_learning_rate: float > 0, the rate at the end of warmup.
+        final_learning_rate: float >= 0, the rate at epoch `epochs` and after.
+        epochs: positive int, the epoch at which the decay ends.
+        steps_per_epoch: positive int or list of positive ints, steps of each
+            epoch (a short list repeats its last entry).
+        warmup_epochs: number in `[0, epochs)`, default 0.
+        power: float > 0, default 1.0 (linear decay).
+
+    Returns:
+        A `LearningRateSchedule`.
+
+    Example:
+
+    ```python
+    lr = keras_sam.schedules.PolynomialDecay(
+        0.1, 0.0, epochs=200, steps_per_epoch=390, power=2.0
+    )
+    ```
+    """
+
+    def __init__(
+        self,
+        initial_learning_rate,
+        final_learning_rate,
+        epochs,
+        steps_per_epoch,
+        warmup_epochs=0,
+        power=1.0,
+    ):
+        super().__init__(
+            initial_learning_rate, final_learning_rate, epochs, steps_per_epoch,
+            warmup_epochs,
+        )
+        if not _is_real(power) or not math.isfinite(power) or power <= 0:
+            raise ValueError(f"`power` must be a finite float > 0; received: {power!r}")
+        self.power = float(power)
+
+    def _decay(self, p):
+        initial, final = self.initial_learning_rate, self.final_learning_rate
+        return final + (initial - final) * ops.power(1.0 - p, self.power)
+
+    def get_config(self):
+        return {**super().get_config(), "power": self.power}
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class ExponentialDecay(_EpochSchedule):
+    """Exponential (geometric) decay over epochs, with optional linear warmup.
+
+    After warmup the rate follows `initial * (final / initial) ** p`, with `p`
+    the progress through the decay epochs (see `CosineAnnealing`).
+
+    Args:
+        initial_learning_rate: float > 0, the rate at the end of warmup.
+        final_learning_rate: float > 0 (not 0 here), the rate at epoch
+            `epochs` and after.
+        epochs: positive int, the epoch at which the decay ends.
+        steps_per_epoch: positive int or list of positive ints, steps of each
+            epoch (a short list repeats its last entry).
+        warmup_epochs: number in `[0, epochs)`, default 0.
+
+    Returns:
+        A `LearningRateSchedule`.
+
+    Example:
+
+    ```python
+    lr = keras_sam.schedules.ExponentialDecay(
+        0.1, 0.001, epochs=200, steps_per_epoch=390, warmup_epochs=5
+    )
+    ```
+    """
+
+    def __init__(
+        self,
+        initial_learning_rate,
+        final_learning_rate,
+        epochs,
+        steps_per_epoch,
+        warmup_epochs=0,
+    ):
+        _check_rate("final_learning_rate", final_learning_rate)  # > 0 here
+        super().__init__(
+            initial_learning_rate, final_learning_rate, epochs, steps_per_epoch,
+            warmup_epochs,
+        )
+
+    def _decay(self, p):
+        initial, final = self.initial_learning_rate, self.final_learning_rate
+        return initial * ops.power(final / initial, p)
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class Constant(_EpochSchedule):
+    """A constant learning rate, with optional linear warmup.
+
+    The "+B" setting of Harada & Iiduka: the rate stays fixed while the batch
+    size grows. `final_learning_rate` equals `initial_learning_rate`.
+
+    Args:
+        initial_learning_rate: float > 0, the rate (after warmup).
+        epochs: optional positive int, the length of training; only checked
+            against `warmup_epochs`.
+        steps_per_epoch: positive int or list of positive ints, as for
+            `CosineAnnealing`; needed only with `warmup_epochs > 0`.
+        warmup_epochs: number >= 0 (and < `epochs` when given), default 0.
+
+    Returns:
+        A `LearningRateSchedule`; calling it with the optimizer's step count
+        returns the float32 learning rate.
+
+    Example:
+
+    ```python
+    lr = keras_sam.schedules.Constant(0.1)  # or with warmup:
+    lr = keras_sam.schedules.Constant(0.1, steps_per_epoch=390, warmup_epochs=5)
+    optimizer = keras.optimizers.SGD(learning_rate=lr)
+    ```
+    """
+
+    _needs_horizon = False
+
+    def __init__(
+        self, initial_learning_rate, epochs=None, steps_per_epoch=None, warmup_epochs=0
+    ):
+        super().__init__(
+            initial_learning_rate, initial_learning_rate, epochs, steps_per_epoch,
+            warmup_epochs,
+        )
+
+    def _decay(self, p):
+        return ops.full_like(p, self.initial_learning_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["final_learning_rate"]
+        return config
+
+
+# --------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_examples, batch_schedule, epochs, drop_remainder=True):
+    """Number of optimizer steps of each epoch under a batch size schedule.
+
+    The result is what the schedules of this module take as `steps_per_epoch`
+    when the (global) batch size changes during training.
+
+    Args:
+        num_examples: positive int, the number of training examples per epoch.
+        batch_schedule: the global batch size of each epoch: an int (constant);
+            a dict `{epoch: batch_size}` where each size holds from its epoch
+            until the next key (key 0 required); or a callable
+            `epoch -> batch_size`.
+        epochs: positive int, the number of epochs.
+        drop_remainder: bool, default True. Whether the last partial batch of
+            an epoch is dropped (`num_examples // b` steps) or kept
+            (`ceil(num_examples / b)` steps).
+
+    Returns:
+        A list of `epochs` positive ints.
+
+    Example:
+
+    ```python
+    steps = keras_sam.schedules.steps_per_epoch(
+        50000, {0: 16, 40: 32, 80: 64, 120: 128, 160: 256}, epochs=200
+    )
+    steps[::40]  # [3125, 1562, 781, 390, 195]
+    lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, 200, steps)
+    ```
+    """
+    num_examples = _check_positive_int("num_examples", num_examples)
+    epochs = _check_positive_int("epochs", epochs)
+    if _is_int(batch_schedule):
+        sizes = [batch_schedule] * epochs
+    elif isinstance(batch_schedule, dict):
+        if (
+            not batch_schedule
+            or not all(_is_int(k) and k >= 0 for k in batch_schedule)
+            or 0 not in batch_schedule
+            or not all(_is_int(b) and b > 0 for b in batch_schedule.values())
+        ):
+            raise ValueError(
+                "`batch_schedule` as a dict must map epochs (ints >= 0, key 0 "
+                f"required) to positive int batch sizes; received: {batch_schedule!r}"
+            )
+        sizes = [batch_schedule[0]]  # each size holds until the next key
+        for epoch in range(1, epochs):
+            sizes.append(batch_schedule.get(epoch, sizes[-1]))
+    elif callable(batch_schedule):
+        sizes = [batch_schedule(epoch) for epoch in range(epochs)]
+    else:
+        raise ValueError(
+            "`batch_schedule` must be an int, a dict {epoch: batch_size} with "
+            f"key 0, or a callable epoch -> batch_size; received: {batch_schedule!r}"
+        )
+    steps = []
+    for epoch, b in enumerate(sizes):
+        if not _is_int(b) or b <= 0:
+            raise ValueError(
+                "`batch_schedule` must give positive int batch sizes; "
+                f"received: {b!r} for epoch {epoch}"
+            )
+        n = num_examples // b if drop_remainder else -(-num_examples // b)
+        if n == 0:
+            raise ValueError(
+                f"`batch_schedule` gives batch size {b} at epoch {epoch}, more "
+                f"than `num_examples` ({num_examples}) with drop_remainder=True: "
+                "the epoch would have no step"
+            )
+        steps.append(int(n))
+    return steps
