@@ -1,0 +1,14 @@
+"""Keras callbacks of keras_sam.
+
+- `BatchSizeScheduler`: grows (or changes) the batch size at scheduled epochs
+  inside one `fit`, rebuilding the user's `tf.data` pipeline.
+- `doubling_schedule`: the paper's 16 -> 256 doubling schedule in one line.
+- `SharpnessMonitor`: logs worst-case sharpness, full-gradient norm and the
+  Hessian's top eigenvalue into History / CSVLogger / TensorBoard.
+"""
+
+from keras_sam.callbacks.batch_size_scheduler import BatchSizeScheduler
+from keras_sam.callbacks.batch_size_scheduler import doubling_schedule
+from keras_sam.callbacks.sharpness_monitor import SharpnessMonitor
+
+__all__ = ["BatchSizeScheduler", "SharpnessMonitor", "doubling_schedule"]

@@ -1,0 +1,397 @@
+"""`BatchSizeScheduler`: increase (or change) the batch size inside one `fit()`.
+
+Keras has no public way to change the batch size of a running `fit()` (asked
+for since 2017: keras-team/keras #8432, #10143, #12314, #13038). This callback
+rebuilds the user's `tf.data` pipeline at the epochs where the scheduled batch
+size changes and hands it to the epoch loop of the running `fit()`, so that
+`History`, `EarlyStopping`, `ModelCheckpoint`, `BackupAndRestore`, `CSVLogger`
+and `TensorBoard` see one ordinary training run. The few private Keras
+attributes this needs are read and written in `keras_sam._keras_compat` only,
+behind a Keras version check.
+"""
+
+import numbers
+
+import keras
+
+from keras_sam import _keras_compat
+
+_FEATURE = "BatchSizeScheduler"
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def doubling_schedule(initial=16, stages=5, epochs_per_stage=40):
+    """The paper's increasing-batch schedule: the batch size doubles per stage.
+
+    Args:
+        initial: batch size of the first stage, a positive int.
+        stages: number of stages, a positive int.
+        epochs_per_stage: epochs of each stage, a positive int.
+
+    Returns:
+        A dict `{epoch: batch_size}` for `BatchSizeScheduler`; the last stage
+        lasts until the end of training.
+
+    Example:
+
+    >>> doubling_schedule()
+    {0: 16, 40: 32, 80: 64, 120: 128, 160: 256}
+    """
+    for name, value in (
+        ("initial", initial),
+        ("stages", stages),
+        ("epochs_per_stage", epochs_per_stage),
+    ):
+        if not _is_int(value) or value <= 0:
+            raise ValueError(
+                f"`{name}` must be a positive int; received: {value!r}"
+            )
+    return {
+        stage * int(epochs_per_stage): int(initial) * 2**stage
+        for stage in range(int(stages))
+    }
+
+
+def _check_dict_schedule(schedule):
+    if not schedule:
+        raise ValueError(
+            "`schedule` must not be empty: give at least {0: batch_size}."
+        )
+    checked = {}
+    for epoch, batch_size in schedule.items():
+        if not _is_int(epoch) or epoch < 0:
+            raise ValueError(
+                "`schedule` keys must be epochs, ints >= 0 (0-based); "
+                f"received key {epoch!r}."
+            )
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise ValueError(
+                "`schedule` values must be batch sizes, positive ints; "
+                f"received {batch_size!r} at epoch {epoch}."
+            )
+        checked[int(epoch)] = int(batch_size)
+    if 0 not in checked:
+        raise ValueError(
+            "`schedule` must have the key 0 (the batch size of the first "
+            f"epoch); received keys {sorted(checked)}."
+        )
+    return dict(sorted(checked.items()))
+
+
+class BatchSizeScheduler(keras.callbacks.Callback):
+    """Changes the global batch size between epochs of one `fit()` call.
+
+    At each epoch whose scheduled batch size differs from the current one,
+    the training pipeline is rebuilt by `dataset_fn(batch_size)` in
+    `on_epoch_begin` and the running `fit()` draws that epoch from it. Every
+    epoch then runs exactly the number of batches of its dataset (its
+    cardinality), `optimizer.iterations` counts every step, the progress bar
+    and `self.params["steps"]` of all callbacks show the epoch's step count,
+    and `logs["batch_size"]` (hence `History`, `CSVLogger`, `TensorBoard`)
+    records the batch size of each epoch. Datasets are built once per batch
+    size and reused. With static shapes (`drop_remainder=True`) the train
+    function is traced at most once per distinct batch size (TensorFlow
+    usually traces twice in all: the first shape, then a relaxed one).
+
+    Use it this way:
+
+    - pass `dataset_fn(batch_size at epoch 0)` as `fit`'s data (checked in
+      `on_train_begin`), and no `steps_per_epoch`;
+    - put the scheduler FIRST in `callbacks`: callbacks listed before it see
+      the previous epoch's `params["steps"]` in their `on_epoch_begin` and
+      no `batch_size` in their `on_epoch_end` logs (`History` and the
+      progress bar that `fit` adds itself come last anyway);
+    - the batch size is global: under `tf.distribute.MirroredStrategy` each
+      replica gets `batch_size / num_replicas`, which must be an int;
+    - resuming with `keras.callbacks.BackupAndRestore` (epoch-level saves)
+      continues with the batch size of the resumed epoch.
+
+    A `keras_sam.SAMModel` / `GSAMModel` is asked (`model.num_splits`) whether
+    its `num_batch_splits` / `sub_batch_size` divides every scheduled
+    per-replica batch size before the first step. Validation data are not
+    touched (their own batch size is kept).
+
+    This callback relies on Keras internals (see `keras_sam._keras_compat`,
+    tested with the Keras versions in `TESTED_KERAS_VERSIONS`, TensorFlow
+    backend); an untested Keras version raises a clear error in
+    `on_train_begin`.
+
+    Args:
+        schedule: the global batch size per epoch. Either a dict
+            `{epoch: batch_size}` with 0-based int epochs, which must contain
+            0; each size holds until the next key (see `doubling_schedule`).
+            Or a callable `epoch -> batch_size` (0-based epoch).
+        dataset_fn: a callable `batch_size -> tf.data.Dataset` returning the
+            user's BATCHED pipeline (shuffle, augmentation, `batch`,
+            `prefetch`) with a known, finite cardinality: no `repeat()` and
+            no `filter()` (or end it with
+            `dataset.apply(tf.data.experimental.assert_cardinality(n))`).
+
+    Raises:
+        ValueError: for an invalid `schedule` or `dataset_fn` (in the
+            constructor where possible, else in `on_train_begin`, before
+            any training step), a dataset that is not batched by the
+            requested size or has an unknown or infinite cardinality, a batch
+            size not divisible by the number of replicas, or a `fit` dataset
+            whose batch size is not the one scheduled for epoch 0.
+
+    Example:
+
+    ```python
+    def dataset_fn(batch_size):
+        return (
+            tf.data.Dataset.from_tensor_slices((x_train, y_train))
+            .shuffle(50_000)
+            .batch(batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    schedule = doubling_schedule(16, stages=5, epochs_per_stage=40)
+    scheduler = BatchSizeScheduler(schedule, dataset_fn)
+
+    # An epoch-aware learning rate needs each epoch's number of steps:
+    lr = keras_sam.schedules.CosineAnnealing(
+        0.1, 0.001, epochs=200, steps_per_epoch=scheduler.steps_per_epoch(200)
+    )
+    model = keras_sam.GSAMModel(inner, rho=0.05, alpha=0.02)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=...)
+    history = model.fit(
+        dataset_fn(schedule[0]), epochs=200, callbacks=[scheduler]
+    )
+    history.history["batch_size"]   # [16] * 40 + [32] * 40 + ... + [256] * 40
+    ```
+    """
+
+    def __init__(self, schedule, dataset_fn):
+        super().__init__()
+        if isinstance(schedule, dict):
+            self._schedule_dict = _check_dict_schedule(schedule)
+            self._schedule_fn = None
+        elif callable(schedule):
+            self._schedule_dict = None
+            self._schedule_fn = schedule
+        else:
+            raise ValueError(
+                "`schedule` must be a dict {epoch: batch_size} or a callable "
+                f"epoch -> batch_size; received {type(schedule).__name__}: "
+                f"{schedule!r}."
+            )
+        if not callable(dataset_fn):
+            raise ValueError(
+                "`dataset_fn` must be a callable batch_size -> batched "
+                f"tf.data.Dataset; received {type(dataset_fn).__name__}: "
+                f"{dataset_fn!r}."
+            )
+        self.schedule = schedule
+        self.dataset_fn = dataset_fn
+        self._datasets = {}  # batch size -> tf.data.Dataset
+        self._steps = {}  # batch size -> cardinality
+        self._fit = None  # _keras_compat.RunningFit of the running fit()
+        self._current = None  # batch size the epoch iterator draws now
+
+    # ---------------------------------------------------------------- public
+    def batch_size_at(self, epoch):
+        """The global batch size scheduled for `epoch` (0-based).
+
+        Raises:
+            ValueError: when a callable `schedule` returns something that is
+                not a positive int.
+        """
+        if not _is_int(epoch) or epoch < 0:
+            raise ValueError(
+                f"`epoch` must be an int >= 0; received {epoch!r}."
+            )
+        if self._schedule_dict is not None:
+            size = None
+            for start, batch_size in self._schedule_dict.items():
+                if start > epoch:
+                    break
+                size = batch_size
+            return size
+        size = self._schedule_fn(int(epoch))
+        if not _is_int(size) or size <= 0:
+            raise ValueError(
+                "`schedule` must return a positive int batch size; "
+                f"schedule({epoch}) returned {size!r}."
+            )
+        return int(size)
+
+    def steps_per_epoch(self, epochs):
+        """The number of steps of each of the first `epochs` epochs.
+
+        Each count is the cardinality of `dataset_fn(batch_size)` at the
+        epoch's batch size (datasets are built once per batch size and reused
+        by training), e.g. for
+        `keras_sam.schedules.CosineAnnealing(..., steps_per_epoch=...)`.
+
+        Args:
+            epochs: number of epochs, a positive int.
+
+        Returns:
+            A list of `epochs` ints.
+        """
+        if not _is_int(epochs) or epochs <= 0:
+            raise ValueError(
+                f"`epochs` must be a positive int; received {epochs!r}."
+            )
+        return [self._steps_for(self.batch_size_at(e)) for e in range(epochs)]
+
+    def get_config(self):
+        """`{"schedule": dict}`; a callable schedule is not serializable."""
+        if self._schedule_dict is None:
+            return {"schedule": None}
+        return {"schedule": dict(self._schedule_dict)}
+
+    # ------------------------------------------------------------- callbacks
+    def on_train_begin(self, logs=None):
+        fit = _keras_compat.running_fit(self.model)
+        iterator = fit.epoch_iterator
+        fixed = _keras_compat.epoch_iterator_fixed_steps(iterator)
+        if fixed:
+            raise ValueError(
+                f"{_FEATURE} sets each epoch's steps from the dataset's "
+                f"cardinality; do not pass `steps_per_epoch` ({fixed}) to "
+                "`fit()` (nor set keras.config.max_steps_per_epoch)."
+            )
+        epochs = self.params.get("epochs") if self.params else None
+        if not _is_int(epochs) or epochs <= 0:
+            epochs = 1
+        sizes = {}
+        for epoch in range(epochs):
+            sizes.setdefault(self.batch_size_at(epoch), epoch)
+        replicas = self._num_replicas()
+        for batch_size, epoch in sizes.items():
+            self._check_batch_size(batch_size, epoch, replicas)
+        for batch_size in sizes:
+            self._steps_for(batch_size)  # builds and checks the dataset
+        self._check_fit_data(iterator)
+        self._fit = fit
+        self._current = self.batch_size_at(0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._fit is None:
+            raise RuntimeError(
+                f"{_FEATURE}.on_epoch_begin ran without on_train_begin: use "
+                "it as a callback of `model.fit()`."
+            )
+        batch_size = self.batch_size_at(epoch)
+        if batch_size == self._current:
+            return
+        dataset = self._dataset(batch_size)
+        steps = _keras_compat.set_epoch_iterator_dataset(
+            self._fit.epoch_iterator, dataset, self._fit.class_weight
+        )
+        self._current = batch_size
+        if self._fit.callback_list is not None:
+            _keras_compat.set_progress_steps(self._fit.callback_list, steps)
+        elif self.params is not None:
+            self.params["steps"] = steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._current is not None:
+            logs["batch_size"] = self._current
+
+    def on_train_end(self, logs=None):
+        self._fit = None  # let the epoch iterator and its datasets go
+
+    # --------------------------------------------------------------- helpers
+    def _num_replicas(self):
+        strategy = getattr(self.model, "distribute_strategy", None)
+        return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+
+    def _check_batch_size(self, batch_size, epoch, replicas):
+        if batch_size % replicas:
+            raise ValueError(
+                f"`schedule`: the batch size {batch_size} (epoch {epoch}) is "
+                f"not divisible by the number of replicas ({replicas}); the "
+                "batch size is global and each replica gets an equal share. "
+                f"Use multiples of {replicas}."
+            )
+        num_splits = getattr(self.model, "num_splits", None)
+        if callable(num_splits):
+            try:
+                num_splits(batch_size // replicas)
+            except ValueError as e:
+                raise ValueError(
+                    f"`schedule`: the batch size {batch_size} (epoch {epoch}, "
+                    f"{batch_size // replicas} per replica) does not suit the "
+                    f"model: {e}"
+                ) from e
+
+    def _dataset(self, batch_size):
+        if batch_size not in self._datasets:
+            dataset = self.dataset_fn(batch_size)
+            self._steps[batch_size] = _check_dataset(dataset, batch_size)
+            self._datasets[batch_size] = dataset
+        return self._datasets[batch_size]
+
+    def _steps_for(self, batch_size):
+        self._dataset(batch_size)
+        return self._steps[batch_size]
+
+    def _check_fit_data(self, iterator):
+        expected = self.batch_size_at(0)
+        adapter = _keras_compat.epoch_iterator_data_adapter(iterator)
+        given = getattr(adapter, "batch_size", None)
+        if given is not None and given != expected:
+            raise ValueError(
+                f"The data passed to `fit()` has batch size {given}, but "
+                f"`schedule` gives {expected} at epoch 0. Pass "
+                f"`dataset_fn({expected})` to `fit()`."
+            )
+        steps = _keras_compat.epoch_iterator_num_batches(iterator)
+        if steps != self._steps[expected]:
+            raise ValueError(
+                f"The data passed to `fit()` has {steps} batches per epoch, "
+                f"but `dataset_fn({expected})` (batch size at epoch 0) has "
+                f"{self._steps[expected]}. Pass `dataset_fn({expected})` to "
+                "`fit()`."
+            )
+
+
+def _check_dataset(dataset, batch_size):
+    """Checks `dataset_fn`'s output; returns its cardinality."""
+    import tensorflow as tf
+
+    if not isinstance(dataset, tf.data.Dataset):
+        raise ValueError(
+            "`dataset_fn` must return a batched tf.data.Dataset; "
+            f"dataset_fn({batch_size}) returned {type(dataset).__name__}."
+        )
+    specs = tf.nest.flatten(dataset.element_spec)
+    for spec in specs:
+        shape = getattr(spec, "shape", None)
+        if shape is None or shape.rank is None:
+            continue
+        leading = shape[0] if shape.rank else "scalar"
+        if leading not in (None, batch_size):
+            raise ValueError(
+                f"`dataset_fn` must return a dataset batched by `batch_size`: "
+                f"dataset_fn({batch_size}) yields elements of shape {shape} "
+                f"(element_spec {dataset.element_spec}). Call "
+                "`.batch(batch_size)` inside `dataset_fn`."
+            )
+    cardinality = int(dataset.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            f"`dataset_fn({batch_size})` returned an infinite dataset; "
+            f"{_FEATURE} needs each epoch's number of batches. Remove "
+            "`repeat()` from `dataset_fn` (fit() runs it once per epoch)."
+        )
+    if cardinality < 0:
+        raise ValueError(
+            f"`dataset_fn({batch_size})` returned a dataset of unknown "
+            f"cardinality; {_FEATURE} needs each epoch's number of batches. "
+            "Avoid `filter()`, `repeat()` and generators in `dataset_fn`, or "
+            "state the count: "
+            "`dataset.apply(tf.data.experimental.assert_cardinality(n))`."
+        )
+    if cardinality == 0:
+        raise ValueError(
+            f"`dataset_fn({batch_size})` returned an empty dataset (no full "
+            "batch: too few examples for this batch size?)."
+        )
+    return cardinality
