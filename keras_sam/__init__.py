@@ -8,14 +8,28 @@ Public names:
 - `keras_sam.schedules`: epoch-aware learning-rate schedules;
 - `keras_sam.callbacks`: `BatchSizeScheduler`, `SharpnessMonitor`;
 - `keras_sam.sharpness`: worst-case sharpness, full-gradient norm, Hessian
-  eigenvalue.
+  eigenvalue;
+- `keras_sam.datasets`: MNIST-1D, generated offline.
 """
 
+from keras_sam import callbacks
+from keras_sam import datasets
 from keras_sam import rules
+from keras_sam import schedules
+from keras_sam import sharpness
 from keras_sam.models import GSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
 __version__ = "0.1.0"
 
-__all__ = ["SAMModel", "GSAMModel", "SharpnessAwareMinimization", "rules"]
+__all__ = [
+    "SAMModel",
+    "GSAMModel",
+    "SharpnessAwareMinimization",
+    "callbacks",
+    "datasets",
+    "rules",
+    "schedules",
+    "sharpness",
+]

@@ -1,0 +1,80 @@
+"""Networks of the paper's experiments, in plain Keras (any backend).
+
+- `resnet18`: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as in the
+  authors' code (kuangliu's pytorch-cifar layout).
+- `wide_resnet`: WideResNet-d-k (Zagoruyko & Komodakis), WRN-28-10 by default.
+- `mnist1d_cnn`: a small 1-D conv net for the CPU-sized MNIST-1D benchmark.
+"""
+
+import keras
+
+layers = keras.layers
+
+
+def _conv(filters, kernel, strides=1):
+    return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                         kernel_initializer="he_normal")
+
+
+def _basic_block(x, filters, strides):
+    shortcut = x
+    h = layers.ReLU()(layers.BatchNormalization()(_conv(filters, 3, strides)(x)))
+    h = layers.BatchNormalization()(_conv(filters, 3)(h))
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = layers.BatchNormalization()(_conv(filters, 1, strides)(x))
+    return layers.ReLU()(layers.Add()([h, shortcut]))
+
+
+def resnet18(input_shape=(32, 32, 3), classes=10):
+    """ResNet-18 with the CIFAR stem; returns logits."""
+    inputs = keras.Input(input_shape)
+    x = layers.ReLU()(layers.BatchNormalization()(_conv(64, 3)(inputs)))
+    for filters, strides in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        x = _basic_block(x, filters, strides)
+        x = _basic_block(x, filters, 1)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes)(x), name="resnet18")
+
+
+def _wide_block(x, filters, strides):
+    h = layers.ReLU()(layers.BatchNormalization()(x))
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv(filters, 1, strides)(h)
+    h = _conv(filters, 3, strides)(h)
+    h = layers.ReLU()(layers.BatchNormalization()(h))
+    h = _conv(filters, 3)(h)
+    return layers.Add()([h, shortcut])
+
+
+def wide_resnet(depth=28, width=10, input_shape=(32, 32, 3), classes=10):
+    """WideResNet-depth-width (pre-activation); returns logits."""
+    if (depth - 4) % 6:
+        raise ValueError(f"`depth` must be 6n + 4 (e.g. 16, 22, 28), got {depth}.")
+    n = (depth - 4) // 6
+    inputs = keras.Input(input_shape)
+    x = _conv(16, 3)(inputs)
+    for i, filters in enumerate((16 * width, 32 * width, 64 * width)):
+        for j in range(n):
+            x = _wide_block(x, filters, 2 if (j == 0 and i > 0) else 1)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes)(x), name=f"wrn{depth}_{width}")
+
+
+def mnist1d_cnn(input_shape=(40, 1), classes=10):
+    """A small conv net for MNIST-1D (about 20k parameters); returns logits."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for filters, strides in ((32, 1), (32, 2), (64, 2)):
+        x = layers.Conv1D(filters, 5, strides=strides, padding="same", use_bias=False)(x)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, layers.Dense(classes)(x), name="mnist1d_cnn")
+
+
+ARCHITECTURES = {
+    "resnet18": resnet18,
+    "wrn28_10": wide_resnet,
+    "mnist1d_cnn": mnist1d_cnn,
+}

@@ -1,0 +1,123 @@
+"""Images per second of plain Keras training, SAMModel and GSAMModel on the JAX
+backend: ResNet-18 (CIFAR stem) on CIFAR-shaped data generated in memory, in
+float32 and mixed_bfloat16, all in one run.
+
+Each model's compiled train step (the same `jax.jit(model.train_step)` that
+`fit` uses) runs on device-resident data; rounds of the three models are
+interleaved and the medians reported, with the per-round ratios to plain.
+
+    KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py            # GPU: batch 256
+    KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --small    # CPU smoke run
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.architectures import resnet18  # noqa: E402
+from keras_sam.models import GSAMModel, SAMModel  # noqa: E402
+
+
+def compiled_step(model, batch, image):
+    """Builds everything with one tiny fit, then returns (step, state, data)."""
+    import jax
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, image, image, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(batch,)).astype("int32")
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    state = (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.optimizer.variables],
+        [v.value for v in model.metrics_variables],
+    )
+    state = jax.tree_util.tree_map(lambda t: jax.numpy.array(t), state)
+    data = (jax.device_put(x), jax.device_put(y))
+    step = jax.jit(model.train_step, donate_argnums=0)
+    return step, state, data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--policies", default="float32,mixed_bfloat16")
+    parser.add_argument("--small", action="store_true", help="CPU smoke sizes")
+    parser.add_argument("--json", help="write the results to this file too")
+    args = parser.parse_args(argv)
+    if keras.backend.backend() != "jax":
+        parser.error("run with KERAS_BACKEND=jax")
+    if args.small:
+        args.batch, args.image, args.steps, args.rounds = 8, 16, 2, 2
+    import jax
+
+    device = jax.devices()[0]
+    results = {
+        "device": getattr(device, "device_kind", str(device)),
+        "platform": platform.machine(),
+        "keras": keras.__version__,
+        "jax": jax.__version__,
+        "batch": args.batch,
+        "image": args.image,
+        "policies": {},
+    }
+    for policy in args.policies.split(","):
+        keras.mixed_precision.set_global_policy(policy)
+        runs = {}
+        for name, wrap in (
+            ("plain", lambda m: m),
+            ("sam", lambda m: SAMModel(m, rho=0.05)),
+            ("gsam", lambda m: GSAMModel(m, rho=0.05, alpha=0.02)),
+        ):
+            keras.utils.set_random_seed(0)
+            model = wrap(resnet18(input_shape=(args.image, args.image, 3)))
+            runs[name] = list(compiled_step(model, args.batch, args.image))
+            print(f"[{policy}] compiled {name}", file=sys.stderr, flush=True)
+        times = {name: [] for name in runs}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for name, run in runs.items():
+                step, state, data = run
+                jax.block_until_ready(state)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    _, state = step(state, data)
+                jax.block_until_ready(state)
+                run[1] = state
+                if r:
+                    times[name].append(args.batch * args.steps / (time.perf_counter() - start))
+        keras.mixed_precision.set_global_policy("float32")
+        ips = {k: statistics.median(v) for k, v in times.items()}
+        ratio = {
+            k: statistics.median(p / s for p, s in zip(times["plain"], times[k]))
+            for k in ("sam", "gsam")
+        }
+        results["policies"][policy] = {"images_per_second": ips, "cost_ratio": ratio}
+        print(f"{policy}: plain {ips['plain']:.0f} img/s | SAM {ips['sam']:.0f} img/s "
+              f"(x{ratio['sam']:.2f}) | GSAM {ips['gsam']:.0f} img/s (x{ratio['gsam']:.2f})")
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
