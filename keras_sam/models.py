@@ -267,7 +267,8 @@ class SAMModel(keras.Model):
         if self.num_batch_splits or self.sub_batch_size:
             size = _first_batch_size(x, batch_size)
             if size is not None:
-                per_replica = size // self.distribute_strategy.num_replicas_in_sync
+                strategy = getattr(self, "distribute_strategy", None)  # TF only
+                per_replica = size // getattr(strategy, "num_replicas_in_sync", 1)
                 self.num_splits(per_replica)  # raises if the split does not divide
                 self._fit_batch_size = per_replica
         return super().fit(x, y, batch_size=batch_size, **kwargs)

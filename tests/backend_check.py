@@ -1,0 +1,155 @@
+"""Runs keras_sam on the backend named by KERAS_BACKEND and writes what it got.
+
+Used by tests/test_backends.py, once per backend, in a subprocess (a Keras
+backend is fixed per process). Writes an .npz with, per case, the final
+weights and logged values, plus the float64 NumPy oracle for a linear model.
+
+    KERAS_BACKEND=jax python tests/backend_check.py OUT.npz [--jit]
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_sam  # noqa: E402
+
+N, D, BATCH, LR = 32, 4, 8, 0.1
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, D)).astype("float32")
+    y = rng.normal(size=(N, 1)).astype("float32")
+    return x, y
+
+
+def same_weights(model, seed=0):
+    """Backends draw different initial weights from one seed; use NumPy's."""
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:
+        v.assign(rng.normal(scale=0.5, size=v.shape).astype("float32"))
+    return model
+
+
+def linear(seed=0):
+    return same_weights(keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)]), seed)
+
+
+def mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    return same_weights(
+        keras.Sequential(
+            [
+                keras.Input((D,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.BatchNormalization(),
+                keras.layers.Dense(1),
+            ]
+        ),
+        seed,
+    )
+
+
+def oracle_linear_sam(w, b, x, y, rho, alpha):
+    """SAM / GSAM on least squares in float64: grad = 2/n X^T (Xw + b - y)."""
+    w, b = w.astype(np.float64), b.astype(np.float64)
+    for start in range(0, N, BATCH):
+        xb, yb = x[start:start + BATCH].astype(np.float64), y[start:start + BATCH].astype(np.float64)
+
+        def grad(w_, b_):
+            r = xb @ w_ + b_ - yb
+            return 2 * xb.T @ r / len(xb), 2 * r.mean(axis=0)
+
+        g = grad(w, b)
+        norm = np.sqrt(sum(np.sum(t * t) for t in g))
+        gp = grad(w + rho * g[0] / norm, b + rho * g[1] / norm)
+        coef = sum(np.sum(a * c) for a, c in zip(g, gp)) / sum(np.sum(c * c) for c in gp)
+        d = [c - alpha * (a - coef * c) for a, c in zip(g, gp)]
+        w, b = w - LR * d[0], b - LR * d[1]
+    return w, b
+
+
+def weights_of(model):
+    return [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights]
+
+
+def main(out, jit):
+    x, y = data()
+    results = {}
+
+    # 1. Closed-form oracle on a linear model (SAM and GSAM).
+    for name, alpha in (("sam", 0.0), ("gsam", 0.5)):
+        inner = linear()
+        w0, b0 = weights_of(inner)
+        model = (keras_sam.GSAMModel(inner, rho=0.1, alpha=alpha) if alpha
+                 else keras_sam.SAMModel(inner, rho=0.1))
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=jit)
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        results[f"linear_{name}"] = np.concatenate([t.ravel() for t in weights_of(inner)])
+        w, b = oracle_linear_sam(w0, b0, x, y, rho=0.1, alpha=alpha)
+        results[f"linear_{name}_oracle"] = np.concatenate([w.ravel(), b.ravel()])
+
+    # 2. The same MLP with BatchNorm trained by SAM, ASAM and GSAM with a
+    #    keras_sam schedule (rho follows the lr); compared across backends.
+    steps = N // BATCH
+    cases = {
+        "mlp_sam": lambda m: keras_sam.SAMModel(m, rho=0.05),
+        "mlp_asam": lambda m: keras_sam.SAMModel(m, rho=0.5, adaptive=True),
+        "mlp_gsam": lambda m: keras_sam.GSAMModel(m, rho=0.1, alpha=0.3, rho_min=0.01),
+        "mlp_split": lambda m: keras_sam.SharpnessAwareMinimization(m, rho=0.05, num_batch_splits=2),
+    }
+    for name, wrap in cases.items():
+        inner = mlp()
+        model = wrap(inner)
+        lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=2, steps_per_epoch=steps)
+        model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse", jit_compile=jit)
+        history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        results[name] = np.concatenate([t.ravel() for t in weights_of(inner)])
+        results[name + "_logs"] = np.array(
+            [history.history[k][-1] for k in ("loss", "sharpness", "grad_norm", "rho")]
+        )
+
+    # 3. Measures on the trained linear model.
+    inner = linear()
+    results["full_gradient_norm"] = np.array(
+        keras_sam.sharpness.full_gradient_norm(inner, (x, y), "mse", batch_size=BATCH)
+    )
+    w, b = (t.astype(np.float64) for t in weights_of(inner))
+    r = x @ w + b - y
+    results["full_gradient_norm_oracle"] = np.array(
+        np.sqrt(np.sum((2 * x.T @ r / N) ** 2) + np.sum((2 * r.mean(axis=0)) ** 2))
+    )
+
+    # 4. BatchSizeScheduler: exact steps per epoch inside one fit.
+    import tensorflow as tf
+
+    def dataset_fn(batch):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+
+    seen = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen[-1] += 1
+
+    model = keras_sam.SAMModel(mlp(), rho=0.05)
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+    scheduler = keras_sam.callbacks.BatchSizeScheduler({0: 4, 1: 8, 2: 16}, dataset_fn)
+    history = model.fit(dataset_fn(4), epochs=3, callbacks=[scheduler, Count()], verbose=0)
+    results["scheduler_steps"] = np.array(seen)
+    results["scheduler_batch_sizes"] = np.array(history.history["batch_size"])
+    results["scheduler_iterations"] = np.array(
+        int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    )
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], jit="--jit" in sys.argv)

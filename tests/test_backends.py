@@ -1,0 +1,65 @@
+"""keras_sam on the TensorFlow, JAX and PyTorch backends, jit on and off.
+
+Each backend runs tests/backend_check.py in its own process (Keras fixes its
+backend per process). Every run must match the float64 least-squares oracle,
+and all runs must agree with the TensorFlow run to float32 rounding.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(__file__)
+RUNS = [
+    ("tensorflow", False),
+    ("tensorflow", True),
+    ("jax", False),
+    ("jax", True),
+    ("torch", False),
+]
+
+
+def _installed(backend):
+    return importlib.util.find_spec(backend) is not None
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("backends")
+    results = {}
+    for backend, jit in RUNS:
+        if not _installed(backend):
+            continue
+        out = folder / f"{backend}_{jit}.npz"
+        env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, os.path.join(HERE, "backend_check.py"), str(out)]
+        proc = subprocess.run(cmd + (["--jit"] if jit else []), env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{backend} jit={jit}:\n{proc.stderr[-4000:]}"
+        results[(backend, jit)] = dict(np.load(out))
+    return results
+
+
+@pytest.mark.parametrize("backend, jit", RUNS, ids=[f"{b}-jit{j}" for b, j in RUNS])
+def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit):
+    if not _installed(backend):
+        pytest.skip(f"{backend} is not installed")
+    got = outputs[(backend, jit)]
+    for name in ("linear_sam", "linear_gsam"):
+        np.testing.assert_allclose(got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    np.testing.assert_allclose(got["full_gradient_norm"], got["full_gradient_norm_oracle"],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(got["scheduler_steps"], [8, 4, 2])
+    np.testing.assert_array_equal(got["scheduler_batch_sizes"], [4, 8, 16])
+    assert int(got["scheduler_iterations"]) == 14
+    reference = outputs[("tensorflow", False)]
+    for name in ("mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split"):
+        np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{name} on {backend} jit={jit}")
+        np.testing.assert_allclose(got[name + "_logs"], reference[name + "_logs"],
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{name} logs")
