@@ -4,7 +4,7 @@ Used by tests/test_backends.py, once per backend, in a subprocess (a Keras
 backend is fixed per process). Writes an .npz with, per case, the final
 weights and logged values, plus the float64 NumPy oracle for a linear model.
 
-    KERAS_BACKEND=jax python tests/backend_check.py OUT.npz [--jit]
+    KERAS_BACKEND=jax python tests/backend_check.py OUT.npz [--jit] [--data-parallel]
 """
 
 import os
@@ -77,7 +77,11 @@ def weights_of(model):
     return [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights]
 
 
-def main(out, jit):
+def main(out, jit, data_parallel=False):
+    if data_parallel:  # JAX: shard every batch over the (forced host) devices
+        devices = keras.distribution.list_devices("cpu")
+        assert len(devices) > 1, devices
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     x, y = data()
     results = {}
 
@@ -152,4 +156,4 @@ def main(out, jit):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], jit="--jit" in sys.argv)
+    main(sys.argv[1], jit="--jit" in sys.argv, data_parallel="--data-parallel" in sys.argv)

@@ -1,7 +1,8 @@
 """keras_sam on the TensorFlow, JAX and PyTorch backends, jit on and off.
 
 Each backend runs tests/backend_check.py in its own process (Keras fixes its
-backend per process). Every run must match the float64 least-squares oracle,
+backend per process); JAX also with `keras.distribution.DataParallel` over two
+forced host devices. Every run must match the float64 least-squares oracle,
 and all runs must agree with the TensorFlow run to float32 rounding.
 """
 
@@ -14,12 +15,14 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(__file__)
+# (backend, jit, data parallel over 2 forced host devices)
 RUNS = [
-    ("tensorflow", False),
-    ("tensorflow", True),
-    ("jax", False),
-    ("jax", True),
-    ("torch", False),
+    ("tensorflow", False, False),
+    ("tensorflow", True, False),
+    ("jax", False, False),
+    ("jax", True, False),
+    ("jax", True, True),
+    ("torch", False, False),
 ]
 
 
@@ -31,24 +34,31 @@ def _installed(backend):
 def outputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("backends")
     results = {}
-    for backend, jit in RUNS:
+    for backend, jit, parallel in RUNS:
         if not _installed(backend):
             continue
-        out = folder / f"{backend}_{jit}.npz"
+        out = folder / f"{backend}_{jit}_{parallel}.npz"
         env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
         cmd = [sys.executable, os.path.join(HERE, "backend_check.py"), str(out)]
-        proc = subprocess.run(cmd + (["--jit"] if jit else []), env=env,
-                              capture_output=True, text=True, timeout=600)
+        if jit:
+            cmd.append("--jit")
+        if parallel:
+            cmd.append("--data-parallel")
+            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{backend} jit={jit}:\n{proc.stderr[-4000:]}"
-        results[(backend, jit)] = dict(np.load(out))
+        results[(backend, jit, parallel)] = dict(np.load(out))
     return results
 
 
-@pytest.mark.parametrize("backend, jit", RUNS, ids=[f"{b}-jit{j}" for b, j in RUNS])
-def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit):
+@pytest.mark.parametrize(
+    "backend, jit, parallel", RUNS,
+    ids=[f"{b}-jit{j}" + ("-dataparallel" if p else "") for b, j, p in RUNS],
+)
+def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel):
     if not _installed(backend):
         pytest.skip(f"{backend} is not installed")
-    got = outputs[(backend, jit)]
+    got = outputs[(backend, jit, parallel)]
     for name in ("linear_sam", "linear_gsam"):
         np.testing.assert_allclose(got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
@@ -57,7 +67,7 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit):
     np.testing.assert_array_equal(got["scheduler_steps"], [8, 4, 2])
     np.testing.assert_array_equal(got["scheduler_batch_sizes"], [4, 8, 16])
     assert int(got["scheduler_iterations"]) == 14
-    reference = outputs[("tensorflow", False)]
+    reference = outputs[("tensorflow", False, False)]
     for name in ("mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split"):
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6,
                                    err_msg=f"{name} on {backend} jit={jit}")

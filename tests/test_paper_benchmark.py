@@ -1,0 +1,234 @@
+"""Tests of benchmarks/paper.py: the paper's grid, end to end on tiny data."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "paper.py")
+_spec = importlib.util.spec_from_file_location("paper_benchmark", _PATH)
+paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paper)
+
+TINY_ROWS = [("sgd", "B"), ("sgd", "BC"), ("sam", "B"), ("sam", "BC")]
+
+
+def _table_rows(out):
+    with open(os.path.join(out, "results.md")) as f:
+        text = f.read()
+    rows = [line for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    return rows
+
+
+def _row_keys(rows):
+    return [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tiny"))
+    stats = paper.main(["--tiny", "--out", out])
+    assert stats == {"trained": 4, "skipped": 0}
+    return out
+
+
+def test_tiny_grid_files_and_table(tiny_out):
+    for name in ("results.md", "runs.json", "train_loss.png", "test_error.png",
+                 "sharpness.png", "grad_norm.png", "batch_size.png",
+                 "learning_rate.png"):
+        assert os.path.getsize(os.path.join(tiny_out, name)) > 0, name
+    for method, schedule in TINY_ROWS:
+        assert os.path.exists(os.path.join(
+            tiny_out, "runs", f"{method}_{schedule}_seed0.json"))
+    rows = _table_rows(tiny_out)
+    assert _row_keys(rows) == TINY_ROWS
+    text = open(os.path.join(tiny_out, "results.md")).read()
+    for word in ("command:", "--tiny", "date:", "machine:", "python", "keras",
+                 "tensorflow", "keras_sam"):
+        assert word in text
+    # No temporary files left behind.
+    assert not [f for f in os.listdir(tiny_out) if ".tmp" in f]
+
+
+def test_tiny_grid_records_follow_the_schedules(tiny_out):
+    with open(os.path.join(tiny_out, "runs.json")) as f:
+        summary = json.load(f)
+    runs = summary["runs"]
+    assert [(r["method"], r["schedule"]) for r in runs] == TINY_ROWS
+    num_train = 400  # 80% of --tiny's 500 samples
+    epochs = 5
+    expected_batches = [16, 32, 64, 128, 256]  # one epoch per doubling stage
+    expected_steps = [num_train // b for b in expected_batches]
+    for run in runs:
+        records = run["epochs"]
+        assert len(records) == epochs
+        assert [e["batch_size"] for e in records] == expected_batches
+        assert run["steps_per_epoch"] == expected_steps
+        assert [e["steps"] for e in records] == expected_steps
+        assert [e["iterations"] for e in records] == list(np.cumsum(expected_steps))
+        for e, rec in enumerate(records):
+            if run["schedule"] == "B":
+                expected_lr = 0.1
+            else:  # cosine 0.1 -> 0.001, read after epoch e: progress (e+1)/5
+                p = (e + 1) / epochs
+                expected_lr = 0.001 + (0.1 - 0.001) * (1 + math.cos(math.pi * p)) / 2
+            assert rec["learning_rate"] == pytest.approx(expected_lr, rel=1e-4, abs=1e-7)
+            assert math.isfinite(rec["train_loss"])
+            assert 0.0 <= rec["test_error"] <= 1.0
+        final = run["final"]
+        assert final["worst_case_sharpness"] >= 0
+        assert final["full_gradient_norm"] > 0
+        assert final["train_time_s"] > 0
+        assert records[-1]["worst_case_sharpness"] == final["worst_case_sharpness"]
+
+
+def test_rerun_skips_finished_runs(tiny_out, capsys):
+    before = _table_rows(tiny_out)
+    stats = paper.main(["--tiny", "--out", tiny_out])
+    assert stats == {"trained": 0, "skipped": 4}
+    assert "skipped" in capsys.readouterr().err
+    assert _table_rows(tiny_out) == before
+
+
+def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
+    out = str(tmp_path / "resume")
+    shutil.copytree(tiny_out, out)
+    victim = os.path.join(out, "runs", "sam_B_seed0.json")
+    os.remove(victim)
+    good = {n: open(os.path.join(out, "runs", n)).read()
+            for n in os.listdir(os.path.join(out, "runs"))}
+
+    def crash(name, epoch):
+        if name == "sam_B_seed0" and epoch == 2:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(paper, "EPOCH_HOOK", crash)
+    with pytest.raises(KeyboardInterrupt):
+        paper.main(["--tiny", "--out", out])
+    assert not os.path.exists(victim)
+    for n, text in good.items():  # finished runs untouched
+        assert open(os.path.join(out, "runs", n)).read() == text
+    rows = _table_rows(out)  # the table shows the completed runs only
+    assert _row_keys(rows) == TINY_ROWS
+    assert [r.split("|")[3].strip() for r in rows] == ["1", "1", "0", "1"]
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+    monkeypatch.setattr(paper, "EPOCH_HOOK", None)
+    stats = paper.main(["--tiny", "--out", out])
+    assert stats == {"trained": 1, "skipped": 3}
+    assert os.path.exists(victim)
+    rows = _table_rows(out)
+    assert _row_keys(rows) == TINY_ROWS
+    assert [r.split("|")[3].strip() for r in rows] == ["1", "1", "1", "1"]
+
+
+def test_stored_run_of_another_config_is_refused(tiny_out, tmp_path, capsys):
+    out = str(tmp_path / "other")
+    shutil.copytree(tiny_out, out)
+    with pytest.raises(SystemExit) as err:
+        paper.main(["--tiny", "--out", out, "--num-samples", "600"])
+    assert "another configuration" in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# CIFAR path with mocked tensorflow_datasets.
+
+
+def test_cifar_pipeline_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow as tf
+
+    paper._DATA_CACHE.clear()
+    with tfds.testing.mock_data(num_examples=40):
+        data = paper.Data("cifar10", None, 0)
+    paper._DATA_CACHE.clear()
+    assert data.x.shape == (40, 32, 32, 3) and data.x.dtype == np.uint8
+    assert data.input_shape == (32, 32, 3) and data.classes == 10
+    # Per-channel normalization: mean 0, std 1 per channel on the train set.
+    x = data.eval_arrays(data.x)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(x.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+    assert data.mean.shape == (3,) and data.std.shape == (3,)
+    # Batches drop the remainder and keep 32x32x3.
+    ds = data.train_dataset(16, seed=0)
+    batches = list(ds)
+    assert len(batches) == 2 == int(ds.cardinality())
+    for xb, yb in batches:
+        assert tuple(xb.shape) == (16, 32, 32, 3) and xb.dtype == tf.float32
+        assert tuple(yb.shape) == (16,)
+    # Augmentation: crop from the 4-pixel zero padding + flip keeps the shape
+    # and only moves pixels (each output pixel is an input pixel or padding).
+    tf.random.set_seed(1)
+    img = tf.constant(np.arange(32 * 32 * 3, dtype=np.int32).reshape(32, 32, 3) % 251 + 1,
+                      tf.uint8)
+    seen_shift = False
+    for _ in range(10):
+        out = data.augment(img).numpy()
+        assert out.shape == (32, 32, 3)
+        values = set(np.unique(out)) - {0}
+        assert values <= set(np.unique(img.numpy()))
+        seen_shift |= not np.array_equal(out, img.numpy())
+    assert seen_shift
+
+
+def test_cifar_tiny_run_with_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    paper._DATA_CACHE.clear()
+    out = str(tmp_path / "cifar")
+    with tfds.testing.mock_data(num_examples=64):
+        stats = paper.main([
+            "--dataset", "cifar10", "--model", "tiny_cnn2d", "--methods", "gsam",
+            "--schedules", "B", "--seeds", "0", "--epochs", "5",
+            "--initial-batch", "2", "--sharpness-examples", "16",
+            "--sharpness-iterations", "2", "--out", out])
+    paper._DATA_CACHE.clear()
+    assert stats == {"trained": 1, "skipped": 0}
+    with open(os.path.join(out, "runs.json")) as f:
+        run = json.load(f)["runs"][0]
+    assert [e["batch_size"] for e in run["epochs"]] == [2, 4, 8, 16, 32]
+    assert [e["steps"] for e in run["epochs"]] == [32, 16, 8, 4, 2]
+    assert len(run["normalization"]["mean"]) == 3
+    assert _row_keys(_table_rows(out)) == [("gsam", "B")]
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--dataset", "imagenet"], ["cifar10", "cifar100", "mnist1d"]),
+    (["--model", "vgg16"], ["resnet18", "wrn28_10", "mnist1d_cnn"]),
+    (["--methods", "sgd,adam"], ["adam", "sgd, sam, gsam"]),
+    (["--schedules", "cosine"], ["cosine", "constant, B, C, BC, linear"]),
+    (["--epochs", "12"], ["multiple of 5", "12"]),
+    (["--epochs", "0"], ["positive int"]),
+    (["--seeds", "a,b"], ["--seeds"]),
+    (["--dataset", "mnist1d", "--model", "resnet18"], ["mnist1d_cnn"]),
+])
+def test_bad_input_names_allowed_values(argv, words, capsys):
+    with pytest.raises(SystemExit) as err:
+        paper.parse_args(argv)
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    for word in words:
+        assert word in msg, (word, msg)
+
+
+def test_epochs_not_multiple_of_5_ok_without_increasing_batch():
+    args = paper.parse_args(["--epochs", "12", "--schedules", "constant,C,linear"])
+    assert args.epochs == 12
+
+
+def test_grid_that_does_not_fit_memory_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(paper, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(SystemExit) as err:
+        paper.main(["--tiny", "--out", str(tmp_path)])
+    msg = str(err.value)
+    assert "does not fit in memory" in msg and "MemAvailable" in msg
+    assert not os.path.exists(os.path.join(tmp_path, "runs"))
