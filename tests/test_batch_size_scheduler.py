@@ -11,6 +11,7 @@ import csv
 import os
 
 import keras
+import keras_sam
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -187,8 +188,8 @@ class EpochLR(keras.optimizers.schedules.LearningRateSchedule):
         return {"steps_per_epoch": self.steps_per_epoch}
 
 
-def _fit(model, schedule=RAMP, epochs=EPOCHS, extra=(), **kwargs):
-    scheduler = BatchSizeScheduler(schedule, dataset_fn)
+def _fit(model, schedule=RAMP, epochs=EPOCHS, extra=(), relax=None, **kwargs):
+    scheduler = BatchSizeScheduler(schedule, dataset_fn, relax_batch_shape=relax)
     recorder = Recorder()
     history = model.fit(
         dataset_fn(scheduler.batch_size_at(0)),
@@ -228,12 +229,12 @@ def test_batch_size_at_and_steps_per_epoch():
         4, 4, 8, 8, 16, 16, 16, 16,
     ]
     assert scheduler.steps_per_epoch(EPOCHS) == RAMP_STEPS
-    assert scheduler.get_config() == {"schedule": RAMP}
+    assert scheduler.get_config() == {"schedule": RAMP, "relax_batch_shape": None}
     assert sorted(scheduler._datasets) == [4, 8, 16]  # one per batch size
 
     by_callable = BatchSizeScheduler(lambda e: 8 if e % 2 else 4, dataset_fn)
     assert by_callable.steps_per_epoch(4) == [16, 8, 16, 8]
-    assert by_callable.get_config() == {"schedule": None}
+    assert by_callable.get_config() == {"schedule": None, "relax_batch_shape": None}
     with pytest.raises(ValueError, match="epochs"):
         scheduler.steps_per_epoch(0)
 
@@ -429,6 +430,41 @@ def test_exact_steps_iterations_shapes_and_traces(jit_compile):
     assert _iterations(model) == sum(steps)
     assert recorder.per_epoch(recorder.iterations) == list(np.cumsum(steps))
     assert 1 <= model.traces.n <= len(set(sizes))
+
+
+@pytest.mark.parametrize("relax, traces", [(None, {1}), (False, {2, 3})])
+def test_relaxed_batch_shape_traces_once_for_all_sizes(relax, traces):
+    """By default the switch costs no retrace on TensorFlow; with static
+    shapes the first switch retraces (TF relaxes the shape after the second
+    one it sees, so 2 traces, at most one per distinct size)."""
+    model = _counting_model()
+    schedule = {0: 4, 1: 8, 2: 16, 3: 8, 4: 4}
+    _, recorder, history = _fit(model, schedule, relax=relax)
+    assert history.history["batch_size"] == [4, 8, 16, 8, 4, 4]
+    assert model.traces.n in traces
+
+
+def test_sub_batch_size_model_keeps_static_shapes():
+    """A fixed sub-batch size needs the batch size at trace time."""
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model = keras_sam.SAMModel(inner, rho=0.05, sub_batch_size=2)
+    model.compile(optimizer="sgd", loss="mse")
+    scheduler = BatchSizeScheduler({0: 4, 1: 8}, dataset_fn)
+    seen = []
+    real = keras_sam.SAMModel.num_splits
+
+    def spy(self, batch_size):
+        seen.append(batch_size)
+        return real(self, batch_size)
+
+    keras_sam.SAMModel.num_splits = spy
+    try:
+        model.fit(dataset_fn(4), epochs=2, callbacks=[scheduler], verbose=0)
+    finally:
+        keras_sam.SAMModel.num_splits = real
+    assert scheduler._relaxed() is False
+    assert 4 in seen and 8 in seen  # traced with static per-replica batch sizes
 
 
 def test_progress_bar_listed_before_the_scheduler():

@@ -92,9 +92,12 @@ class BatchSizeScheduler(keras.callbacks.Callback):
     and `self.params["steps"]` of all callbacks show the epoch's step count,
     and `logs["batch_size"]` (hence `History`, `CSVLogger`, `TensorBoard`)
     records the batch size of each epoch. Datasets are built once per batch
-    size and reused. With static shapes (`drop_remainder=True`) the train
-    function is traced at most once per distinct batch size (TensorFlow
-    usually traces twice in all: the first shape, then a relaxed one).
+    size and reused. By default (`relax_batch_shape=None`) the scheduler
+    hides the batch dimension of the datasets' element spec, so TensorFlow
+    traces the train function ONCE for all batch sizes and a switch costs
+    no retrace (XLA and JAX still compile once per distinct batch size).
+    Models with a fixed `sub_batch_size` keep static shapes, and are traced
+    once per distinct batch size.
 
     Use it this way:
 
@@ -129,6 +132,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             `prefetch`) with a known, finite cardinality: no `repeat()` and
             no `filter()` (or end it with
             `dataset.apply(tf.data.experimental.assert_cardinality(n))`).
+        relax_batch_shape: None (automatic: True unless the model has a
+            `sub_batch_size`), True or False; see above.
 
     Raises:
         ValueError: for an invalid `schedule` or `dataset_fn` (in the
@@ -165,8 +170,14 @@ class BatchSizeScheduler(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, schedule, dataset_fn):
+    def __init__(self, schedule, dataset_fn, relax_batch_shape=None):
         super().__init__()
+        if relax_batch_shape not in (None, True, False):
+            raise ValueError(
+                "`relax_batch_shape` must be None (automatic), True or False; "
+                f"received {relax_batch_shape!r}."
+            )
+        self.relax_batch_shape = relax_batch_shape
         if isinstance(schedule, dict):
             self._schedule_dict = _check_dict_schedule(schedule)
             self._schedule_fn = None
@@ -188,6 +199,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self.schedule = schedule
         self.dataset_fn = dataset_fn
         self._datasets = {}  # batch size -> tf.data.Dataset
+        self._relaxed_datasets = {}  # (batch size, relaxed) -> what fit draws
         self._steps = {}  # batch size -> cardinality
         self._fit = None  # _keras_compat.RunningFit of the running fit()
         self._current = None  # batch size the epoch iterator draws now
@@ -240,10 +252,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         return [self._steps_for(self.batch_size_at(e)) for e in range(epochs)]
 
     def get_config(self):
-        """`{"schedule": dict}`; a callable schedule is not serializable."""
-        if self._schedule_dict is None:
-            return {"schedule": None}
-        return {"schedule": dict(self._schedule_dict)}
+        """The schedule (None when it is a callable) and `relax_batch_shape`."""
+        schedule = None if self._schedule_dict is None else dict(self._schedule_dict)
+        return {"schedule": schedule, "relax_batch_shape": self.relax_batch_shape}
 
     # ------------------------------------------------------------- callbacks
     def on_train_begin(self, logs=None):
@@ -269,7 +280,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._steps_for(batch_size)  # builds and checks the dataset
         self._check_fit_data(iterator)
         self._fit = fit
-        self._current = self.batch_size_at(0)
+        # With relaxed shapes even the first epoch draws from our dataset, so
+        # the train function is traced once, for every batch size.
+        self._current = None if self._relaxed() else self.batch_size_at(0)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._fit is None:
@@ -280,7 +293,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         batch_size = self.batch_size_at(epoch)
         if batch_size == self._current:
             return
-        dataset = self._dataset(batch_size)
+        dataset = self._training_dataset(batch_size)
         steps = _keras_compat.set_epoch_iterator_dataset(
             self._fit.epoch_iterator, dataset, self._fit.class_weight
         )
@@ -328,6 +341,20 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._datasets[batch_size] = dataset
         return self._datasets[batch_size]
 
+    def _training_dataset(self, batch_size):
+        """The dataset an epoch draws from: `dataset_fn`'s, shape-relaxed."""
+        key = (batch_size, self._relaxed())
+        if key not in self._relaxed_datasets:
+            dataset = self._dataset(batch_size)
+            self._relaxed_datasets[key] = _hide_batch_dim(dataset) if key[1] else dataset
+        return self._relaxed_datasets[key]
+
+    def _relaxed(self):
+        if self.relax_batch_shape is not None:
+            return self.relax_batch_shape
+        # A fixed sub-batch size needs the batch size at trace time.
+        return not getattr(self.model, "sub_batch_size", None)
+
     def _steps_for(self, batch_size):
         self._dataset(batch_size)
         return self._steps[batch_size]
@@ -350,6 +377,21 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"{self._steps[expected]}. Pass `dataset_fn({expected})` to "
                 "`fit()`."
             )
+
+
+def _hide_batch_dim(dataset):
+    """The same dataset with the batch dimension of its element spec unknown,
+    so one traced train function serves every batch size."""
+    import tensorflow as tf
+
+    def hide(*element):
+        element = element[0] if len(element) == 1 else element
+        return tf.nest.map_structure(
+            lambda t: tf.compat.v1.placeholder_with_default(t, [None] + t.shape[1:]),
+            element,
+        )
+
+    return dataset.map(hide, deterministic=True)
 
 
 def _check_dataset(dataset, batch_size):
