@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from strategies import mirrored
+
 from keras_sam import _keras_compat
 from keras_sam.callbacks.batch_size_scheduler import BatchSizeScheduler
 from keras_sam.callbacks.batch_size_scheduler import doubling_schedule
@@ -29,27 +31,8 @@ RAMP_SIZES = [4, 4, 8, 8, 16, 16]
 RAMP_STEPS = [N // b for b in RAMP_SIZES]
 
 
-_strategies_made = [0]
 
 
-def mirrored(n):
-    """MirroredStrategy over `n` logical CPUs, with its own collective keys.
-
-    TF's collective executor remembers each group key's size for the whole
-    process, and every MirroredStrategy numbers its keys from
-    `1 + MirroredStrategy._collective_key_base`: a 4-replica strategy after a
-    2-replica one aborts ("joining a group with size4, but that group has
-    size 2"). Give each strategy its own range (tests/test_distributed.py
-    uses 100_000 + 1000 k; this module 700_000 + 1000 k).
-    """
-    _strategies_made[0] += 1
-    cls = tf.distribute.MirroredStrategy
-    saved = cls._collective_key_base
-    cls._collective_key_base = 700_000 + 1000 * _strategies_made[0]
-    try:
-        return cls([f"/cpu:{i}" for i in range(n)])
-    finally:
-        cls._collective_key_base = saved
 
 
 def _data(n=N, seed=0):

@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from strategies import mirrored
+
 import keras_sam
 from keras_sam import models as sam_models
 
@@ -49,28 +51,8 @@ ATOL = RTOL = 1e-5
 # Helpers.
 
 
-_strategies_made = [0]
 
 
-def mirrored(n):
-    """MirroredStrategy over `n` logical CPUs.
-
-    Each MirroredStrategy numbers its collective group keys from
-    `1 + MirroredStrategy._collective_key_base` (0) and its instance keys from
-    a fixed start, while TF's collective executor remembers a group key's size
-    and an instance's shape for the whole process. A second strategy in the
-    same process then aborts ("joining a group with size4, but that group has
-    size 2", or "Shape mismatch in the collective instance 100"). TF reserves
-    the class attribute for tests: give every strategy its own key range.
-    """
-    _strategies_made[0] += 1
-    cls = tf.distribute.MirroredStrategy
-    saved = cls._collective_key_base
-    cls._collective_key_base = 100_000 + 1000 * _strategies_made[0]
-    try:
-        return cls([f"/cpu:{i}" for i in range(n)])
-    finally:
-        cls._collective_key_base = saved
 
 
 def make_inner(bn=False):

@@ -19,6 +19,8 @@ import pytest
 import keras
 import tensorflow as tf
 
+from strategies import mirrored
+
 from keras_sam import sharpness
 from keras_sam.callbacks.sharpness_monitor import SharpnessMonitor
 
@@ -283,19 +285,19 @@ def test_mirrored_strategy_model_gives_same_values():
     single = _bn_model()
     single.compile("sgd", "mse")
     single.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored(2)
     with strategy.scope():
-        mirrored = _bn_model()
-        mirrored.compile("sgd", "mse")
-    mirrored.set_weights(single.get_weights())
+        distributed = _bn_model()
+        distributed.compile("sgd", "mse")
+    distributed.set_weights(single.get_weights())
     expected = _measure_all(single, x, y)
-    before = [v.numpy() for v in mirrored.variables]
-    np.testing.assert_allclose(_measure_all(mirrored, x, y), expected, rtol=1e-6)
+    before = [v.numpy() for v in distributed.variables]
+    np.testing.assert_allclose(_measure_all(distributed, x, y), expected, rtol=1e-6)
     with strategy.scope():  # Cross-replica context inside the scope too.
         np.testing.assert_allclose(
-            _measure_all(mirrored, x, y), expected, rtol=1e-6
+            _measure_all(distributed, x, y), expected, rtol=1e-6
         )
-    for b, v in zip(before, mirrored.variables):
+    for b, v in zip(before, distributed.variables):
         for local in v.value.values:  # Every replica's copy untouched.
             assert np.array_equal(b, local.numpy())
 
