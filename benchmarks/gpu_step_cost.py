@@ -2,12 +2,15 @@
 backend: ResNet-18 (CIFAR stem) on CIFAR-shaped data generated in memory, in
 float32 and mixed_bfloat16, all in one run.
 
-Each model's compiled train step (the same `jax.jit(model.train_step)` that
+With `--minimal`, a hand-written plain step and two-pass SAM step on the same
+network (no metrics, no Keras trainer) run in the same rounds, so the cost
+keras_sam adds on top of the second gradient evaluation is measured on the
+same card. Each model's compiled train step (the same `jax.jit(model.train_step)` that
 `fit` uses) runs on device-resident data; rounds of the three models are
 interleaved and the medians reported, with the per-round ratios to plain.
 
     KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py            # GPU: batch 256
-    KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --small    # CPU smoke run
+    KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --small    # CPU smoke run, tiny net
 """
 
 import argparse
@@ -26,6 +29,15 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.architectures import resnet18  # noqa: E402
 from keras_sam.models import GSAMModel, SAMModel  # noqa: E402
+
+
+def tiny_net(input_shape):
+    """A two-conv net for smoke runs on a CPU."""
+    inputs = keras.Input(input_shape)
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
 def compiled_step(model, batch, image):
@@ -53,6 +65,45 @@ def compiled_step(model, batch, image):
     return step, state, data
 
 
+def minimal_steps(model, batch, image, rho=0.05):
+    """A minimal hand-written plain step and two-pass SAM step (no metrics,
+    no Keras trainer), the baseline for what keras_sam adds on top of the
+    second gradient evaluation. Returns {name: (step, state, data)}."""
+    import jax
+    import jax.numpy as jnp
+
+    step, state, data = compiled_step(model, batch, image)
+    trainable, non_trainable, optimizer_vars, _ = state
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def loss_and_state(tv, ntv, x, y):
+        y_pred, ntv = model.stateless_call(tv, ntv, x, training=True)
+        return loss_fn(y, y_pred), ntv
+
+    grad = jax.value_and_grad(loss_and_state, has_aux=True)
+
+    def plain(state, data):
+        tv, ntv, ov = state
+        (loss, ntv), g = grad(tv, ntv, *data)
+        tv, ov = model.optimizer.stateless_apply(ov, g, tv)
+        return loss, (tv, ntv, ov)
+
+    def sam(state, data):
+        tv, ntv, ov = state
+        (loss, new_ntv), g = grad(tv, ntv, *data)
+        norm = jnp.sqrt(sum(jnp.sum(gi * gi) for gi in g))
+        adv = [w + rho * gi / (norm + 1e-12) for w, gi in zip(tv, g)]
+        _, gp = grad(adv, ntv, *data)
+        tv, ov = model.optimizer.stateless_apply(ov, gp, tv)
+        return loss, (tv, new_ntv, ov)
+
+    copy = lambda: jax.tree_util.tree_map(jnp.array, (trainable, non_trainable, optimizer_vars))
+    return {
+        "minimal_plain": [jax.jit(plain, donate_argnums=0), copy(), data],
+        "minimal_sam": [jax.jit(sam, donate_argnums=0), copy(), data],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -61,12 +112,16 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--policies", default="float32,mixed_bfloat16")
     parser.add_argument("--small", action="store_true", help="CPU smoke sizes")
+    parser.add_argument("--minimal", action="store_true",
+                        help="also time a minimal hand-written plain and SAM step")
     parser.add_argument("--json", help="write the results to this file too")
     args = parser.parse_args(argv)
     if keras.backend.backend() != "jax":
         parser.error("run with KERAS_BACKEND=jax")
+    network = resnet18
     if args.small:
         args.batch, args.image, args.steps, args.rounds = 8, 16, 2, 2
+        network = tiny_net
     import jax
 
     device = jax.devices()[0]
@@ -88,9 +143,13 @@ def main(argv=None):
             ("gsam", lambda m: GSAMModel(m, rho=0.05, alpha=0.02)),
         ):
             keras.utils.set_random_seed(0)
-            model = wrap(resnet18(input_shape=(args.image, args.image, 3)))
+            model = wrap(network(input_shape=(args.image, args.image, 3)))
             runs[name] = list(compiled_step(model, args.batch, args.image))
             print(f"[{policy}] compiled {name}", file=sys.stderr, flush=True)
+        if args.minimal:
+            keras.utils.set_random_seed(0)
+            model = network(input_shape=(args.image, args.image, 3))
+            runs.update(minimal_steps(model, args.batch, args.image))
         times = {name: [] for name in runs}
         for r in range(args.rounds + 1):  # round 0 warms up
             for name, run in runs.items():
@@ -109,9 +168,16 @@ def main(argv=None):
             k: statistics.median(p / s for p, s in zip(times["plain"], times[k]))
             for k in ("sam", "gsam")
         }
+        if args.minimal:
+            ratio["minimal_sam"] = statistics.median(
+                p / s for p, s in zip(times["minimal_plain"], times["minimal_sam"])
+            )
         results["policies"][policy] = {"images_per_second": ips, "cost_ratio": ratio}
         print(f"{policy}: plain {ips['plain']:.0f} img/s | SAM {ips['sam']:.0f} img/s "
               f"(x{ratio['sam']:.2f}) | GSAM {ips['gsam']:.0f} img/s (x{ratio['gsam']:.2f})")
+        if args.minimal:
+            print(f"{policy}: minimal plain {ips['minimal_plain']:.0f} img/s | minimal SAM "
+                  f"{ips['minimal_sam']:.0f} img/s (x{ratio['minimal_sam']:.2f})")
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:
