@@ -12,6 +12,7 @@ Batches are unequal (32, 32, 32, 4) so that per-batch averaging mistakes show.
 """
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -419,3 +420,25 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         SharpnessMonitor(data, rho=-0.1)
     with pytest.raises(ValueError, match="data"):
         SharpnessMonitor(b for b in _batches_of(data))
+
+
+def test_sharpness_monitor_writes_to_tensorboard(tmp_path):
+    """The measures reach TensorBoard's event files with History's values."""
+    pytest.importorskip("tensorboard")
+    x, y = _data(3)
+    model = _linear_model(3, True)
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    monitor = SharpnessMonitor((x, y), measures="full_gradient_norm", batch_size=BATCH)
+    board = keras.callbacks.TensorBoard(str(tmp_path))
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
+                        callbacks=[monitor, board])
+    logged = {}
+    for root, _, files in os.walk(tmp_path / "train"):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                for value in event.summary.value:
+                    if value.tag == "epoch_full_gradient_norm":
+                        logged[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(logged) == [0, 1]
+    np.testing.assert_allclose([logged[0], logged[1]], history.history["full_gradient_norm"],
+                               rtol=1e-6)
