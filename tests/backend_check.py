@@ -127,6 +127,18 @@ def main(out, jit, data_parallel=False):
     results["full_gradient_norm_oracle"] = np.array(
         np.sqrt(np.sum((2 * x.T @ r / N) ** 2) + np.sum((2 * r.mean(axis=0)) ** 2))
     )
+    design = np.concatenate([x, np.ones((N, 1), np.float32)], axis=1).astype(np.float64)
+    results["hessian_max_eigenvalue"] = np.array(
+        keras_sam.sharpness.hessian_max_eigenvalue(
+            inner, (x, y), "mse", iterations=100, tol=1e-9, batch_size=BATCH
+        )
+    )
+    results["hessian_max_eigenvalue_oracle"] = np.array(
+        np.linalg.eigvalsh(2 * design.T @ design / N).max()
+    )
+    results["worst_case_sharpness"] = np.array(
+        keras_sam.sharpness.worst_case_sharpness(inner, (x, y), "mse", rho=0.01, batch_size=BATCH)
+    )
 
     # 4. BatchSizeScheduler: exact steps per epoch inside one fit.
     import tensorflow as tf

@@ -62,12 +62,14 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
     for name in ("linear_sam", "linear_gsam"):
         np.testing.assert_allclose(got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
-    np.testing.assert_allclose(got["full_gradient_norm"], got["full_gradient_norm_oracle"],
-                               rtol=1e-5)
+    for name in ("full_gradient_norm", "hessian_max_eigenvalue"):
+        np.testing.assert_allclose(got[name], got[name + "_oracle"], rtol=1e-4, err_msg=name)
     np.testing.assert_array_equal(got["scheduler_steps"], [8, 4, 2])
     np.testing.assert_array_equal(got["scheduler_batch_sizes"], [4, 8, 16])
     assert int(got["scheduler_iterations"]) == 14
     reference = outputs[("tensorflow", False, False)]
+    np.testing.assert_allclose(got["worst_case_sharpness"], reference["worst_case_sharpness"],
+                               rtol=1e-4)
     for name in ("mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split"):
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6,
                                    err_msg=f"{name} on {backend} jit={jit}")
