@@ -391,7 +391,7 @@ def _hide_batch_dim(dataset):
             element,
         )
 
-    return dataset.map(hide, deterministic=True)
+    return dataset.map(hide)
 
 
 def _check_dataset(dataset, batch_size):
