@@ -403,3 +403,26 @@ def test_gsam_unknown_schedule_range_names_lr_max():
     x, y, sw = make_data()
     with pytest.raises(ValueError, match="lr_max"):
         fit_wrapper(model, x, y, sw, optimizer=keras.optimizers.SGD(Custom()))
+
+
+def test_gsam_rho_follows_a_keras_sam_schedule_over_epochs():
+    """rho_t from the optimizer's actual lr of a keras_sam CosineAnnealing,
+    whose range GSAM reads from the schedule itself."""
+    x, y, sw = make_data()
+    steps = N // BATCH
+    schedule = keras_sam.schedules.CosineAnnealing(0.2, 0.02, epochs=2, steps_per_epoch=steps)
+    model = keras_sam.GSAMModel(make_inner(), rho=0.1, alpha=0.2, rho_min=0.02)
+    history = fit_wrapper(model, x, y, sw, optimizer=keras.optimizers.SGD(schedule), epochs=2)
+
+    def lr_at(step):  # closed form at the fractional epoch step / steps
+        return 0.02 + (0.2 - 0.02) * (1 + np.cos(np.pi * step / (2 * steps))) / 2
+
+    def rho_fn(lr):
+        return 0.02 + (0.1 - 0.02) * (lr - 0.02) / (0.2 - 0.02)
+
+    reference = make_inner()
+    for epoch in range(2):
+        rec = reference_fit(reference, x, y, sw, rho=None, kind="gsam", alpha=0.2,
+                            lr_fn=lambda s, e=epoch: lr_at(s + e * steps), rho_fn=rho_fn)
+        np.testing.assert_allclose(history.history["rho"][epoch], np.mean(rec[:, 3]), rtol=1e-5)
+    assert_weights_close(model.inner, reference)
