@@ -38,6 +38,7 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
+from benchmarks.architectures import small_convnet  # noqa: E402
 from keras_sam.callbacks import BatchSizeScheduler  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -49,15 +50,7 @@ def log(*args):
 
 def conv_net(image, classes=10, seed=0):
     keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    inputs = keras.Input((image, image, 3))
-    h = inputs
-    for filters, stride in ((32, 1), (64, 2), (128, 2)):
-        h = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(h)
-        h = layers.BatchNormalization()(h)
-        h = layers.ReLU()(h)
-    h = layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inputs, layers.Dense(classes)(h))
+    return small_convnet(image, classes)
 
 
 class StepTimer(keras.callbacks.Callback):

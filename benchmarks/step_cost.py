@@ -26,19 +26,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
+from benchmarks.architectures import small_convnet  # noqa: E402
 
 
 def conv_net(image, classes=10, seed=0):
     keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    inputs = keras.Input((image, image, 3))
-    h = inputs
-    for filters, stride in ((32, 1), (64, 2), (128, 2)):
-        h = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(h)
-        h = layers.BatchNormalization()(h)
-        h = layers.ReLU()(h)
-    h = layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inputs, layers.Dense(classes)(h))
+    return small_convnet(image, classes)
 
 
 def _iterator_of(data, steps):

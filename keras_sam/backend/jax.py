@@ -6,6 +6,10 @@ import contextlib
 
 import jax
 
+from keras_sam.backend._single_replica import all_reduce  # noqa: F401
+from keras_sam.backend._single_replica import in_replica_context  # noqa: F401
+from keras_sam.backend._single_replica import num_replicas  # noqa: F401
+
 __all__ = [
     "value_and_grad",
     "hessian_vector_product",
@@ -29,20 +33,6 @@ def value_and_grad(fn):
 def hessian_vector_product(fn, values, vector):
     _, tangent = jax.jvp(jax.grad(fn), (list(values),), (list(vector),))
     return tangent
-
-
-def in_replica_context():
-    return False
-
-
-def num_replicas():
-    return 1
-
-
-def all_reduce(tensors, reduction):
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    return list(tensors)
 
 
 def read_values(variables):

@@ -4,6 +4,10 @@ model's parameters never accumulate `.grad` and no graph outlives a pass."""
 import torch
 from keras import tree
 
+from keras_sam.backend._single_replica import all_reduce  # noqa: F401
+from keras_sam.backend._single_replica import in_replica_context  # noqa: F401
+from keras_sam.backend._single_replica import num_replicas  # noqa: F401
+
 __all__ = [
     "value_and_grad",
     "hessian_vector_product",
@@ -44,20 +48,6 @@ def hessian_vector_product(fn, values, vector):
         dot = sum((g * u.detach()).sum() for g, u in zip(grads, vector))
         hvp = torch.autograd.grad(dot, leaves, allow_unused=True)
     return [torch.zeros_like(v) if h is None else h.detach() for v, h in zip(leaves, hvp)]
-
-
-def in_replica_context():
-    return False
-
-
-def num_replicas():
-    return 1
-
-
-def all_reduce(tensors, reduction):
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    return list(tensors)
 
 
 def read_values(variables):

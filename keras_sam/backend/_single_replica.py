@@ -1,0 +1,18 @@
+"""Replica functions for backends whose step always sees the global batch
+(JAX, PyTorch): one replica, reductions are the identity."""
+
+__all__ = ["in_replica_context", "num_replicas", "all_reduce"]
+
+
+def in_replica_context():
+    return False
+
+
+def num_replicas():
+    return 1
+
+
+def all_reduce(tensors, reduction):
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return list(tensors)
