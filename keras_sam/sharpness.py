@@ -733,11 +733,20 @@ def full_gradient_norm(
     for x, y, sw in batches:
         (_, (_, norm_b)), grads = grad_fn(train_values, other_values, x, y, sw)
         normalizer += float(ops.convert_to_numpy(norm_b))
-        for acc, g in zip(sums, grads):
-            acc += ops.convert_to_numpy(g).astype("float64")
+        _accumulate(sums, grads)
     _check_normalizer(normalizer)
-    squared = sum(float(np.sum(np.square(acc))) for acc in sums)
-    return math.sqrt(squared) / normalizer
+    return _norm(sums) / normalizer
+
+
+def _accumulate(sums, tensors):
+    """Adds per-batch tensors into float64 NumPy sums, in place."""
+    for acc, t in zip(sums, tensors):
+        acc += ops.convert_to_numpy(t).astype("float64")
+
+
+def _norm(arrays):
+    """One global L2 norm of a list of NumPy arrays."""
+    return math.sqrt(sum(float(np.sum(np.square(a))) for a in arrays))
 
 
 def _check_normalizer(normalizer):
@@ -840,7 +849,7 @@ def hessian_max_eigenvalue(
 
     rng = np.random.default_rng(seed)
     vector = [rng.standard_normal(tuple(v.shape)) for v in trainable]
-    norm = math.sqrt(sum(float(np.sum(np.square(v))) for v in vector))
+    norm = _norm(vector)
     vector = [v / norm for v in vector]
 
     eigenvalue = None
@@ -850,14 +859,12 @@ def hessian_max_eigenvalue(
         ]
         sums = [np.zeros(v.shape, dtype="float64") for v in vector]
         for x, y, sw in batches:
-            products = hvp(train_values, other_values, tensors, x, y, sw)
-            for acc, p in zip(sums, products):
-                acc += ops.convert_to_numpy(p).astype("float64")
+            _accumulate(sums, hvp(train_values, other_values, tensors, x, y, sw))
         products = [acc / normalizer for acc in sums]
         estimate = sum(
             float(np.sum(p * v)) for p, v in zip(products, vector)
         )
-        norm = math.sqrt(sum(float(np.sum(np.square(p))) for p in products))
+        norm = _norm(products)
         converged = eigenvalue is not None and abs(estimate - eigenvalue) <= (
             tol * abs(estimate)
         )

@@ -13,7 +13,6 @@ functions. Each backend module exports the same names:
   `tf.distribute` replica context).
 - `all_reduce(tensors, reduction)`: `"sum"` or `"mean"` over those replicas
   (identity with one replica).
-- `in_replica_context()`: whether code runs inside a distributed step.
 - `read_values(variables)`: the variables' current values as tensors.
 - `no_grad()`: a context for in-place updates (torch's `no_grad`).
 """

@@ -1,11 +1,7 @@
 """Replica functions for backends whose step always sees the global batch
 (JAX, PyTorch): one replica, reductions are the identity."""
 
-__all__ = ["in_replica_context", "num_replicas", "all_reduce"]
-
-
-def in_replica_context():
-    return False
+__all__ = ["num_replicas", "all_reduce"]
 
 
 def num_replicas():

@@ -7,7 +7,6 @@ import contextlib
 import jax
 
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
-from keras_sam.backend._single_replica import in_replica_context  # noqa: F401
 from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 
 __all__ = [
@@ -15,7 +14,6 @@ __all__ = [
     "hessian_vector_product",
     "num_replicas",
     "all_reduce",
-    "in_replica_context",
     "read_values",
     "no_grad",
 ]

@@ -9,7 +9,6 @@ __all__ = [
     "hessian_vector_product",
     "num_replicas",
     "all_reduce",
-    "in_replica_context",
     "read_values",
     "no_grad",
 ]
@@ -46,11 +45,6 @@ def hessian_vector_product(fn, values, vector):
         dot, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
 
-
-def in_replica_context():
-    return tf.distribute.in_cross_replica_context() is False and (
-        tf.distribute.has_strategy()
-    )
 
 
 def num_replicas():
