@@ -9,52 +9,45 @@ mode; only the clean pass's state updates are kept, so BatchNorm moving
 statistics move once per step.
 """
 
-import math
-
 import keras
 from keras import ops
 from keras import tree
 
 from keras_sam import _keras_compat
+from keras_sam import _validation
 from keras_sam import backend as sam_backend
 from keras_sam import rules
 
-_ADAPTIVE_SCOPES = ("kernels", "all")
+ADAPTIVE_SCOPES = ("weights", "kernels", "all")
+"""Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
+
+TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho")
+"""Logged by the training step only; `evaluate` and validation omit them."""
 
 
-def _check_nonnegative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a float >= 0, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}.")
-    return float(value)
+def asam_scaled(variables, scope):
+    """Which variables ASAM scales, for an `adaptive_scope`.
 
+    - `"weights"` (the official ASAM code's rule, which scales every
+      parameter whose PyTorch name contains `weight`): every variable except
+      biases (`bias`, `*_bias`) and normalization offsets (`beta`), so kernels,
+      embeddings and normalization scales (`gamma`) are scaled;
+    - `"kernels"`: variables with two or more dimensions only;
+    - `"all"`: every variable.
 
-def _check_splits(name, value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}.")
-    return value
+    Returns:
+        A list of booleans matching `variables`.
+    """
+    if scope == "all":
+        return [True for _ in variables]
+    if scope == "kernels":
+        return [len(v.shape) >= 2 for v in variables]
+    return [not (v.name in ("bias", "beta") or v.name.endswith("_bias")) for v in variables]
 
 
 def _batch_size(x):
     first = next(t for t in tree.flatten(x) if t is not None)
     return ops.shape(first)[0]
-
-
-def _split(structure, num_splits):
-    """Cuts every tensor of a nested structure into `num_splits` parts along
-    the batch axis (equal parts when the batch divides, else sizes differing by
-    at most one); returns a list of `num_splits` structures."""
-    if structure is None:
-        return [None] * num_splits
-    size = _batch_size(structure)
-    bounds = [i * size // num_splits for i in range(num_splits + 1)]
-    return [
-        tree.map_structure(lambda t, a=a, b=b: t[a:b], structure)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
 
 
 def _static_batch_size(x):
@@ -64,20 +57,48 @@ def _static_batch_size(x):
 
 
 def _first_batch_size(x, batch_size):
-    """The global batch size `fit` will use, or None if it cannot be told
-    without consuming data."""
+    """The global size of the first batch `fit` will draw from `x`.
+
+    Returns:
+        `(size, x)`: `size` is None when it cannot be told. Nothing is lost:
+        a Python generator is replaced by one that yields the peeked batch
+        first; datasets, `PyDataset`s and data loaders are read again by `fit`.
+    """
+    import types
+
     import tensorflow as tf
 
     if isinstance(x, tf.data.Dataset):
         first = tree.flatten(x.element_spec)[0]
         if first.shape.rank and first.shape[0] is not None:
-            return int(first.shape[0])
-        for batch in x.take(1):
-            return int(tree.flatten(batch)[0].shape[0])
-        return None
+            return int(first.shape[0]), x
+        return _rows(next(iter(x.take(1)), None)), x
+    if isinstance(x, keras.utils.PyDataset):
+        return _rows(x[0] if len(x) else None), x
+    if isinstance(x, types.GeneratorType):
+        first = next(x, None)
+        if first is None:
+            return None, x
+
+        def replay(first=first, rest=x):
+            yield first
+            yield from rest
+
+        return _rows(first), replay()
+    if type(x).__module__.startswith("torch.utils.data"):  # a DataLoader
+        return _rows(next(iter(x), None)), x
     if hasattr(x, "shape") or isinstance(x, (list, tuple, dict)):
-        return 32 if batch_size is None else int(batch_size)
-    return None
+        return (32 if batch_size is None else int(batch_size)), x
+    return None, x
+
+
+def _rows(batch):
+    """Examples in a batch `(x, y, sample_weight)`, `(x, y)` or `x`."""
+    if batch is None:
+        return None
+    x = batch[0] if isinstance(batch, tuple) else batch
+    first = next(t for t in tree.flatten(x) if t is not None)
+    return int(first.shape[0])
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -91,22 +112,24 @@ class SAMModel(keras.Model):
     at the original weights `w`. `||.||` is one global norm over all trainable
     variables.
 
-    What is logged: `loss` and the compiled metrics come from the CLEAN pass
-    (at `w`, as plain Keras reports them). Three more entries are averaged over
-    each epoch: `sharpness`, the SAM estimate `L(w + e) - L(w)` (the surrogate
-    gap); `grad_norm`, `||g||` of the clean gradient (of the replica's own
-    batch by default, of the global batch with `sync_perturbation=True`); and
-    `rho`, the radius used.
+    What is logged: `loss` and the compiled metrics (per-output losses too)
+    come from the CLEAN pass (at `w`, as plain Keras reports them). Three more
+    entries are averaged over each training epoch: `sharpness`, the SAM
+    estimate `L(w + e) - L(w)` (the surrogate gap); `grad_norm`, `||g||` of
+    the clean gradient (of the replica's own batch by default, of the global
+    batch with `sync_perturbation=True`); and `rho`, the radius used. They
+    are training statistics: `evaluate()` and validation do not report them.
 
     State: both passes run in training mode from the same starting state;
     BatchNorm moving statistics (and every other non-trainable variable) are
     updated once per step, by the clean pass. Kernel regularizers, `add_loss`
     terms and `sample_weight` count in both gradients.
 
-    ASAM (`adaptive=True`) scales kernels only by default (variables with two
-    or more dimensions: dense/conv kernels, embeddings), as the official ASAM
-    code does; biases and normalization parameters get `T_w = 1`. Pass
-    `adaptive_scope="all"` to scale every variable.
+    ASAM (`adaptive=True`) follows the official ASAM code by default
+    (`adaptive_scope="weights"`): it scales every variable except biases and
+    normalization offsets (`beta`), i.e. kernels, embeddings and
+    normalization scales (`gamma`). `"kernels"` scales variables with two or
+    more dimensions only, `"all"` every variable.
 
     Under `tf.distribute.MirroredStrategy` each replica perturbs with its own
     batch slice by default (m-sharpness, as in the SAM and GSAM papers), and
@@ -116,7 +139,8 @@ class SAMModel(keras.Model):
 
     Mixed precision (`mixed_float16`): both losses are scaled by the compiled
     `LossScaleOptimizer`; a step whose gradients are not finite on ANY replica
-    is skipped on all of them.
+    is skipped on all of them, and then no variable changes: neither the
+    weights nor BatchNorm statistics or other non-trainable state.
 
     Args:
         model: the `keras.Model` to train (Sequential, functional or
@@ -125,18 +149,21 @@ class SAMModel(keras.Model):
             ASAM: ~10x larger). `rho=0` is plain training.
         adaptive: `True` for ASAM.
         eta: ASAM's offset in `T_w = |w| + eta`, `>= 0`.
-        adaptive_scope: `"kernels"` or `"all"`, which variables ASAM scales.
+        adaptive_scope: `"weights"`, `"kernels"` or `"all"`, which variables
+            ASAM scales (see above and `asam_scaled`).
         sync_perturbation: all-reduce the clean gradient across replicas
             before perturbing.
         num_batch_splits: split each replica's batch into this many equal
             sub-batches, each with its own perturbation (m-sharpness on one
             device); the descent gradients are averaged. It must divide the
-            per-replica batch size (checked when `fit` starts); a last partial
-            batch is cut into parts whose sizes differ by at most one.
+            per-replica batch size (checked on the first batch, before any
+            weight changes); a last partial batch is cut into parts whose
+            sizes differ by at most one.
         sub_batch_size: alternative to `num_batch_splits`: sub-batches of this
             many examples, so m stays fixed when the batch size grows (with
-            `keras_sam.callbacks.BatchSizeScheduler`, batch the data with
-            `drop_remainder=True` so each batch size is traced on its own).
+            `keras_sam.callbacks.BatchSizeScheduler`). A batch of `b` examples
+            is cut into `ceil(b / sub_batch_size)` parts, also when its size is
+            known only when the step runs.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -158,7 +185,7 @@ class SAMModel(keras.Model):
         sync_perturbation=False,
         num_batch_splits=None,
         sub_batch_size=None,
-        adaptive_scope="kernels",
+        adaptive_scope="weights",
         **kwargs,
     ):
         allow_unbuilt = kwargs.pop("_allow_unbuilt", False)
@@ -173,18 +200,19 @@ class SAMModel(keras.Model):
                 "exist yet. Build it first: give it an `keras.Input`, call it "
                 "on a batch, or call `model.build(input_shape)`."
             )
-        self.rho = _check_nonnegative("rho", rho)
-        self.eta = _check_nonnegative("eta", eta)
+        self.rho = _validation.real("rho", rho, low=0)
+        self.eta = _validation.real("eta", eta, low=0)
         self.adaptive = bool(adaptive)
-        if adaptive_scope not in _ADAPTIVE_SCOPES:
-            raise ValueError(
-                f"`adaptive_scope` must be one of {_ADAPTIVE_SCOPES}, got "
-                f"{adaptive_scope!r}."
-            )
-        self.adaptive_scope = adaptive_scope
+        self.adaptive_scope = _validation.one_of(
+            "adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES
+        )
         self.sync_perturbation = bool(sync_perturbation)
-        self.num_batch_splits = _check_splits("num_batch_splits", num_batch_splits)
-        self.sub_batch_size = _check_splits("sub_batch_size", sub_batch_size)
+        self.num_batch_splits = _validation.integer(
+            "num_batch_splits", num_batch_splits, low=1, allow_none=True
+        )
+        self.sub_batch_size = _validation.integer(
+            "sub_batch_size", sub_batch_size, low=1, allow_none=True
+        )
         if self.num_batch_splits and self.sub_batch_size:
             raise ValueError(
                 "Pass at most one of `num_batch_splits` and `sub_batch_size`."
@@ -194,7 +222,6 @@ class SAMModel(keras.Model):
         self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self._grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self._rho_tracker = keras.metrics.Mean(name="rho")
-        self._fit_batch_size = None
         if model.built:
             self.built = True
 
@@ -206,6 +233,15 @@ class SAMModel(keras.Model):
         if not self.inner.built:
             self.inner.build(input_shape)
         self.built = True
+
+    def export(self, filepath, *args, **kwargs):
+        """Exports the wrapped model for inference (`keras.Model.export`).
+
+        The wrapper only changes how `fit` trains; serving runs `model`'s own
+        forward pass, so the artifact is the wrapped model's, with the same
+        arguments as `keras.Model.export`.
+        """
+        return self.inner.export(filepath, *args, **kwargs)
 
     def get_config(self):
         config = super().get_config()
@@ -242,36 +278,45 @@ class SAMModel(keras.Model):
         if self.num_batch_splits:
             k, name = self.num_batch_splits, "num_batch_splits"
         elif self.sub_batch_size:
-            k, name = None, "sub_batch_size"
+            k, name = self.sub_batch_size, "sub_batch_size"
         else:
             return 1
-        if batch_size is None:
-            return k
-        if k is None:
-            if batch_size % self.sub_batch_size:
-                raise ValueError(
-                    f"`sub_batch_size`={self.sub_batch_size} does not divide the "
-                    f"per-replica batch size {batch_size}."
-                )
-            return batch_size // self.sub_batch_size
         if batch_size % k:
             raise ValueError(
                 f"`{name}`={k} does not divide the per-replica batch size "
                 f"{batch_size}. Use a batch size that is a multiple of {k} "
                 "(and drop the last partial batch)."
             )
-        return k
+        return k if self.num_batch_splits else batch_size // k
+
+    def _splits_in_step(self, x):
+        """Sub-batches for the batch `x` inside the step: an int, or (on
+        TensorFlow, batch size unknown at trace time) a scalar tensor."""
+        if not (self.num_batch_splits or self.sub_batch_size):
+            return 1
+        static = _static_batch_size(x)
+        if static is not None:
+            if self.num_batch_splits:
+                return min(self.num_batch_splits, static)
+            return -(-static // self.sub_batch_size)
+        size = _batch_size(x)
+        if self.num_batch_splits:  # a tensor too, so both run the same loop
+            return ops.minimum(ops.cast(self.num_batch_splits, size.dtype), size)
+        return (size + self.sub_batch_size - 1) // self.sub_batch_size
 
     def fit(self, x=None, y=None, batch_size=None, **kwargs):
-        """`keras.Model.fit`, with the batch split checked before training."""
+        """`keras.Model.fit`, with the batch split and GSAM's learning-rate
+        range checked before the first step."""
         if self.num_batch_splits or self.sub_batch_size:
-            size = _first_batch_size(x, batch_size)
+            size, x = _first_batch_size(x, batch_size)
             if size is not None:
                 strategy = getattr(self, "distribute_strategy", None)  # TF only
-                per_replica = size // getattr(strategy, "num_replicas_in_sync", 1)
-                self.num_splits(per_replica)  # raises if the split does not divide
-                self._fit_batch_size = per_replica
+                self.num_splits(size // getattr(strategy, "num_replicas_in_sync", 1))
+        self._before_fit()
         return super().fit(x, y, batch_size=batch_size, **kwargs)
+
+    def _before_fit(self):
+        """Hook run by `fit` before any step (GSAMModel reads its lr range)."""
 
     # ------------------------------------------------------------- the step
     def current_rho(self):
@@ -280,10 +325,7 @@ class SAMModel(keras.Model):
 
     def _perturbation(self, grads, weights, rho):
         if self.adaptive:
-            scaled = [
-                self.adaptive_scope == "all" or len(v.shape) >= 2
-                for v in self.trainable_variables
-            ]
+            scaled = asam_scaled(self.trainable_variables, self.adaptive_scope)
             return rules.asam_perturbation(grads, weights, rho, self.eta, scaled)
         return rules.sam_perturbation(grads, rho)
 
@@ -293,39 +335,40 @@ class SAMModel(keras.Model):
         """How the two gradients combine; SAM takes the perturbed one."""
         return list(perturbed_grads)
 
-    def _loss_and_state(self, weights, state, x, y, sample_weight):
+    def _loss_and_state(self, weights, state, metrics_state, x, y, sample_weight):
         """One stateless forward pass in training mode at `weights`, `state`.
 
-        Returns `(scaled_loss, (loss, y_pred, new_state, metric_updates))`.
+        Returns `(scaled_loss, (loss, y_pred, new_state, new_metrics_state))`.
         """
         mapping = list(zip(self.trainable_variables, weights))
         mapping += list(zip(self.non_trainable_variables, state))
+        mapping += list(zip(self.metrics_variables, metrics_state))
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
             y_pred = self(x, training=True)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
         new_state = [scope.get_current_value(v) for v in self.non_trainable_variables]
-        # Metrics written by compute_loss (per-output losses); None if untouched.
-        metric_updates = [scope.get_current_value(v) for v in self.metrics_variables]
+        # compute_loss updates the per-output loss metrics of a loss dict.
+        new_metrics = [scope.get_current_value(v) for v in self.metrics_variables]
         scaled = self.optimizer.scale_loss(loss) if self.optimizer else loss
-        return scaled, (loss, y_pred, new_state, metric_updates)
+        return scaled, (loss, y_pred, new_state, new_metrics)
 
-    def _sam_step(self, weights, state, x, y, sample_weight):
+    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
         """Descent gradients and new state for one batch (one replica)."""
         grad_fn = sam_backend.value_and_grad(self._loss_and_state)
         rho = self.current_rho()
         replicas = sam_backend.num_replicas()
 
-        (_, (loss, y_pred, new_state, metric_updates)), grads = grad_fn(
-            weights, state, x, y, sample_weight
+        (_, (loss, y_pred, new_state, new_metrics)), grads = grad_fn(
+            weights, state, metrics_state, x, y, sample_weight
         )
         ascent = grads
         if self.sync_perturbation and replicas > 1:
             ascent = sam_backend.all_reduce(grads, "sum")
         e = self._perturbation(ascent, weights, rho)
         (_, (loss_adv, _, _, _)), perturbed = grad_fn(
-            [w + ei for w, ei in zip(weights, e)], state, x, y, sample_weight
+            [w + ei for w, ei in zip(weights, e)], state, metrics_state, x, y, sample_weight
         )
         if self.sync_perturbation and replicas > 1 and self._descent_uses_clean_gradient:
             # The combination needs the global gradients; every replica
@@ -339,92 +382,108 @@ class SAMModel(keras.Model):
         if not self.sync_perturbation:
             grad_norm = grad_norm * replicas
         stats = dict(
-            loss=loss,
-            sharpness=(loss_adv - loss) * replicas,
-            grad_norm=grad_norm / self._loss_scale(),
-            rho=rho,
+            loss=ops.cast(loss, "float32"),
+            sharpness=ops.cast((loss_adv - loss) * replicas, "float32"),
+            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
+            rho=ops.cast(rho, "float32"),
         )
-        return descent, new_state, y_pred, metric_updates, stats
+        return descent, new_state, new_metrics, stats, y_pred
 
     def _loss_scale(self):
         scale = getattr(self.optimizer, "dynamic_scale", None)
         return 1.0 if scale is None else ops.cast(scale, "float32")
 
-    def _step_on_batch(self, weights, state, x, y, sample_weight):
-        """Runs `_sam_step` on the whole batch or on `num_splits` sub-batches.
+    def _step_on_batch(self, weights, state, metrics_state, x, y, sample_weight):
+        """Runs `_sam_step` on the whole batch or on its sub-batches.
 
         With sub-batches each gets its own perturbation and the descent
         gradients are averaged; floating-point state (BatchNorm statistics)
         becomes the mean of the sub-batches' updates (for BatchNorm: one
         update with the mean of the sub-batch statistics), other state (seed
-        counters) is carried from one sub-batch to the next.
-        """
-        splits = self._splits_for(_static_batch_size(x))
-        if splits == 1:
-            return self._sam_step(weights, state, x, y, sample_weight)
-        xs, ys, sws = (_split(t, splits) for t in (x, y, sample_weight))
-        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
-        carried = list(state)
-        outs = []
-        for xi, yi, swi in zip(xs, ys, sws):
-            start = [s if f else c for s, c, f in zip(state, carried, is_float)]
-            out = self._sam_step(weights, start, xi, yi, swi)
-            carried = out[1]
-            outs.append(out)
-        descent = [ops.mean(ops.stack(ds), axis=0) for ds in zip(*(o[0] for o in outs))]
-        new_state = [
-            ops.mean(ops.stack(ss), axis=0) if f else ss[-1]
-            for f, ss in zip(is_float, zip(*(o[1] for o in outs)))
-        ]
-        y_pred = tree.map_structure(
-            lambda *ps: ops.concatenate(ps, axis=0), *(o[2] for o in outs)
-        )
-        stats = {
-            k: ops.mean(ops.stack([ops.cast(o[4][k], "float32") for o in outs]))
-            for k in outs[0][4]
-        }
-        return descent, new_state, y_pred, outs[-1][3], stats
+        counters) and the metrics are carried from one sub-batch to the next.
 
-    def _splits_for(self, static_batch_size):
-        if static_batch_size is not None:
-            return self.num_splits(static_batch_size)
-        if self.sub_batch_size and self._fit_batch_size is None:
-            raise ValueError(
-                "`sub_batch_size` needs the batch size when the step is traced: "
-                "batch the dataset with `drop_remainder=True`."
+        Returns `(descent, new_state, new_metrics, stats, y_pred)`.
+        """
+        n = self._splits_in_step(x)
+        if isinstance(n, int) and n == 1:
+            return self._sam_step(weights, state, metrics_state, x, y, sample_weight)
+        size = _batch_size(x)
+        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
+
+        def part(t, i):
+            return None if t is None else tree.map_structure(
+                lambda a: a[i * size // n:(i + 1) * size // n], t
             )
-        if self.sub_batch_size:
-            return self.num_splits(self._fit_batch_size)
-        return self.num_splits(None)
+
+        def body(i, carry):
+            descent_sum, state_sum, carried, metrics, stats_sum = carry
+            start = [s if f else c for s, c, f in zip(state, carried, is_float)]
+            descent, new_state, metrics, stats, y_pred = self._sam_step(
+                weights, start, metrics, part(x, i), part(y, i), part(sample_weight, i)
+            )
+            carry = (
+                [a + b for a, b in zip(descent_sum, descent)],
+                [a + b if f else a for a, b, f in zip(state_sum, new_state, is_float)],
+                new_state,
+                metrics,
+                {k: stats_sum[k] + stats[k] for k in stats_sum},
+            )
+            return carry, y_pred
+
+        zero = ops.zeros((), "float32")
+        carry = (
+            [ops.zeros_like(w) for w in weights],
+            [ops.zeros_like(s) if f else s for s, f in zip(state, is_float)],
+            list(state),
+            list(metrics_state),
+            dict(loss=zero, sharpness=zero, grad_norm=zero, rho=zero),
+        )
+        carry, y_pred = sam_backend.loop_over(n, body, carry)
+        descent_sum, state_sum, carried, metrics, stats_sum = carry
+
+        def mean(t):
+            return t / ops.cast(n, t.dtype)
+
+        new_state = [mean(s) if f else c for s, c, f in zip(state_sum, carried, is_float)]
+        stats = {k: mean(v) for k, v in stats_sum.items()}
+        return [mean(d) for d in descent_sum], new_state, metrics, stats, y_pred
 
     def _apply(self, descent, variables):
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            if sam_backend.num_replicas() > 1:
-                # Keras' LossScaleOptimizer checks only the first replica's
-                # gradients for inf/NaN; make every replica see all of them.
-                # apply() sums across replicas, so the update is unchanged.
-                descent = sam_backend.all_reduce(descent, "mean")
+        """`optimizer.apply(descent)`; returns whether the step was taken (a
+        boolean tensor under a LossScaleOptimizer, else None)."""
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.optimizer.apply(descent, variables)
+            return None
+        if sam_backend.num_replicas() > 1:
+            # Keras' LossScaleOptimizer checks only the first replica's
+            # gradients for inf/NaN; make every replica see all of them.
+            # apply() sums across replicas, so the update is unchanged.
+            descent = sam_backend.all_reduce(descent, "mean")
         self.optimizer.apply(descent, variables)
+        return rules.all_finite(descent)
 
     def _stateful_train_step(self, data):
         """`train_step` for TensorFlow and PyTorch: variables updated in place."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         trainable = self.trainable_variables
         non_trainable = self.non_trainable_variables
-        descent, new_state, y_pred, metric_updates, stats = self._step_on_batch(
+        state = sam_backend.read_values(non_trainable)
+        descent, new_state, new_metrics, stats, y_pred = self._step_on_batch(
             sam_backend.read_values(trainable),
-            sam_backend.read_values(non_trainable),
+            state,
+            sam_backend.read_values(self.metrics_variables),
             x,
             y,
             sample_weight,
         )
         with sam_backend.no_grad():
-            self._apply(descent, trainable)
+            finite = self._apply(descent, trainable)
+            if finite is not None:  # a skipped step changes no state
+                new_state = [ops.where(finite, n, o) for n, o in zip(new_state, state)]
             for v, value in zip(non_trainable, new_state):
                 v.assign(value)
-            for v, value in zip(self.metrics_variables, metric_updates):
-                if value is not None:
-                    v.assign(value)
+            for v, value in zip(self.metrics_variables, new_metrics):
+                v.assign(value)
         self._track(x, stats)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
@@ -434,26 +493,35 @@ class SAMModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         mapping = list(zip(self.optimizer.variables, optimizer_vars))
         with keras.StatelessScope(state_mapping=mapping):
-            descent, new_state, y_pred, metric_updates, stats = self._step_on_batch(
-                trainable, non_trainable, x, y, sample_weight
+            descent, new_state, metrics_vars, stats, y_pred = self._step_on_batch(
+                trainable, non_trainable, metrics_vars, x, y, sample_weight
             )
-        trainable, optimizer_vars = self.optimizer.stateless_apply(
+        new_trainable, optimizer_vars = self.optimizer.stateless_apply(
             optimizer_vars, descent, trainable
         )
-        metrics_vars = [
-            old if new is None else new for old, new in zip(metrics_vars, metric_updates)
-        ]
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            finite = rules.all_finite(descent)  # a skipped step changes no state
+            new_state = [ops.where(finite, n, o) for n, o in zip(new_state, non_trainable)]
         mapping = list(zip(self.metrics_variables, metrics_vars))
         with keras.StatelessScope(state_mapping=mapping) as scope:
             self._track(x, stats)
             logs = self.compute_metrics(x, y, y_pred, sample_weight)
         metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
-        return logs, (trainable, new_state, optimizer_vars, metrics_vars)
+        return logs, (new_trainable, new_state, optimizer_vars, metrics_vars)
+
+    def _stateful_test_step(self, data):
+        return _without_training_statistics(super().test_step(data))
+
+    def _stateless_test_step(self, state, data):
+        logs, state = super().test_step(state, data)
+        return _without_training_statistics(logs), state
 
     if keras.backend.backend() == "jax":
         train_step = _stateless_train_step
+        test_step = _stateless_test_step
     else:
         train_step = _stateful_train_step
+        test_step = _stateful_test_step
 
     def _track(self, x, stats):
         replicas = sam_backend.num_replicas()
@@ -465,6 +533,10 @@ class SAMModel(keras.Model):
         self._rho_tracker.update_state(stats["rho"])
 
 
+def _without_training_statistics(logs):
+    return {k: v for k, v in logs.items() if k not in TRAINING_STATISTICS}
+
+
 @keras.saving.register_keras_serializable(package="keras_sam")
 class GSAMModel(SAMModel):
     """Wraps a Keras model so that `fit` trains it with GSAM.
@@ -474,12 +546,23 @@ class GSAMModel(SAMModel):
     gradient orthogonal to the perturbed gradient (see
     `keras_sam.rules.gsam_descent`). `alpha=0` is SAM exactly.
 
-    The radius follows the optimizer's ACTUAL learning rate at each step:
-    `rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) / (lr_max - lr_min)`.
-    It is constant (`rho`) when `rho_min` is None or the learning rate is
-    constant. `lr_max` / `lr_min` default to the range of the compiled
-    optimizer's schedule when it tells them (keras_sam schedules, Keras'
-    CosineDecay, ExponentialDecay, PolynomialDecay); otherwise pass them.
+    The radius follows the rate the optimizer ACTUALLY uses at each step,
+    also when a callback (`LearningRateScheduler`, `ReduceLROnPlateau`)
+    changes it: `rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) /
+    (lr_max - lr_min)`, clipped to `[rho_min, rho]`. It is constant (`rho`)
+    when `rho_min` is None. The range `(lr_max, lr_min)`:
+
+    - passed `lr_max` and `lr_min`: those;
+    - a learning-rate schedule: its range (keras_sam schedules, Keras'
+      CosineDecay, ExponentialDecay, PolynomialDecay; other schedules need
+      `lr_max` and `lr_min`);
+    - a plain float rate: `lr_max` is the optimizer's rate when `fit` starts
+      and `lr_min` is 0 (or the `lr_min` passed), so `rho_t` shrinks in
+      proportion as callbacks lower the rate. Pass `lr_max` to fix the range
+      across several `fit` calls (for instance when resuming).
+
+    The range is read when `fit` starts, before the first step; a range that
+    cannot be told is a `ValueError` there.
 
     Args:
         model: the `keras.Model` to train, built.
@@ -487,7 +570,7 @@ class GSAMModel(SAMModel):
         alpha: weight of the orthogonal correction, `>= 0`.
         rho_min: the radius at the smallest learning rate, in `[0, rho]`;
             None keeps `rho` constant.
-        lr_max, lr_min: learning-rate range of the schedule (see above).
+        lr_max, lr_min: learning-rate range (see above).
         **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
             `sync_perturbation`, `num_batch_splits`, ...).
 
@@ -512,22 +595,22 @@ class GSAMModel(SAMModel):
         **kwargs,
     ):
         super().__init__(model, rho=rho, **kwargs)
-        self.alpha = _check_nonnegative("alpha", alpha)
-        if rho_min is not None:
-            rho_min = _check_nonnegative("rho_min", rho_min)
-            if rho_min > self.rho:
-                raise ValueError(
-                    f"`rho_min`={rho_min} must be <= `rho`={self.rho}."
-                )
-        self.rho_min = rho_min
-        self.lr_max = None if lr_max is None else _check_nonnegative("lr_max", lr_max)
-        self.lr_min = None if lr_min is None else _check_nonnegative("lr_min", lr_min)
-        if (self.lr_max is None) != (self.lr_min is None):
-            raise ValueError("Pass both `lr_max` and `lr_min`, or neither.")
+        self.alpha = _validation.real("alpha", alpha, low=0)
+        self.rho_min = _validation.real(
+            "rho_min", rho_min, low=0, high=self.rho, allow_none=True
+        )
+        self.lr_max = _validation.real("lr_max", lr_max, low=0, allow_none=True)
+        self.lr_min = _validation.real("lr_min", lr_min, low=0, allow_none=True)
+        if self.lr_max is not None and self.lr_min is None:
+            raise ValueError(
+                "`lr_max` needs `lr_min`: pass both, or only `lr_min` (then "
+                "`lr_max` is read from the optimizer when `fit` starts)."
+            )
         if self.lr_max is not None and self.lr_min > self.lr_max:
             raise ValueError(
                 f"`lr_min`={self.lr_min} must be <= `lr_max`={self.lr_max}."
             )
+        self._lr_range = None
 
     def get_config(self):
         config = super().get_config()
@@ -537,15 +620,45 @@ class GSAMModel(SAMModel):
         return config
 
     def learning_rate_range(self):
-        """`(lr_max, lr_min)` used by the radius rule."""
+        """`(lr_max, lr_min)` of the radius rule, from the compiled optimizer.
+
+        Raises:
+            ValueError: when the range of the optimizer's schedule is unknown
+                and `lr_max` / `lr_min` were not passed.
+        """
         if self.lr_max is not None:
             return self.lr_max, self.lr_min
-        return _schedule_range(_keras_compat.learning_rate_schedule(self.optimizer))
+        lr = _keras_compat.learning_rate_schedule(self.optimizer)
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            top, bottom = _schedule_range(lr)
+        else:
+            top, bottom = float(ops.convert_to_numpy(self.optimizer.learning_rate)), 0.0
+        return top, bottom if self.lr_min is None else self.lr_min
+
+    def _before_fit(self):
+        if self.rho_min is None or self.optimizer is None:
+            return
+        lr_range = self.learning_rate_range()
+        if lr_range != self._lr_range:
+            # The range is a constant of the traced step: trace it anew.
+            self._lr_range = lr_range
+            self.train_function = None
 
     def current_rho(self):
         if self.rho_min is None:
             return self.rho
-        lr_max, lr_min = self.learning_rate_range()
+        if self._lr_range is None:  # a step outside `fit` (train_on_batch)
+            lr = _keras_compat.learning_rate_schedule(self.optimizer)
+            if self.lr_max is None and not isinstance(
+                lr, keras.optimizers.schedules.LearningRateSchedule
+            ):
+                raise RuntimeError(
+                    "GSAMModel with `rho_min` and a float learning rate reads "
+                    "`lr_max` from the optimizer when `fit` starts; outside "
+                    "`fit`, pass `lr_max` and `lr_min` to GSAMModel."
+                )
+            self._lr_range = self.learning_rate_range()
+        lr_max, lr_min = self._lr_range
         return rules.gsam_rho(
             self.optimizer.learning_rate, self.rho, self.rho_min, lr_max, lr_min
         )
@@ -557,11 +670,8 @@ class GSAMModel(SAMModel):
 
 
 def _schedule_range(lr):
-    """The (max, min) learning rate of a constant or a known schedule."""
+    """The (max, min) learning rate of a known schedule."""
     schedules = keras.optimizers.schedules
-    if not isinstance(lr, schedules.LearningRateSchedule):
-        value = float(ops.convert_to_numpy(lr))
-        return value, value
     if hasattr(lr, "max_learning_rate") and hasattr(lr, "min_learning_rate"):
         return float(lr.max_learning_rate), float(lr.min_learning_rate)
     if isinstance(lr, schedules.CosineDecay):

@@ -125,3 +125,8 @@ def gsam_rho(learning_rate, rho_max, rho_min, lr_max, lr_min):
         return ops.convert_to_tensor(rho_max, "float32")
     rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
     return ops.clip(rho, rho_min, rho_max)
+
+
+def all_finite(tensors):
+    """True (a boolean scalar tensor) when no tensor holds an inf or NaN."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))

@@ -460,3 +460,87 @@ def test_without_the_workaround_sam_breaks_too(mixed_float16, monkeypatch):
     _, _, callback = fit_poisoned(lambda inner: wrap("sam", inner, False))
     finite, unchanged = nonfinite_step_outcome(callback)
     assert not (finite and unchanged)
+
+
+# --------------------------------------------------------------------------
+# 6. Models people bring: an Embedding (IndexedSlices gradients), and
+#    BatchNorm statistics on a skipped mixed-precision step.
+
+
+def text_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        keras.layers.Embedding(20, 4),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(OUT_DIM),
+    ])
+
+
+def text_data(n=GLOBAL_BATCH * STEPS):
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 20, size=(n, 6)).astype("int32"), rng.normal(size=(n, OUT_DIM)).astype("float32")
+
+
+def fit_text(kind, strategy, x, y, sync=True):
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        inner = text_model()
+        model = wrap(kind, inner, sync)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    history = model.fit(dataset(x, y), epochs=1, verbose=0, shuffle=False)
+    return model, inner, history
+
+
+@pytest.mark.parametrize("kind", ["sam", "gsam"])
+def test_embedding_under_mirrored_strategy_equals_one_device(kind):
+    """TF's gradient of an Embedding is tf.IndexedSlices; with the all-reduced
+    perturbation 2 replicas give the one-device weights."""
+    x, y = text_data()
+    _, single, h1 = fit_text(kind, None, x, y)
+    _, multi, h2 = fit_text(kind, mirrored(2), x, y)
+    assert_weights_close(numpy_values(multi.trainable_variables),
+                         numpy_values(single.trainable_variables), "embedding model")
+    np.testing.assert_allclose(h2.history["loss"], h1.history["loss"], rtol=1e-5)
+
+
+def test_embedding_under_mixed_float16_matches_float32():
+    x, y = text_data()
+    _, reference, _ = fit_text("sam", None, x, y)
+    with mixed_policy():
+        model, inner, _ = fit_text("sam", None, x, y)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    init = numpy_values(text_model().trainable_variables)
+    for a, e, w0 in zip(numpy_values(inner.trainable_variables),
+                        numpy_values(reference.trainable_variables), init):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a - w0, e - w0, rtol=2e-2, atol=2e-3)
+
+
+class StateSnapshots(keras.callbacks.Callback):
+    def __init__(self, variables):
+        super().__init__()
+        self.variables, self.snapshots = list(variables), []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.snapshots.append([np.array(v.numpy()) for v in self.variables])
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("kind", ["sam", "gsam"])
+def test_skipped_mixed_precision_step_changes_no_state(mixed_float16, kind, replicas):
+    """The second batch overflows float16: the step is skipped and then the
+    weights AND the BatchNorm moving statistics stay as they were."""
+    x, y = poisoned_data()
+    strategy = mirrored(replicas)
+    with strategy.scope():
+        inner = make_inner(bn=True)
+        model = wrap(kind, inner, False)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    callback = StateSnapshots(inner.variables)
+    model.fit(dataset(x, y, 8), epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    after_finite, after_skipped = callback.snapshots
+    assert any("moving" in v.path for v in inner.non_trainable_variables)
+    for v, a, b in zip(inner.variables, after_finite, after_skipped):
+        assert a.tobytes() == b.tobytes(), f"{v.path} changed on a skipped step"
+        assert np.all(np.isfinite(b)), v.path
+    assert int(model.optimizer.iterations.numpy()) == 1

@@ -53,8 +53,14 @@ def _norm(xs):
 
 
 def reference_fit(model, x, y, sw, *, rho, lr_fn, kind="sam", alpha=0.0,
-                  adaptive=False, eta=0.01, rho_fn=None, splits=1, batch=BATCH):
+                  adaptive=False, eta=0.01, rho_fn=None, splits=1, batch=BATCH,
+                  asam_rule="weights"):
     """Trains `model` (a plain keras.Model) in place with a hand-written SAM step.
+
+    ASAM's `T_w = |w| + eta` applies, by `asam_rule`, as the official ASAM code
+    does ("weights": every parameter but biases and normalization offsets,
+    Keras' `bias` / `beta`), to kernels only ("kernels": 2+ dimensions) or to
+    every variable ("all").
 
     Returns per-step records (clean loss, perturbed loss, ||g||, rho).
     """
@@ -83,7 +89,13 @@ def reference_fit(model, x, y, sw, *, rho, lr_fn, kind="sam", alpha=0.0,
             loss, g = loss_and_grad(x[sl], y[sl], sw[sl])  # clean pass, updates BN
             new_states.append([v.numpy() for v in state_vars])
             if adaptive:
-                t = [np.abs(w.astype(np.float64)) + eta if w.ndim >= 2 else 1.0 for w in w0]
+                rule = {
+                    "weights": lambda v, w: v.name not in ("bias", "beta"),
+                    "kernels": lambda v, w: w.ndim >= 2,
+                    "all": lambda v, w: True,
+                }[asam_rule]
+                t = [np.abs(w.astype(np.float64)) + eta if rule(v, w) else 1.0
+                     for v, w in zip(tv, w0)]
                 tg = [ti * gi for ti, gi in zip(t, g)]
                 e = [rho_t * ti * ti * gi / (_norm(tg) + 1e-12) for ti, gi in zip(t, g)]
             else:
@@ -126,15 +138,20 @@ def fit_wrapper(wrapper, x, y, sw, optimizer=None, epochs=1):
 
 
 # --------------------------------------------------------------------- tests
-@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_sam_and_asam_match_in_place_reference(adaptive):
+@pytest.mark.parametrize(
+    "adaptive, scope",
+    [(False, None), (True, None), (True, "kernels"), (True, "all")],
+    ids=["sam", "asam-official-default", "asam-kernels", "asam-all"],
+)
+def test_sam_and_asam_match_in_place_reference(adaptive, scope):
     x, y, sw = make_data()
     rho = 0.5 if adaptive else 0.05
-    model = keras_sam.SAMModel(make_inner(), rho=rho, adaptive=adaptive, eta=0.01)
+    kwargs = {} if scope is None else dict(adaptive_scope=scope)
+    model = keras_sam.SAMModel(make_inner(), rho=rho, adaptive=adaptive, eta=0.01, **kwargs)
     history = fit_wrapper(model, x, y, sw)
     reference = make_inner()
     rec = reference_fit(reference, x, y, sw, rho=rho, lr_fn=lambda s: LR,
-                        adaptive=adaptive)
+                        adaptive=adaptive, asam_rule=scope or "weights")
     assert_weights_close(model.inner, reference)
     # Logged values are the clean pass's loss, the SAM sharpness estimate and ||g||.
     np.testing.assert_allclose(history.history["loss"][0], _weighted_loss_mean(rec, x, BATCH), rtol=1e-5)
@@ -426,3 +443,156 @@ def test_gsam_rho_follows_a_keras_sam_schedule_over_epochs():
                             lr_fn=lambda s, e=epoch: lr_at(s + e * steps), rho_fn=rho_fn)
         np.testing.assert_allclose(history.history["rho"][epoch], np.mean(rec[:, 3]), rtol=1e-5)
     assert_weights_close(model.inner, reference)
+
+
+# ------------------------------------------------- paths users take with fit
+def test_numpy_scalars_are_accepted_as_hyperparameters(tmp_path):
+    x, y, sw = make_data()
+    a = keras_sam.GSAMModel(make_inner(), rho=0.05, alpha=0.1, rho_min=0.01,
+                            lr_max=0.2, lr_min=0.0, num_batch_splits=2)
+    b = keras_sam.GSAMModel(make_inner(), rho=np.float32(0.05), alpha=np.float64(0.1),
+                            rho_min=np.float32(0.01), lr_max=np.float32(0.2),
+                            lr_min=np.int64(0), num_batch_splits=np.int64(2),
+                            eta=np.float32(0.01))
+    config = b.get_config()
+    assert type(config["num_batch_splits"]) is int and type(config["rho"]) is float
+    import json
+
+    json.dumps({k: v for k, v in config.items() if k != "model"})
+    fit_wrapper(a, x, y, sw)
+    fit_wrapper(b, x, y, sw)
+    # np.float32(0.05) is 0.05 rounded to float32: same radius to 1e-8.
+    assert_weights_close(a.inner, b.inner, rtol=1e-6, atol=1e-7)
+
+
+def _generator(x, y, batch, offset=0):
+    for start in range(offset, len(x), batch):
+        yield x[start:start + batch], y[start:start + batch]
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch):
+        super().__init__()
+        self.x, self.y, self.batch = x, y, batch
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch)
+
+    def __getitem__(self, i):
+        s = slice(i * self.batch, (i + 1) * self.batch)
+        return self.x[s], self.y[s]
+
+
+@pytest.mark.parametrize("source", ["generator", "pydataset", "unknown-batch-dataset"])
+def test_split_check_runs_on_the_first_batch_of_any_input(source):
+    """A batch of 32 cannot be cut into 3 equal sub-batches: the error comes
+    before any weight changes, whatever feeds `fit`."""
+    x, y, _ = make_data(n=64)
+    data = {
+        "generator": lambda: _generator(x, y, 32),
+        "pydataset": lambda: _Batches(x, y, 32),
+        "unknown-batch-dataset": lambda: tf.data.Dataset.from_generator(
+            lambda: _generator(x, y, 32),
+            output_signature=(tf.TensorSpec((None, D)), tf.TensorSpec((None, 2)))),
+    }[source]
+    model = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=3)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    before = [v.numpy().copy() for v in model.variables]
+    with pytest.raises(ValueError, match="num_batch_splits`=3 does not divide"):
+        model.fit(data(), epochs=1, verbose=0)
+    for v, w in zip(model.variables, before):
+        np.testing.assert_array_equal(v.numpy(), w)
+    assert int(model.optimizer.iterations) == 0
+
+
+def test_generator_input_keeps_every_batch_after_the_check():
+    """The check peeks at the generator's first batch and gives it back: the
+    run equals one on the same batches as a dataset."""
+    x, y, _ = make_data()
+    a = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=2)
+    b = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=2)
+    for model in (a, b):
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    a.fit(_generator(x, y, BATCH), epochs=1, verbose=0)
+    b.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0)
+    assert_weights_close(a.inner, b.inner, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+def test_sub_batch_size_splits_batches_of_unknown_size_into_batch_over_m(batch):
+    """A batch whose size TensorFlow does not know when it traces the step
+    (here from_generator) is cut into batch / sub_batch_size parts: the same
+    weights as the hand-written step with that many sub-batches."""
+    x, y, sw = make_data()
+    m = 2
+    spec = (tf.TensorSpec((None, D)), tf.TensorSpec((None, 2)), tf.TensorSpec((None,)))
+
+    def gen():
+        for s in range(0, N, batch):
+            yield x[s:s + batch], y[s:s + batch], sw[s:s + batch]
+
+    model = keras_sam.SAMModel(make_inner(), rho=0.05, sub_batch_size=m)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    model.fit(tf.data.Dataset.from_generator(gen, output_signature=spec), epochs=1,
+              verbose=0)
+    reference = make_inner()
+    reference_fit(reference, x, y, sw, rho=0.05, lr_fn=lambda s: LR,
+                  splits=batch // m, batch=batch)
+    assert_weights_close(model.inner, reference)
+
+
+def test_gsam_rho_follows_learning_rate_scheduler_with_a_float_rate():
+    """Float rate: lr_max is the rate when fit starts, lr_min 0, and rho follows
+    the rate a LearningRateScheduler sets each epoch."""
+    x, y, sw = make_data()
+    rates = [0.2, 0.05]
+    model = keras_sam.GSAMModel(make_inner(), rho=0.1, alpha=0.2, rho_min=0.02)
+    model.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
+    callback = keras.callbacks.LearningRateScheduler(lambda epoch: rates[epoch])
+    history = model.fit(as_dataset(x, y, sw), epochs=2, verbose=0, shuffle=False,
+                        callbacks=[callback])
+
+    def rho_fn(lr):
+        return 0.02 + (0.1 - 0.02) * lr / 0.2
+
+    reference = make_inner()
+    for epoch, lr in enumerate(rates):
+        reference_fit(reference, x, y, sw, rho=None, kind="gsam", alpha=0.2,
+                      lr_fn=lambda s, lr=lr: lr, rho_fn=rho_fn)
+        np.testing.assert_allclose(history.history["rho"][epoch], rho_fn(lr), rtol=1e-6)
+    assert_weights_close(model.inner, reference)
+
+
+def test_gsam_float_rate_outside_fit_asks_for_lr_max():
+    model = keras_sam.GSAMModel(make_inner(), rho_min=0.01)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y, _ = make_data()
+    with pytest.raises(RuntimeError, match="lr_max"):
+        model.train_on_batch(x[:BATCH], y[:BATCH])
+
+
+def test_evaluate_reports_no_training_statistics():
+    x, y, sw = make_data()
+    model = keras_sam.SAMModel(make_inner(), rho=0.05)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", metrics=["mae"])
+    history = model.fit(as_dataset(x, y, sw), validation_data=(x, y), epochs=1, verbose=0)
+    assert {"sharpness", "grad_norm", "rho"} <= set(history.history)
+    assert not {"val_sharpness", "val_grad_norm", "val_rho"} & set(history.history)
+    result = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(result) == {"loss", "mae"}
+    plain = model.inner
+    plain.compile(loss="mse", metrics=["mae"])
+    expected = plain.evaluate(x, y, verbose=0, return_dict=True)
+    np.testing.assert_allclose(result["loss"], expected["loss"], rtol=1e-6)
+    np.testing.assert_allclose(result["mae"], expected["mae"], rtol=1e-6)
+
+
+def test_export_serves_the_predictions_of_predict(tmp_path):
+    x, y, sw = make_data()
+    model = keras_sam.SAMModel(make_inner(), rho=0.05)
+    fit_wrapper(model, x, y, sw)
+    path = str(tmp_path / "served")
+    model.export(path, verbose=False)
+    loaded = tf.saved_model.load(path)  # keep a reference: it owns the variables
+    served = loaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served.numpy(), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)

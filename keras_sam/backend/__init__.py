@@ -15,6 +15,9 @@ functions. Each backend module exports the same names:
   (identity with one replica).
 - `read_values(variables)`: the variables' current values as tensors.
 - `no_grad()`: a context for in-place updates (torch's `no_grad`).
+- `loop_over(n, body, carry)`: `carry, out = body(i, carry)` for `i < n`,
+  returning the last carry and the outputs concatenated along axis 0; `n`
+  is an int, or on TensorFlow a tensor (a batch size unknown at trace time).
 """
 
 import keras

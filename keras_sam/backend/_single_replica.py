@@ -1,7 +1,10 @@
 """Replica functions for backends whose step always sees the global batch
-(JAX, PyTorch): one replica, reductions are the identity."""
+(JAX, PyTorch): one replica, reductions are the identity. Batch shapes are
+always known when the step is traced, so sub-batch loops are Python loops."""
 
-__all__ = ["num_replicas", "all_reduce"]
+from keras_sam.backend._loops import python_loop as loop_over  # noqa: F401
+
+__all__ = ["num_replicas", "all_reduce", "loop_over"]
 
 
 def num_replicas():

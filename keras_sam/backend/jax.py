@@ -7,6 +7,7 @@ import contextlib
 import jax
 
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
+from keras_sam.backend._single_replica import loop_over  # noqa: F401
 from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "hessian_vector_product",
     "num_replicas",
     "all_reduce",
+    "loop_over",
     "read_values",
     "no_grad",
 ]

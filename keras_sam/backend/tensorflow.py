@@ -1,8 +1,17 @@
-"""TensorFlow gradients and `tf.distribute` reductions."""
+"""TensorFlow gradients, `tf.distribute` reductions and a graph loop.
+
+Gradients are always dense: TensorFlow returns `tf.IndexedSlices` for an
+`Embedding` (a gather), which the SAM math cannot add to a weight or multiply;
+`tf.convert_to_tensor` scatters them into a dense tensor of the variable's
+shape, with the same values a sparse update would apply.
+"""
 
 import contextlib
 
 import tensorflow as tf
+from keras import tree
+
+from keras_sam.backend._loops import python_loop
 
 __all__ = [
     "value_and_grad",
@@ -11,7 +20,14 @@ __all__ = [
     "all_reduce",
     "read_values",
     "no_grad",
+    "loop_over",
 ]
+
+
+def _dense(grads):
+    return [
+        tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads
+    ]
 
 
 def value_and_grad(fn):
@@ -23,7 +39,7 @@ def value_and_grad(fn):
         grads = tape.gradient(
             value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
-        return (value, aux), grads
+        return (value, aux), _dense(grads)
 
     return wrapped
 
@@ -35,16 +51,17 @@ def hessian_vector_product(fn, values, vector):
         with tf.GradientTape(watch_accessed_variables=False) as inner:
             inner.watch(values)
             value = fn(values)
-        grads = inner.gradient(
-            value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        grads = _dense(
+            inner.gradient(
+                value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
         )
         dot = tf.add_n(
             [tf.reduce_sum(g * tf.stop_gradient(v)) for g, v in zip(grads, vector)]
         )
-    return outer.gradient(
-        dot, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    return _dense(
+        outer.gradient(dot, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     )
-
 
 
 def num_replicas():
@@ -69,3 +86,34 @@ def read_values(variables):
 
 def no_grad():
     return contextlib.nullcontext()
+
+
+def loop_over(n, body, carry):
+    """Runs `carry, out = body(i, carry)` for `i` in `range(n)`.
+
+    A Python loop when `n` is an int; a `tf.while_loop` when `n` is a tensor
+    (a batch size known only when the step runs). The first iteration runs
+    before the loop, so its outputs give the dtypes of the arrays that
+    collect the others.
+
+    Returns:
+        `(carry, outs)`: the last carry and every iteration's outputs, each
+        leaf concatenated along axis 0.
+    """
+    if isinstance(n, int):
+        return python_loop(n, body, carry)
+    carry, first = body(tf.constant(0, n.dtype), carry)
+    flat = tree.flatten(first)
+    arrays = [
+        tf.TensorArray(t.dtype, size=n, infer_shape=False).write(0, t) for t in flat
+    ]
+
+    def step(i, carry, arrays):
+        carry, out = body(i, carry)
+        arrays = [a.write(i, t) for a, t in zip(arrays, tree.flatten(out))]
+        return i + 1, carry, arrays
+
+    _, carry, arrays = tf.while_loop(
+        lambda i, *_: i < n, step, (tf.constant(1, n.dtype), carry, arrays)
+    )
+    return carry, tree.pack_sequence_as(first, [a.concat() for a in arrays])

@@ -5,6 +5,7 @@ import torch
 from keras import tree
 
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
+from keras_sam.backend._single_replica import loop_over  # noqa: F401
 from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "hessian_vector_product",
     "num_replicas",
     "all_reduce",
+    "loop_over",
     "read_values",
     "no_grad",
 ]
