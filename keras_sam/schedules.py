@@ -28,10 +28,11 @@ per `optimizer.apply`, i.e. per SAM step). Everything is written with
 """
 
 import math
-import numbers
 
 import keras
 from keras import ops
+
+from keras_sam import _validation
 
 __all__ = [
     "CosineAnnealing",
@@ -44,49 +45,21 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------
-# Argument checks: each raises ValueError naming the argument and what it allows.
+# Argument checks (`keras_sam._validation`: ValueError naming the argument).
 
-
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_rate(name, value, allow_zero=False):
-    allowed = "a finite float >= 0" if allow_zero else "a finite float > 0"
-    if (
-        not _is_real(value)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        raise ValueError(f"`{name}` must be {allowed}; received: {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name, value):
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive int; received: {value!r}")
-    return int(value)
+_STEPS = "an int >= 1 or a non-empty list of ints >= 1 (one per epoch)"
 
 
 def _check_steps(value):
     """`steps_per_epoch` as given (int or list of ints) -> (config value, list)."""
-    if _is_int(value):
-        steps = _check_positive_int("steps_per_epoch", value)
+    steps = _validation.as_int(value)
+    if steps is not None and steps > 0:
         return steps, [steps]
-    if isinstance(value, (list, tuple)) and value and all(
-        _is_int(s) and s > 0 for s in value
-    ):
-        steps = [int(s) for s in value]
-        return steps, steps
-    raise ValueError(
-        "`steps_per_epoch` must be a positive int or a non-empty list of "
-        f"positive ints (one per epoch); received: {value!r}"
-    )
+    if isinstance(value, (list, tuple)) and value:
+        steps = [_validation.as_int(s) for s in value]
+        if all(s is not None and s > 0 for s in steps):
+            return steps, steps
+    raise _validation.error("steps_per_epoch", _STEPS, value)
 
 
 # --------------------------------------------------------------------------
@@ -111,37 +84,24 @@ class _EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         steps_per_epoch,
         warmup_epochs=0,
     ):
-        self.initial_learning_rate = _check_rate(
-            "initial_learning_rate", initial_learning_rate
+        self.initial_learning_rate = _validation.real(
+            "initial_learning_rate", initial_learning_rate, low=0, low_inclusive=False
         )
-        self.final_learning_rate = _check_rate(
-            "final_learning_rate", final_learning_rate, allow_zero=True
+        self.final_learning_rate = _validation.real(
+            "final_learning_rate", final_learning_rate, low=0
         )
-        if epochs is None and self._needs_horizon:
-            raise ValueError(
-                f"`epochs` must be a positive int for {type(self).__name__}; "
-                "received: None"
-            )
-        self.epochs = None if epochs is None else _check_positive_int("epochs", epochs)
-        if (
-            not _is_real(warmup_epochs)
-            or not math.isfinite(warmup_epochs)
-            or warmup_epochs < 0
-            or (self.epochs is not None and warmup_epochs >= self.epochs)
-        ):
-            bound = f" and < epochs ({self.epochs})" if self.epochs else ""
-            raise ValueError(
-                f"`warmup_epochs` must be a number >= 0{bound}; "
-                f"received: {warmup_epochs!r}"
-            )
-        self.warmup_epochs = int(warmup_epochs) if _is_int(warmup_epochs) else float(
-            warmup_epochs
+        self.epochs = _validation.integer(
+            "epochs", epochs, low=1, allow_none=not self._needs_horizon
         )
-        if steps_per_epoch is None and (self._needs_horizon or warmup_epochs > 0):
-            raise ValueError(
-                "`steps_per_epoch` must be a positive int or a non-empty list "
-                "of positive ints; received: None"
-            )
+        warmup = _validation.real(
+            "warmup_epochs", warmup_epochs, low=0, high=self.epochs,
+            high_inclusive=False,
+        )
+        # An int stays an int (in the config too).
+        as_int = _validation.as_int(warmup_epochs)
+        self.warmup_epochs = warmup if as_int is None else as_int
+        if steps_per_epoch is None and (self._needs_horizon or warmup > 0):
+            raise _validation.error("steps_per_epoch", _STEPS, None)
         self.steps_per_epoch = None
         self._steps = None  # steps of epochs 0..n-1; the last one repeats after
         if steps_per_epoch is not None:
@@ -345,9 +305,7 @@ class PolynomialDecay(_EpochSchedule):
             initial_learning_rate, final_learning_rate, epochs, steps_per_epoch,
             warmup_epochs,
         )
-        if not _is_real(power) or not math.isfinite(power) or power <= 0:
-            raise ValueError(f"`power` must be a finite float > 0; received: {power!r}")
-        self.power = float(power)
+        self.power = _validation.real("power", power, low=0, low_inclusive=False)
 
     def _decay(self, p):
         initial, final = self.initial_learning_rate, self.final_learning_rate
@@ -393,7 +351,9 @@ class ExponentialDecay(_EpochSchedule):
         steps_per_epoch,
         warmup_epochs=0,
     ):
-        _check_rate("final_learning_rate", final_learning_rate)  # > 0 here
+        _validation.real(  # > 0 here
+            "final_learning_rate", final_learning_rate, low=0, low_inclusive=False
+        )
         super().__init__(
             initial_learning_rate, final_learning_rate, epochs, steps_per_epoch,
             warmup_epochs,
@@ -484,38 +444,39 @@ def steps_per_epoch(num_examples, batch_schedule, epochs, drop_remainder=True):
     lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, 200, steps)
     ```
     """
-    num_examples = _check_positive_int("num_examples", num_examples)
-    epochs = _check_positive_int("epochs", epochs)
-    if _is_int(batch_schedule):
-        sizes = [batch_schedule] * epochs
+    num_examples = _validation.integer("num_examples", num_examples, low=1)
+    epochs = _validation.integer("epochs", epochs, low=1)
+    as_int = _validation.as_int
+    allowed = (
+        "an int, a dict {epoch: batch_size} of int epochs >= 0 (key 0 "
+        "required) to int batch sizes >= 1, or a callable epoch -> batch_size"
+    )
+    if as_int(batch_schedule) is not None:
+        sizes = [as_int(batch_schedule)] * epochs
     elif isinstance(batch_schedule, dict):
+        checked = {as_int(k): as_int(b) for k, b in batch_schedule.items()}
         if (
-            not batch_schedule
-            or not all(_is_int(k) and k >= 0 for k in batch_schedule)
-            or 0 not in batch_schedule
-            or not all(_is_int(b) and b > 0 for b in batch_schedule.values())
+            not checked
+            or not all(k is not None and k >= 0 for k in checked)
+            or 0 not in checked
+            or not all(b is not None and b > 0 for b in checked.values())
         ):
-            raise ValueError(
-                "`batch_schedule` as a dict must map epochs (ints >= 0, key 0 "
-                f"required) to positive int batch sizes; received: {batch_schedule!r}"
-            )
-        sizes = [batch_schedule[0]]  # each size holds until the next key
+            raise _validation.error("batch_schedule", allowed, batch_schedule)
+        sizes = [checked[0]]  # each size holds until the next key
         for epoch in range(1, epochs):
-            sizes.append(batch_schedule.get(epoch, sizes[-1]))
+            sizes.append(checked.get(epoch, sizes[-1]))
     elif callable(batch_schedule):
         sizes = [batch_schedule(epoch) for epoch in range(epochs)]
     else:
-        raise ValueError(
-            "`batch_schedule` must be an int, a dict {epoch: batch_size} with "
-            f"key 0, or a callable epoch -> batch_size; received: {batch_schedule!r}"
-        )
+        raise _validation.error("batch_schedule", allowed, batch_schedule)
     steps = []
     for epoch, b in enumerate(sizes):
-        if not _is_int(b) or b <= 0:
-            raise ValueError(
-                "`batch_schedule` must give positive int batch sizes; "
-                f"received: {b!r} for epoch {epoch}"
+        if as_int(b) is None or as_int(b) <= 0:
+            raise _validation.error(
+                "batch_schedule", "a schedule of int batch sizes >= 1", b,
+                where=f" for epoch {epoch}",
             )
+        b = as_int(b)
         n = num_examples // b if drop_remainder else -(-num_examples // b)
         if n == 0:
             raise ValueError(

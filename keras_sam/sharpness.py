@@ -10,7 +10,7 @@ Three diagnostics of the loss landscape around the current weights `w`:
 - `full_gradient_norm`: `||grad f_S(w)||_2`, with `f_S` the mean loss over the
   whole data set.
 - `hessian_max_eigenvalue`: the eigenvalue of largest magnitude of the Hessian
-  of `f_S`, by power iteration on Hessian-vector products.
+  of `f_S`, by the Lanczos method on Hessian-vector products.
 
 All three evaluate the model at given weights inside a `keras.StatelessScope`
 (every model variable is mapped to a tensor read once at the start), in
@@ -59,6 +59,7 @@ import numpy as np
 import keras
 from keras import ops
 
+from keras_sam import _validation
 from keras_sam import backend as sam_backend
 
 __all__ = [
@@ -89,62 +90,26 @@ _APGD_MIN_WINDOW = 0.06
 
 def _check_model(model):
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a keras.Model instance. Received: model={model!r}"
-        )
+        raise _validation.error("model", "a keras.Model instance", model)
     if not model.built:
-        raise ValueError(
-            "`model` must be built before measuring its sharpness (call it "
-            "on data, or build it with an input shape). "
-            f"Received an unbuilt model: {model.name!r}"
+        raise _validation.error(
+            "model",
+            "built before measuring its sharpness (call it on data, or build "
+            "it with an input shape)",
+            model,
         )
     if not _unique(model.trainable_variables):
-        raise ValueError(
-            f"`model` has no trainable variables. Received: {model.name!r}"
-        )
-
-
-def _check_rho(rho):
-    try:
-        value = float(rho)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`rho` must be a non-negative number. Received: rho={rho!r}"
-        ) from None
-    if isinstance(rho, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"`rho` must be a finite number >= 0. Received: rho={rho!r}"
-        )
-    return value
+        raise _validation.error("model", "a model with trainable variables", model)
 
 
 def _check_int(name, value, minimum, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
+    """`_validation.integer(name, value, low=minimum)`, kept for callers."""
+    return _validation.integer(name, value, low=minimum, allow_none=allow_none)
 
 
 def _check_positive_float(name, value):
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`{name}` must be a number >= 0. Received: {name}={value!r}"
-        ) from None
-    if isinstance(value, bool) or not math.isfinite(out) or out < 0:
-        raise ValueError(
-            f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
-        )
-    return out
+    """`_validation.real(name, value, low=0)`, kept for callers."""
+    return _validation.real(name, value, low=0)
 
 
 def _unique(variables):
@@ -359,7 +324,7 @@ class _Batches:
     """
 
     def __init__(self, data, batch_size=128, steps=None):
-        self.steps = _check_int("steps", steps, 1, allow_none=True)
+        self.steps = _validation.integer("steps", steps, low=1, allow_none=True)
         self._arrays = None
         self._cache = None
         self._one_shot = False
@@ -376,7 +341,7 @@ class _Batches:
         ):
             # Arrays (x, y[, sample_weight]); x may be a structure of arrays,
             # y an array or a dict (a tuple y would read as a list of batches).
-            self.batch_size = _check_int("batch_size", batch_size, 1)
+            self.batch_size = _validation.integer("batch_size", batch_size, low=1)
             x, y = data[0], data[1]
             sw = data[2] if len(data) == 3 else None
             n = _num_rows(x)
@@ -648,8 +613,8 @@ def worst_case_sharpness(
     ```
     """
     _check_model(model)
-    rho = _check_rho(rho)
-    iterations = _check_int("iterations", iterations, 1)
+    rho = _validation.real("rho", rho, low=0)
+    iterations = _validation.integer("iterations", iterations, low=1)
     spec = _LossSpec(loss)
     batches = _Batches(data, batch_size=batch_size, steps=steps)
 
@@ -775,6 +740,19 @@ def _build_hvp(model, spec, include_model_losses):
     return hvp, batch_normalizer
 
 
+# Lanczos breakdown: the Krylov space is invariant (to round-off) when the new
+# direction keeps at most this fraction of the norm of `H q`.
+_LANCZOS_BREAKDOWN = 1e-10
+
+
+def _lanczos_ritz(alphas, betas):
+    """Largest-magnitude eigenpair of the Lanczos tridiagonal matrix."""
+    t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+    values, vectors = np.linalg.eigh(t)
+    i = int(np.argmax(np.abs(values)))
+    return float(values[i]), vectors[:, i]
+
+
 def hessian_max_eigenvalue(
     model,
     data,
@@ -785,18 +763,26 @@ def hessian_max_eigenvalue(
     batch_size=128,
     steps=None,
     include_model_losses=False,
+    return_info=False,
 ):
-    """Largest-magnitude Hessian eigenvalue of the mean loss, by power iteration.
+    """Largest-magnitude Hessian eigenvalue of the mean loss, by Lanczos.
 
-    The Hessian is that of `f_S`, the mean loss over the whole data (as in
+    The Hessian `H` is that of `f_S`, the mean loss over the whole data (as in
     `full_gradient_norm`); each Hessian-vector product accumulates per-batch
     products of the loss SUM (float64) and divides by the total normalizer.
-    Starting from a seeded Gaussian vector, iterates `v <- Hv / ||Hv||` and
-    returns the Rayleigh quotient `v . Hv`, which keeps its sign (a negative
-    value means the dominant curvature is negative). Stops after `iterations`
-    products or when the estimate changes by at most `tol` relative to its
-    magnitude. Model in inference mode; a `data` that is a one-shot iterator
-    is cached in memory for the repeated passes.
+    Starting from a seeded Gaussian vector, the Lanczos method with full
+    reorthogonalization builds an orthonormal basis of the Krylov space
+    `span(v, Hv, H^2 v, ...)` (one Hessian-vector product per step; the basis
+    is kept on the host in float64, one vector of the model's trainable size
+    per step) and returns the Ritz value of largest magnitude, which keeps its
+    sign (a negative value means the dominant curvature is negative). Unlike
+    power iteration, whose error shrinks like `(lambda_2 / lambda_1)^k`, it is
+    accurate when the top eigenvalues are close. It stops when the Ritz pair
+    `(lambda, v)` has `||Hv - lambda v|| <= tol * |lambda|` (the residual norm
+    given by the Lanczos recurrence), when the Krylov space is invariant, or
+    after `iterations` products (at most the number of trainable
+    parameters). Model in inference mode; a `data` that is a one-shot
+    iterator is cached in memory for the repeated passes.
 
     Args:
         model: A built `keras.Model`. Its variables are only read.
@@ -804,25 +790,37 @@ def hessian_max_eigenvalue(
             `(x, y, sample_weight)` batches, or a tuple of arrays
             `(x, y[, sample_weight])` split into batches of `batch_size`.
         loss: A `keras.losses.Loss`, loss name or `callable(y_true, y_pred)`.
-        iterations: Maximum number of power iterations (Hessian-vector
-            products over the whole data), `>= 1`. Defaults to 20.
-        tol: Relative tolerance on the eigenvalue estimate, `>= 0`
-            (`0` runs all iterations). Defaults to `1e-5`.
+        iterations: Maximum number of Lanczos steps (Hessian-vector products
+            over the whole data), `>= 1`. Defaults to 20.
+        tol: Relative tolerance on the residual `||Hv - lambda v||` of the
+            returned eigenpair, `>= 0` (`0` runs all iterations unless the
+            Krylov space is invariant). Defaults to `1e-5`.
         seed: Seed of the start vector (a private NumPy generator; no Keras
             or TensorFlow random state is touched). Defaults to 0.
         batch_size: Batch size when `data` is a tuple of arrays.
         steps: Optional maximum number of batches to use.
         include_model_losses: If `True`, `f_S` includes `sum(model.losses)`.
             Defaults to `False`: data loss only.
+        return_info: If `True`, also return a dict describing the solve.
+            Defaults to `False`.
 
     Returns:
-        The eigenvalue estimate, a Python float.
+        The eigenvalue estimate, a Python float. With `return_info=True`, a
+        tuple `(eigenvalue, info)` where `info` is a dict with keys
+        `"num_hvps"` (int: Hessian-vector products over the whole data, each
+        one pass over `data`), `"residual"` (float: `||Hv - lambda v||` of
+        the returned pair, from the Lanczos recurrence), `"converged"` (bool:
+        the residual or invariance test stopped the iteration) and
+        `"eigenvector"` (the unit Ritz vector `v`: a list of float64 NumPy
+        arrays shaped like `model.trainable_variables`).
 
     Example:
 
     ```python
-    lam = keras_sam.sharpness.hessian_max_eigenvalue(
-        model, (x, y), "mse", iterations=50)
+    lam = keras_sam.sharpness.hessian_max_eigenvalue(model, (x, y), "mse")
+    lam, info = keras_sam.sharpness.hessian_max_eigenvalue(
+        model, (x, y), "mse", iterations=50, return_info=True)
+    print(lam, info["num_hvps"], info["residual"])
     ```
     """
     _check_model(model)
@@ -839,6 +837,8 @@ def hessian_max_eigenvalue(
     train_values = _read_values(trainable)
     other_values = _read_values(others)
     dtypes = [v.dtype for v in train_values]
+    shapes = [tuple(v.shape) for v in trainable]
+    splits = np.cumsum([int(np.prod(s)) for s in shapes])
 
     # The normalizer does not depend on the weights: one forward pass.
     normalizer = 0.0
@@ -847,29 +847,57 @@ def hessian_max_eigenvalue(
         normalizer += float(ops.convert_to_numpy(value))
     _check_normalizer(normalizer)
 
-    rng = np.random.default_rng(seed)
-    vector = [rng.standard_normal(tuple(v.shape)) for v in trainable]
-    norm = _norm(vector)
-    vector = [v / norm for v in vector]
+    def unflatten(q):
+        parts = np.split(q, splits[:-1])
+        return [p.reshape(s) for p, s in zip(parts, shapes)]
 
-    eigenvalue = None
-    for _ in range(iterations):
+    def product(q):
+        """`H q` for a flat float64 `q`, as a flat float64 vector."""
         tensors = [
-            ops.convert_to_tensor(v, dtype=d) for v, d in zip(vector, dtypes)
+            ops.convert_to_tensor(p, dtype=d)
+            for p, d in zip(unflatten(q), dtypes)
         ]
-        sums = [np.zeros(v.shape, dtype="float64") for v in vector]
+        sums = [np.zeros(s, dtype="float64") for s in shapes]
         for x, y, sw in batches:
             _accumulate(sums, hvp(train_values, other_values, tensors, x, y, sw))
-        products = [acc / normalizer for acc in sums]
-        estimate = sum(
-            float(np.sum(p * v)) for p, v in zip(products, vector)
-        )
-        norm = _norm(products)
-        converged = eigenvalue is not None and abs(estimate - eigenvalue) <= (
-            tol * abs(estimate)
-        )
-        eigenvalue = estimate
-        if norm == 0.0 or converged:
+        return np.concatenate([s.ravel() for s in sums]) / normalizer
+
+    rng = np.random.default_rng(_validation.integer("seed", seed, low=0, allow_none=True))
+    q = np.concatenate([rng.standard_normal(s).ravel() for s in shapes])
+    basis = [q / np.linalg.norm(q)]
+    alphas, betas = [], []
+    max_steps = min(iterations, int(splits[-1]))  # Krylov dimension <= size.
+    converged = False
+    num_hvps = 0
+    while num_hvps < max_steps:
+        w = product(basis[-1])
+        num_hvps += 1
+        scale = float(np.linalg.norm(w))
+        if not math.isfinite(scale):  # Non-finite curvature: no estimate.
+            eigenvalue, residual = math.nan, math.nan
+            ritz = np.full(len(basis), math.nan)
             break
-        vector = [p / norm for p in products]
-    return float(eigenvalue)
+        alphas.append(float(w @ basis[-1]))
+        for _ in range(2):  # Full reorthogonalization; twice is enough.
+            for b in basis:
+                w -= (b @ w) * b
+        beta = float(np.linalg.norm(w))
+        eigenvalue, ritz = _lanczos_ritz(alphas, betas)
+        residual = beta * abs(float(ritz[-1]))
+        invariant = beta <= _LANCZOS_BREAKDOWN * scale
+        if residual <= tol * abs(eigenvalue) or invariant:
+            converged = True
+            break
+        if num_hvps < max_steps:
+            betas.append(beta)
+            basis.append(w / beta)
+    if not return_info:
+        return eigenvalue
+    vector = sum(c * b for c, b in zip(ritz, basis))
+    info = {
+        "num_hvps": num_hvps,
+        "residual": residual,
+        "converged": converged,
+        "eigenvector": unflatten(vector),
+    }
+    return eigenvalue, info

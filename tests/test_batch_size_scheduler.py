@@ -8,6 +8,7 @@ rate of a step-based schedule at each epoch start.
 """
 
 import csv
+import json
 import os
 
 import keras
@@ -450,6 +451,32 @@ def test_sub_batch_size_model_keeps_static_shapes():
     assert 4 in seen and 8 in seen  # traced with static per-replica batch sizes
 
 
+def _tanh_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)
+    ])
+
+
+@pytest.mark.parametrize("relax", [None, True])
+def test_sub_batch_size_splits_every_batch_size_into_batch_over_m(relax):
+    """Batches of 4, 8 and 16 with sub_batch_size=2 get 2, 4 and 8
+    sub-batches, however TF traced the step: the same weights as three
+    separate fits, one per batch size."""
+    schedule = {0: 4, 1: 8, 2: 16}
+    model = SAMModel(_tanh_net(), rho=0.5, sub_batch_size=2)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    _fit(model, schedule, epochs=3, relax=relax)
+
+    separate = SAMModel(_tanh_net(), rho=0.5, sub_batch_size=2)
+    separate.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    for epoch, size in schedule.items():
+        separate.fit(dataset_fn(size), epochs=1, verbose=0, shuffle=False)
+    assert _iterations(model) == _iterations(separate) == 16 + 8 + 4
+    for a, b in zip(model.trainable_variables, separate.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_progress_bar_listed_before_the_scheduler():
     # The ProgbarLogger has already made this epoch's bar when the scheduler
     # swaps the data: the bar's target is corrected too.
@@ -666,3 +693,52 @@ def test_resume_with_backup_and_restore(tmp_path):
     assert _iterations(model) == sum(steps)
     for got, want in zip(model.get_weights(), expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# NumPy integers: the same schedule as with Python ints.
+
+
+@pytest.mark.parametrize("int_type", [np.int32, np.int64, np.uint8])
+def test_numpy_int_schedule_is_the_same(int_type):
+    assert doubling_schedule(int_type(4), int_type(3), int_type(2)) == RAMP
+    assert all(
+        type(k) is int and type(v) is int
+        for k, v in doubling_schedule(int_type(4), int_type(3), int_type(2)).items()
+    )
+    expected = BatchSizeScheduler(RAMP, dataset_fn)
+    schedules = [
+        {int_type(k): int_type(v) for k, v in RAMP.items()},
+        doubling_schedule(int_type(4), int_type(3), int_type(2)),
+    ]
+    for schedule in schedules:
+        scheduler = BatchSizeScheduler(schedule, dataset_fn, np.bool_(True))
+        assert scheduler.relax_batch_shape is True
+        config = scheduler.get_config()
+        assert config == {**expected.get_config(), "relax_batch_shape": True}
+        assert json.loads(json.dumps(config))["schedule"] == {
+            str(k): v for k, v in RAMP.items()
+        }
+        sizes = [scheduler.batch_size_at(int_type(e)) for e in range(EPOCHS)]
+        assert sizes == RAMP_SIZES and all(type(b) is int for b in sizes)
+        assert scheduler.steps_per_epoch(int_type(EPOCHS)) == RAMP_STEPS
+
+    by_callable = BatchSizeScheduler(lambda e: int_type(RAMP_SIZES[e]), dataset_fn)
+    assert by_callable.steps_per_epoch(np.array(EPOCHS)) == RAMP_STEPS
+    assert type(by_callable.batch_size_at(np.array(0))) is int
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{np.int64(0): np.float32(4.0)}, {np.float64(0.0): 4}, {0: np.bool_(True)},
+     {np.int64(0): 4, np.int64(-2): 8}],
+    ids=repr,
+)
+def test_numpy_bad_schedule_still_rejected(schedule):
+    with pytest.raises(ValueError, match="`schedule` must be"):
+        BatchSizeScheduler(schedule, dataset_fn)
+
+
+def test_relax_batch_shape_is_none_true_or_false():
+    with pytest.raises(ValueError, match="`relax_batch_shape` must be one of"):
+        BatchSizeScheduler(RAMP, dataset_fn, relax_batch_shape="yes")

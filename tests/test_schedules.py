@@ -486,3 +486,80 @@ def test_bad_steps_per_epoch_arguments(kwargs, arg):
     args.update(kwargs)
     with pytest.raises(ValueError, match=f"`{arg}`"):
         schedules.steps_per_epoch(**args)
+
+
+# --------------------------------------------------------------------------
+# NumPy scalars: the same schedule as with Python scalars.
+
+# (float type, int type): values below are exact in float32, so the results
+# must be equal, not close.
+NUMPY_TYPES = [
+    (np.float32, np.int32),
+    (np.float64, np.int64),
+    (np.float32, np.int64),
+    (lambda v: np.array(v, "float32"), lambda v: np.array(v, "int64")),
+]
+NUMPY_SCHEDULES = [
+    (CosineAnnealing, dict(initial_learning_rate=0.125, final_learning_rate=2**-7,
+                           epochs=10, steps_per_epoch=[5, 3], warmup_epochs=1)),
+    (LinearDecay, dict(initial_learning_rate=0.125, final_learning_rate=0.0,
+                       epochs=10, steps_per_epoch=4, warmup_epochs=1.5)),
+    (PolynomialDecay, dict(initial_learning_rate=0.125, final_learning_rate=2**-7,
+                           epochs=10, steps_per_epoch=(5, 3), power=2.0)),
+    (ExponentialDecay, dict(initial_learning_rate=0.125, final_learning_rate=2**-7,
+                            epochs=10, steps_per_epoch=[5, 3], warmup_epochs=2)),
+    (Constant, dict(initial_learning_rate=0.125, steps_per_epoch=[5, 3],
+                    warmup_epochs=0.5)),
+    (Constant, dict(initial_learning_rate=0.125, epochs=10)),
+]
+
+
+def _to_numpy(value, float_type, int_type):
+    if isinstance(value, (list, tuple)):
+        return type(value)(int_type(v) for v in value)
+    if isinstance(value, int):
+        return int_type(value)
+    return float_type(value)
+
+
+@pytest.mark.parametrize("float_type,int_type", NUMPY_TYPES)
+@pytest.mark.parametrize("cls,kwargs", NUMPY_SCHEDULES)
+def test_numpy_scalar_arguments_give_the_same_schedule(cls, kwargs, float_type, int_type):
+    expected = cls(**kwargs)
+    got = cls(**{k: _to_numpy(v, float_type, int_type) for k, v in kwargs.items()})
+    config = got.get_config()
+    assert config == expected.get_config()
+    assert json.loads(json.dumps(config)) == json.loads(json.dumps(expected.get_config()))
+    assert type(got.warmup_epochs) is type(expected.warmup_epochs)
+    steps = np.arange(60)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(got(steps)), keras.ops.convert_to_numpy(expected(steps))
+    )
+    assert cls.from_config(json.loads(json.dumps(config))).get_config() == config
+
+
+@pytest.mark.parametrize("int_type", [np.int32, np.int64])
+def test_steps_per_epoch_accepts_numpy_ints(int_type):
+    expected = schedules.steps_per_epoch(50000, PAPER_BATCHES, 200)
+    batches = {int_type(k): int_type(v) for k, v in PAPER_BATCHES.items()}
+    got = schedules.steps_per_epoch(int_type(50000), batches, int_type(200))
+    assert got == expected and all(type(s) is int for s in got)
+    got = schedules.steps_per_epoch(
+        np.array(50000), lambda e: int_type(16 * 2 ** (e // 40)), np.array(200),
+        drop_remainder=False,
+    )
+    assert got == schedules.steps_per_epoch(
+        50000, lambda e: 16 * 2 ** (e // 40), 200, drop_remainder=False
+    )
+    assert schedules.steps_per_epoch(100, int_type(16), 3) == [6, 6, 6]
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [np.float32(5.0), np.int64(0), np.bool_(True), [5, np.float64(3.0)],
+     [5, np.int32(-1)], np.array([5, 3])],
+    ids=repr,
+)
+def test_numpy_bad_steps_still_rejected(steps):
+    with pytest.raises(ValueError, match="`steps_per_epoch` must be"):
+        CosineAnnealing(0.1, 0.0, 10, steps)

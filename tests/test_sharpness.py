@@ -12,6 +12,7 @@ Batches are unequal (32, 32, 32, 4) so that per-batch averaging mistakes show.
 """
 
 import itertools
+import json
 import os
 
 import numpy as np
@@ -185,6 +186,107 @@ def test_hessian_eigenvalue_keeps_its_sign():
         model, (x, y), negative_mse, iterations=100, tol=1e-10, batch_size=BATCH
     )
     np.testing.assert_allclose(got, exact, rtol=1e-4)
+
+
+def _close_eigenvalue_problem(d, seed=0):
+    """Least squares (no bias) whose Hessian 2/N X^T X has top eigenvalues
+    8.97 and 8.50 (ratio 0.95), plus `d - 2` smaller ones."""
+    rng = np.random.default_rng(seed)
+    if d == 6:
+        eigenvalues = np.array([8.97, 8.5, 3.0, 1.5, 0.7, 0.2])
+    else:
+        eigenvalues = np.concatenate([[8.97, 8.5], np.linspace(0.05, 8.0, d - 2)])
+    u, _ = np.linalg.qr(rng.standard_normal((N, d)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    x = ((u * np.sqrt(eigenvalues * N / 2.0)) @ v.T).astype("float32")
+    y = rng.standard_normal((N, 1)).astype("float32")
+    model = _linear_model(d, False)
+    a, _ = _design(model, x)
+    return model, x, y, 2.0 / N * a.T @ a
+
+
+def _power_iteration(h, iterations=20, tol=1e-5, seed=0):
+    """The former algorithm (stops when the estimate changes by <= tol)."""
+    v = np.random.default_rng(seed).standard_normal(len(h))
+    v /= np.linalg.norm(v)
+    estimate = None
+    for _ in range(iterations):
+        product = h @ v
+        previous, estimate = estimate, float(product @ v)
+        if previous is not None and abs(estimate - previous) <= tol * abs(estimate):
+            break
+        v = product / np.linalg.norm(product)
+    return estimate
+
+
+def _flat(arrays):
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def test_hessian_max_eigenvalue_lanczos_defaults_and_info():
+    model, x, y, h = _close_eigenvalue_problem(6)
+    exact = np.linalg.eigvalsh(h)
+    np.testing.assert_allclose(exact[-2:], [8.5, 8.97], rtol=1e-5)
+    got, info = sharpness.hessian_max_eigenvalue(
+        model, (x, y), "mse", batch_size=BATCH, return_info=True
+    )
+    assert isinstance(got, float)
+    assert got == sharpness.hessian_max_eigenvalue(
+        model, (x, y), "mse", batch_size=BATCH
+    )
+    np.testing.assert_allclose(got, exact[-1], rtol=1e-3)
+    assert type(info["num_hvps"]) is int and 1 <= info["num_hvps"] <= 20
+    assert info["converged"]
+    assert info["residual"] <= 1e-5 * abs(got)
+    # The residual criterion, checked with the exact Hessian.
+    assert [e.shape for e in info["eigenvector"]] == [
+        tuple(w.shape) for w in model.trainable_variables
+    ]
+    v = _flat(info["eigenvector"])
+    np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-10)
+    assert np.linalg.norm(h @ v - got * v) <= 1e-5 * abs(got)
+
+    # `iterations` bounds the count; the Krylov dimension is at most the
+    # number of parameters (6).
+    _, info = sharpness.hessian_max_eigenvalue(
+        model, (x, y), "mse", iterations=3, tol=0.0, return_info=True
+    )
+    assert info["num_hvps"] == 3 and not info["converged"]
+    got, info = sharpness.hessian_max_eigenvalue(
+        model, (x, y), "mse", iterations=100, tol=0.0, return_info=True
+    )
+    assert info["num_hvps"] == 6 and info["converged"]
+    np.testing.assert_allclose(got, exact[-1], rtol=1e-5)
+    # A non-finite Hessian-vector product gives NaN, not a made-up value.
+    x_nan = x.copy()
+    x_nan[0, 0] = np.nan
+    got, info = sharpness.hessian_max_eigenvalue(
+        model, (x_nan, y), "mse", return_info=True
+    )
+    assert np.isnan(got) and info["num_hvps"] == 1 and not info["converged"]
+
+
+@pytest.mark.parametrize("d,seed", [(6, 0), (6, 7), (40, 0), (40, 3)])
+def test_hessian_max_eigenvalue_close_top_eigenvalues(d, seed):
+    model, x, y, h = _close_eigenvalue_problem(d, seed)
+    exact = np.linalg.eigvalsh(h)[-1]
+    # Power iteration with the same budget failed here.
+    assert abs(_power_iteration(h) / exact - 1) > 1e-3
+    got, info = sharpness.hessian_max_eigenvalue(
+        model, (x, y), "mse", batch_size=BATCH, return_info=True
+    )
+    np.testing.assert_allclose(got, exact, rtol=1e-3)
+    assert type(info["num_hvps"]) is int and 1 <= info["num_hvps"] <= 20
+    # The reported residual is that of the returned pair.
+    v = _flat(info["eigenvector"])
+    np.testing.assert_allclose(
+        np.linalg.norm(h @ v - got * v),
+        info["residual"],
+        rtol=1e-2,
+        atol=1e-6 * abs(got),
+    )
+    if info["converged"]:
+        assert info["residual"] <= 1e-5 * abs(got)
 
 
 @pytest.mark.parametrize(
@@ -442,3 +544,75 @@ def test_sharpness_monitor_writes_to_tensorboard(tmp_path):
     assert sorted(logged) == [0, 1]
     np.testing.assert_allclose([logged[0], logged[1]], history.history["full_gradient_norm"],
                                rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# NumPy scalars: the same measures as with Python scalars.
+
+# (float type, int type); 2**-8 and 2**-20 are exact in float32.
+NUMPY_TYPES = [
+    (np.float32, np.int32),
+    (np.float64, np.int64),
+    (lambda v: np.array(v, "float32"), lambda v: np.array(v, "int64")),
+]
+
+
+@pytest.mark.parametrize("float_type,int_type", NUMPY_TYPES)
+def test_numpy_scalar_arguments_give_the_same_values(float_type, int_type):
+    x, y = _data(3)
+    model = _linear_model(3, True)
+    calls = [
+        (sharpness.worst_case_sharpness,
+         dict(rho=2**-8, iterations=5, batch_size=BATCH, steps=3)),
+        (sharpness.worst_case_sharpness, dict(rho=0.0, iterations=2, adaptive=True)),
+        (sharpness.full_gradient_norm, dict(batch_size=BATCH, steps=3)),
+        (sharpness.hessian_max_eigenvalue,
+         dict(iterations=4, tol=2**-20, seed=3, batch_size=BATCH, steps=3)),
+    ]
+    for fn, kwargs in calls:
+        as_numpy = {
+            k: v if isinstance(v, bool) else
+            (int_type(v) if isinstance(v, int) else float_type(v))
+            for k, v in kwargs.items()
+        }
+        if "seed" in as_numpy:  # passed to np.random.default_rng: no 0-d array
+            as_numpy["seed"] = np.int64(kwargs["seed"])
+        assert fn(model, (x, y), "mse", **as_numpy) == fn(model, (x, y), "mse", **kwargs)
+
+
+@pytest.mark.parametrize("float_type,int_type", NUMPY_TYPES)
+def test_sharpness_monitor_numpy_scalar_arguments(float_type, int_type):
+    x, y = _data(3)
+    model = _linear_model(3, True)
+    kwargs = dict(every=2, rho=2**-8, iterations=3, hessian_iterations=2,
+                  hessian_tol=2**-20, seed=1, batch_size=BATCH, steps=2,
+                  measures=sharpness.MEASURES, fill_value=0.5)
+    as_numpy = {
+        k: v if isinstance(v, tuple) else
+        (int_type(v) if isinstance(v, int) else float_type(v))
+        for k, v in kwargs.items()
+    }
+    as_numpy["measures"] = tuple(np.str_(m) for m in sharpness.MEASURES)
+    as_numpy["adaptive"] = np.bool_(False)
+    expected = SharpnessMonitor((x, y), "mse", **kwargs)
+    got = SharpnessMonitor((x, y), "mse", **as_numpy)
+    config = got.get_config()
+    assert config == expected.get_config()
+    assert json.dumps(config) == json.dumps(expected.get_config())
+    assert got.measure(model) == expected.measure(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [(dict(rho=np.float32(-0.5)), "rho"), (dict(rho="0.1"), "rho"),
+     (dict(iterations=np.float64(5.0)), "iterations"),
+     (dict(iterations=np.bool_(True)), "iterations"),
+     (dict(batch_size=np.int64(0)), "batch_size"),
+     (dict(steps=np.float32(2.0)), "steps")],
+    ids=repr,
+)
+def test_bad_numpy_arguments_name_the_argument(kwargs, arg):
+    x, y = _data(3)
+    model = _linear_model(3, True)
+    with pytest.raises(ValueError, match=f"^`{arg}` must be"):
+        sharpness.worst_case_sharpness(model, (x, y), "mse", **kwargs)

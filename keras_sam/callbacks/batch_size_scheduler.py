@@ -10,17 +10,16 @@ attributes this needs are read and written in `keras_sam._keras_compat` only,
 behind a Keras version check.
 """
 
-import numbers
-
 import keras
 
 from keras_sam import _keras_compat
+from keras_sam import _validation
 
 _FEATURE = "BatchSizeScheduler"
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+_SCHEDULE = (
+    "a dict {epoch: batch_size} of int epochs >= 0 (key 0 required) to int "
+    "batch sizes >= 1, or a callable epoch -> batch_size"
+)
 
 
 def doubling_schedule(initial=16, stages=5, epochs_per_stage=40):
@@ -40,44 +39,26 @@ def doubling_schedule(initial=16, stages=5, epochs_per_stage=40):
     >>> doubling_schedule()
     {0: 16, 40: 32, 80: 64, 120: 128, 160: 256}
     """
-    for name, value in (
-        ("initial", initial),
-        ("stages", stages),
-        ("epochs_per_stage", epochs_per_stage),
-    ):
-        if not _is_int(value) or value <= 0:
-            raise ValueError(
-                f"`{name}` must be a positive int; received: {value!r}"
-            )
-    return {
-        stage * int(epochs_per_stage): int(initial) * 2**stage
-        for stage in range(int(stages))
-    }
+    initial = _validation.integer("initial", initial, low=1)
+    stages = _validation.integer("stages", stages, low=1)
+    epochs_per_stage = _validation.integer("epochs_per_stage", epochs_per_stage, low=1)
+    return {stage * epochs_per_stage: initial * 2**stage for stage in range(stages)}
 
 
 def _check_dict_schedule(schedule):
-    if not schedule:
-        raise ValueError(
-            "`schedule` must not be empty: give at least {0: batch_size}."
-        )
     checked = {}
     for epoch, batch_size in schedule.items():
-        if not _is_int(epoch) or epoch < 0:
-            raise ValueError(
-                "`schedule` keys must be epochs, ints >= 0 (0-based); "
-                f"received key {epoch!r}."
+        key = _validation.as_int(epoch)
+        if key is None or key < 0:
+            raise _validation.error("schedule", _SCHEDULE, epoch, where=" key")
+        size = _validation.as_int(batch_size)
+        if size is None or size <= 0:
+            raise _validation.error(
+                "schedule", _SCHEDULE, batch_size, where=f" at epoch {epoch}"
             )
-        if not _is_int(batch_size) or batch_size <= 0:
-            raise ValueError(
-                "`schedule` values must be batch sizes, positive ints; "
-                f"received {batch_size!r} at epoch {epoch}."
-            )
-        checked[int(epoch)] = int(batch_size)
+        checked[key] = size
     if 0 not in checked:
-        raise ValueError(
-            "`schedule` must have the key 0 (the batch size of the first "
-            f"epoch); received keys {sorted(checked)}."
-        )
+        raise _validation.error("schedule", _SCHEDULE, schedule, where=" (no key 0)")
     return dict(sorted(checked.items()))
 
 
@@ -172,12 +153,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
 
     def __init__(self, schedule, dataset_fn, relax_batch_shape=None):
         super().__init__()
-        if relax_batch_shape not in (None, True, False):
-            raise ValueError(
-                "`relax_batch_shape` must be None (automatic), True or False; "
-                f"received {relax_batch_shape!r}."
-            )
-        self.relax_batch_shape = relax_batch_shape
+        self.relax_batch_shape = _validation.one_of(
+            "relax_batch_shape", relax_batch_shape, (None, True, False)
+        )
         if isinstance(schedule, dict):
             self._schedule_dict = _check_dict_schedule(schedule)
             self._schedule_fn = None
@@ -185,16 +163,11 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._schedule_dict = None
             self._schedule_fn = schedule
         else:
-            raise ValueError(
-                "`schedule` must be a dict {epoch: batch_size} or a callable "
-                f"epoch -> batch_size; received {type(schedule).__name__}: "
-                f"{schedule!r}."
-            )
+            raise _validation.error("schedule", _SCHEDULE, schedule)
         if not callable(dataset_fn):
-            raise ValueError(
-                "`dataset_fn` must be a callable batch_size -> batched "
-                f"tf.data.Dataset; received {type(dataset_fn).__name__}: "
-                f"{dataset_fn!r}."
+            raise _validation.error(
+                "dataset_fn", "a callable batch_size -> batched tf.data.Dataset",
+                dataset_fn,
             )
         self.schedule = schedule
         self.dataset_fn = dataset_fn
@@ -212,10 +185,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             ValueError: when a callable `schedule` returns something that is
                 not a positive int.
         """
-        if not _is_int(epoch) or epoch < 0:
-            raise ValueError(
-                f"`epoch` must be an int >= 0; received {epoch!r}."
-            )
+        epoch = _validation.integer("epoch", epoch, low=0)
         if self._schedule_dict is not None:
             size = None
             for start, batch_size in self._schedule_dict.items():
@@ -223,13 +193,14 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                     break
                 size = batch_size
             return size
-        size = self._schedule_fn(int(epoch))
-        if not _is_int(size) or size <= 0:
-            raise ValueError(
-                "`schedule` must return a positive int batch size; "
-                f"schedule({epoch}) returned {size!r}."
+        size = self._schedule_fn(epoch)
+        checked = _validation.as_int(size)
+        if checked is None or checked <= 0:
+            raise _validation.error(
+                "schedule", "a callable returning int batch sizes >= 1", size,
+                where=f" from schedule({epoch})",
             )
-        return int(size)
+        return checked
 
     def steps_per_epoch(self, epochs):
         """The number of steps of each of the first `epochs` epochs.
@@ -245,10 +216,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         Returns:
             A list of `epochs` ints.
         """
-        if not _is_int(epochs) or epochs <= 0:
-            raise ValueError(
-                f"`epochs` must be a positive int; received {epochs!r}."
-            )
+        epochs = _validation.integer("epochs", epochs, low=1)
         return [self._steps_for(self.batch_size_at(e)) for e in range(epochs)]
 
     def get_config(self):
@@ -268,7 +236,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 "`fit()` (nor set keras.config.max_steps_per_epoch)."
             )
         epochs = self.params.get("epochs") if self.params else None
-        if not _is_int(epochs) or epochs <= 0:
+        epochs = _validation.as_int(epochs)
+        if epochs is None or epochs <= 0:
             epochs = 1
         sizes = {}
         for epoch in range(epochs):

@@ -1,7 +1,9 @@
 """A callback that logs sharpness measures during `fit`."""
 
 import keras
+import numpy as np
 
+from keras_sam import _validation
 from keras_sam import sharpness
 
 __all__ = ["SharpnessMonitor"]
@@ -52,11 +54,11 @@ class SharpnessMonitor(keras.callbacks.Callback):
         measures: Names (a string or a sequence of strings) among
             `"worst_case_sharpness"`, `"full_gradient_norm"` and
             `"hessian_max_eigenvalue"`. Defaults to the first two.
-        hessian_iterations: Power iterations for `"hessian_max_eigenvalue"`,
-            `>= 1`. Defaults to 20.
-        hessian_tol: Relative tolerance of the power iteration. Defaults to
-            `1e-5`.
-        seed: Seed of the power iteration's start vector. Defaults to 0.
+        hessian_iterations: Most Lanczos steps (Hessian-vector products) for
+            `"hessian_max_eigenvalue"`, `>= 1`. Defaults to 20.
+        hessian_tol: Relative residual `||Hv - lambda v|| / |lambda|` at
+            which Lanczos stops. Defaults to `1e-5`.
+        seed: Seed of the Lanczos start vector. Defaults to 0.
         batch_size: Batch size when `data` is a tuple of arrays. Defaults to
             128.
         steps: Optional maximum number of batches of `data` to use.
@@ -97,14 +99,15 @@ class SharpnessMonitor(keras.callbacks.Callback):
         fill_value=None,
     ):
         super().__init__()
-        if data is None:
-            raise ValueError("`data` is required: the data to measure on.")
-        if not isinstance(data, (tuple, list)) and _is_one_shot(data):
-            raise ValueError(
-                "`data` must be re-iterable (a tf.data.Dataset, a list of "
-                "batches or a tuple of arrays): a one-shot iterator or "
-                f"generator would be exhausted after one epoch. Received: "
-                f"{type(data).__name__}"
+        if data is None or (
+            not isinstance(data, (tuple, list)) and _is_one_shot(data)
+        ):
+            # A one-shot iterator would be exhausted after one epoch.
+            raise _validation.error(
+                "data",
+                "re-iterable data to measure on (a tf.data.Dataset, a list of "
+                "batches or a tuple of arrays), not a one-shot iterator",
+                data,
             )
         self._batches = sharpness._Batches(
             data, batch_size=batch_size, steps=steps
@@ -113,30 +116,29 @@ class SharpnessMonitor(keras.callbacks.Callback):
             sharpness._LossSpec(loss)  # Validates it now.
         self.data = data
         self.loss = loss
-        self.every = sharpness._check_int("every", every, 1)
-        self.rho = sharpness._check_rho(rho)
-        if not isinstance(adaptive, (bool, int)):
-            raise ValueError(
-                f"`adaptive` must be a bool. Received: adaptive={adaptive!r}"
-            )
+        self.every = _validation.integer("every", every, low=1)
+        self.rho = _validation.real("rho", rho, low=0)
+        if not isinstance(adaptive, (bool, int, np.bool_, np.integer)):
+            raise _validation.error("adaptive", "a bool", adaptive)
         self.adaptive = bool(adaptive)
-        self.iterations = sharpness._check_int("iterations", iterations, 1)
+        self.iterations = _validation.integer("iterations", iterations, low=1)
         self.measures = _check_measures(measures)
-        self.hessian_iterations = sharpness._check_int(
-            "hessian_iterations", hessian_iterations, 1
+        self.hessian_iterations = _validation.integer(
+            "hessian_iterations", hessian_iterations, low=1
         )
-        self.hessian_tol = sharpness._check_positive_float(
-            "hessian_tol", hessian_tol
+        self.hessian_tol = _validation.real("hessian_tol", hessian_tol, low=0)
+        self.seed = _validation.integer("seed", seed, low=0, allow_none=True)
+        self.batch_size = _validation.integer(
+            "batch_size", batch_size, low=1, allow_none=True
         )
-        self.seed = seed
-        self.batch_size = batch_size
-        self.steps = steps
+        self.steps = _validation.integer("steps", steps, low=1, allow_none=True)
         self.include_model_losses = bool(include_model_losses)
         if not isinstance(prefix, str):
-            raise ValueError(
-                f"`prefix` must be a string. Received: prefix={prefix!r}"
-            )
-        self.prefix = prefix
+            raise _validation.error("prefix", "a string", prefix)
+        self.prefix = str(prefix)
+        # A NumPy scalar as a Python one, for the logs and get_config().
+        if isinstance(fill_value, (np.generic, np.ndarray)) and not np.ndim(fill_value):
+            fill_value = fill_value.item()
         self.fill_value = fill_value
         self.results = {}
 
@@ -249,27 +251,16 @@ def _is_one_shot(data):
 
 
 def _check_measures(measures):
+    expected = f"a string or a sequence of distinct strings among {sharpness.MEASURES}"
     if isinstance(measures, str):
         measures = (measures,)
     try:
-        measures = tuple(measures)
+        names = tuple(measures)
     except TypeError:
-        raise ValueError(
-            "`measures` must be a string or a sequence of strings among "
-            f"{sharpness.MEASURES}. Received: measures={measures!r}"
-        ) from None
-    if not measures:
-        raise ValueError(
-            f"`measures` must name at least one of {sharpness.MEASURES}."
-        )
-    for name in measures:
-        if name not in sharpness.MEASURES:
-            raise ValueError(
-                f"`measures`: unknown measure {name!r}; expected names among "
-                f"{sharpness.MEASURES}."
-            )
-    if len(set(measures)) != len(measures):
-        raise ValueError(
-            f"`measures` has duplicates. Received: measures={measures!r}"
-        )
-    return measures
+        raise _validation.error("measures", expected, measures) from None
+    names = tuple(
+        _validation.one_of("measures", name, sharpness.MEASURES) for name in names
+    )
+    if not names or len(set(names)) != len(names):
+        raise _validation.error("measures", expected, measures)
+    return names
