@@ -4,6 +4,9 @@ Public names:
 
 - `SAMModel`, `GSAMModel`, `SharpnessAwareMinimization`: wrap any Keras model
   so that `fit` trains it with a sharpness-aware step (`keras_sam.models`);
+  `sam_every=k` takes the second gradient every k-th step only;
+- `LookSAMModel`, `AESAMModel`: cheaper schedules of SAM's second gradient
+  (LookSAM's reused direction, AE-SAM's adaptive switching);
 - `keras_sam.rules`: the math of one step, backend-neutral;
 - `keras_sam.schedules`: epoch-aware learning-rate schedules;
 - `keras_sam.callbacks`: `BatchSizeScheduler`, `SharpnessMonitor`;
@@ -17,7 +20,9 @@ from keras_sam import datasets
 from keras_sam import rules
 from keras_sam import schedules
 from keras_sam import sharpness
+from keras_sam.models import AESAMModel
 from keras_sam.models import GSAMModel
+from keras_sam.models import LookSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
@@ -26,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SAMModel",
     "GSAMModel",
+    "LookSAMModel",
+    "AESAMModel",
     "SharpnessAwareMinimization",
     "callbacks",
     "datasets",

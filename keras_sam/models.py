@@ -21,7 +21,7 @@ from keras_sam import rules
 ADAPTIVE_SCOPES = ("weights", "kernels", "all")
 """Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
 
-TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho")
+TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho", "sam_fraction")
 """Logged by the training step only; `evaluate` and validation omit them."""
 
 
@@ -186,6 +186,7 @@ class SAMModel(keras.Model):
         num_batch_splits=None,
         sub_batch_size=None,
         adaptive_scope="weights",
+        sam_every=1,
         **kwargs,
     ):
         allow_unbuilt = kwargs.pop("_allow_unbuilt", False)
@@ -217,13 +218,25 @@ class SAMModel(keras.Model):
             raise ValueError(
                 "Pass at most one of `num_batch_splits` and `sub_batch_size`."
             )
+        self.sam_every = _validation.integer("sam_every", sam_every, low=1)
         super().__init__(**kwargs)
         self.inner = model
         self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self._grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self._rho_tracker = keras.metrics.Mean(name="rho")
+        self._sam_fraction_tracker = None
+        if self._switches_steps():
+            self._sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         if model.built:
             self.built = True
+            self._build_own_state()
+
+    def _switches_steps(self):
+        """Whether some steps are plain (then `sam_fraction` is logged)."""
+        return self.sam_every > 1
+
+    def _build_own_state(self):
+        """Creates the variables of `_own_state_variables` (none here)."""
 
     # ----------------------------------------------------------- keras.Model
     def call(self, inputs, training=None):
@@ -232,7 +245,15 @@ class SAMModel(keras.Model):
     def build(self, input_shape=None):
         if not self.inner.built:
             self.inner.build(input_shape)
+        if not self.built:
+            self._build_own_state()
         self.built = True
+
+    @property
+    def output_names(self):
+        """The wrapped model's output names (so that `compile` maps a loss or
+        metrics dict onto its outputs); an AttributeError when it has none."""
+        return self.inner.output_names
 
     def export(self, filepath, *args, **kwargs):
         """Exports the wrapped model for inference (`keras.Model.export`).
@@ -254,6 +275,7 @@ class SAMModel(keras.Model):
             num_batch_splits=self.num_batch_splits,
             sub_batch_size=self.sub_batch_size,
             adaptive_scope=self.adaptive_scope,
+            sam_every=self.sam_every,
         )
         return config
 
@@ -355,39 +377,100 @@ class SAMModel(keras.Model):
         return scaled, (loss, y_pred, new_state, new_metrics)
 
     def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
-        """Descent gradients and new state for one batch (one replica)."""
+        """Descent gradients and new state for one batch (one replica).
+
+        The clean pass always runs; the perturbed pass only on the steps
+        where `_decide` says so (every step by default), inside one compiled
+        conditional, so a plain step costs one gradient evaluation.
+        """
         grad_fn = sam_backend.value_and_grad(self._loss_and_state)
-        rho = self.current_rho()
         replicas = sam_backend.num_replicas()
 
+        random_state = sam_backend.random_state()
         (_, (loss, y_pred, new_state, new_metrics)), grads = grad_fn(
             weights, state, metrics_state, x, y, sample_weight
         )
         ascent = grads
         if self.sync_perturbation and replicas > 1:
             ascent = sam_backend.all_reduce(grads, "sum")
-        e = self._perturbation(ascent, weights, rho)
-        (_, (loss_adv, _, _, _)), perturbed = grad_fn(
-            [w + ei for w, ei in zip(weights, e)], state, metrics_state, x, y, sample_weight
-        )
+        positions = self._own_state_positions()
+        own = [state[i] for i in positions]
+        do_sam, own = self._decide(grads, own)
+
+        # Only the second gradient evaluation is conditional: collectives
+        # (all-reduce under MirroredStrategy) cannot run inside a branch.
+        def second_pass():
+            rho = self.current_rho()
+            e = self._perturbation(ascent, weights, rho)
+            sam_backend.set_random_state(random_state)  # the same dropout mask
+            (_, (loss_adv, _, _, _)), perturbed = grad_fn(
+                [w + ei for w, ei in zip(weights, e)],
+                state, metrics_state, x, y, sample_weight,
+            )
+            sharpness = ops.cast((loss_adv - loss) * replicas, "float32")
+            return list(perturbed), sharpness, ops.cast(rho, "float32")
+
+        def no_second_pass():
+            zero = ops.zeros((), "float32")
+            return list(grads), zero, zero
+
+        if do_sam is True:
+            perturbed, sharpness, rho = second_pass()
+        else:
+            perturbed, sharpness, rho = ops.cond(do_sam, second_pass, no_second_pass)
         if self.sync_perturbation and replicas > 1 and self._descent_uses_clean_gradient:
             # The combination needs the global gradients; every replica
             # computes the same global direction and hands apply() its share.
-            g_all = ascent
             gp_all = sam_backend.all_reduce(perturbed, "sum")
-            descent = [d / replicas for d in self._descent(g_all, gp_all)]
+            descent = [d / replicas for d in self._descent(ascent, gp_all)]
         else:
             descent = self._descent(grads, perturbed)
+        sam_own = self._after_sam(grads, perturbed, own)
+        if do_sam is True:
+            own = sam_own
+        else:
+            plain = self._plain_descent(grads, own)
+            descent = [ops.where(do_sam, d, p) for d, p in zip(descent, plain)]
+            own = [ops.where(do_sam, n, o) for n, o in zip(sam_own, own)]
+        for i, value in zip(positions, own):
+            new_state[i] = value
         grad_norm = rules.global_norm(ascent)
         if not self.sync_perturbation:
             grad_norm = grad_norm * replicas
         stats = dict(
             loss=ops.cast(loss, "float32"),
-            sharpness=ops.cast((loss_adv - loss) * replicas, "float32"),
+            sharpness=sharpness,
             grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
-            rho=ops.cast(rho, "float32"),
+            rho=rho,
+            sam_step=ops.cast(do_sam, "float32"),
         )
         return descent, new_state, new_metrics, stats, y_pred
+
+    # --------------------------------------------- when to take a SAM step
+    def _own_state_variables(self):
+        """The wrapper's own state kept across steps (LookSAM's direction,
+        AE-SAM's statistics): non-trainable variables, saved with the model."""
+        return []
+
+    def _own_state_positions(self):
+        own = {id(v) for v in self._own_state_variables()}
+        return [i for i, v in enumerate(self.non_trainable_variables) if id(v) in own]
+
+    def _decide(self, grads, own):
+        """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
+        scalar tensor, the same on every replica) and the updated own state."""
+        if self.sam_every == 1:
+            return True, own
+        iteration = ops.convert_to_tensor(self.optimizer.iterations)
+        return ops.equal(ops.mod(iteration, self.sam_every), 0), own
+
+    def _after_sam(self, grads, perturbed, own):
+        """Own state after a SAM step."""
+        return list(own)
+
+    def _plain_descent(self, grads, own):
+        """The descent gradient of a plain step: the clean gradient."""
+        return list(grads)
 
     def _loss_scale(self):
         scale = getattr(self.optimizer, "dynamic_scale", None)
@@ -436,7 +519,7 @@ class SAMModel(keras.Model):
             [ops.zeros_like(s) if f else s for s, f in zip(state, is_float)],
             list(state),
             list(metrics_state),
-            dict(loss=zero, sharpness=zero, grad_norm=zero, rho=zero),
+            dict(loss=zero, sharpness=zero, grad_norm=zero, rho=zero, sam_step=zero),
         )
         carry, y_pred = sam_backend.loop_over(n, body, carry)
         descent_sum, state_sum, carried, metrics, stats_sum = carry
@@ -528,9 +611,12 @@ class SAMModel(keras.Model):
         self._loss_tracker.update_state(
             stats["loss"] * replicas, sample_weight=_batch_size(x)
         )
-        self._sharpness_tracker.update_state(stats["sharpness"])
+        # sharpness and rho exist on SAM steps only.
+        self._sharpness_tracker.update_state(stats["sharpness"], sample_weight=stats["sam_step"])
+        self._rho_tracker.update_state(stats["rho"], sample_weight=stats["sam_step"])
         self._grad_norm_tracker.update_state(stats["grad_norm"])
-        self._rho_tracker.update_state(stats["rho"])
+        if self._sam_fraction_tracker is not None:
+            self._sam_fraction_tracker.update_state(stats["sam_step"])
 
 
 def _without_training_statistics(logs):
@@ -686,6 +772,166 @@ def _schedule_range(lr):
         "learning rate of your schedule), or leave `rho_min=None` for a "
         "constant rho."
     )
+
+
+def _no_splits(cls_name, model):
+    if model.num_batch_splits or model.sub_batch_size:
+        raise ValueError(
+            f"{cls_name} keeps one direction per step for the whole batch: "
+            "`num_batch_splits` and `sub_batch_size` must be None."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class LookSAMModel(SAMModel):
+    """Wraps a Keras model so that `fit` trains it with LookSAM.
+
+    LookSAM (Liu et al., CVPR 2022) computes SAM's second gradient only every
+    `sam_every` steps. On such a refresh step it descends along `g_p` as SAM
+    does and stores `g_v`, the component of `g_p` orthogonal to the clean
+    gradient `g`; on the other steps it evaluates `g` only and descends along
+    `g + alpha * (||g|| / ||g_v||) * g_v`. `sam_every=1` is SAM exactly.
+    `g_v` is a set of non-trainable variables of the wrapper, so `model.save`
+    and `BackupAndRestore` keep it. Under `MirroredStrategy`, `g_v` and the
+    reuse step use the all-reduced gradients, so every replica holds the same
+    `g_v`. The refresh steps are those with `optimizer.iterations %
+    sam_every == 0`.
+
+    Args:
+        model: the `keras.Model` to train, built.
+        rho: SAM's radius.
+        sam_every: steps per refresh (LookSAM's k), `>= 1`.
+        alpha: weight of the reused direction, `>= 0` (LookSAM's 0.7).
+        **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
+            `sync_perturbation`); sub-batches are not supported.
+
+    Example:
+
+    ```python
+    model = keras_sam.LookSAMModel(inner, rho=0.05, sam_every=5, alpha=0.7)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=...)
+    model.fit(x, y, epochs=10)   # about 1.2x the cost of a plain step
+    ```
+    """
+
+    def __init__(self, model, rho=0.05, sam_every=5, alpha=0.7, **kwargs):
+        self.alpha = _validation.real("alpha", alpha, low=0)
+        self._g_v = []
+        super().__init__(model, rho=rho, sam_every=sam_every, **kwargs)
+        _no_splits("LookSAMModel", self)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(alpha=self.alpha)
+        return config
+
+    def _build_own_state(self):
+        self._g_v = [
+            self.add_weight(
+                shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
+                autocast=False, name=f"looksam_direction_{i}",
+            )
+            for i, v in enumerate(self.inner.trainable_variables)
+        ]
+
+    def _own_state_variables(self):
+        return list(self._g_v)
+
+    def _after_sam(self, grads, perturbed, own):
+        g = sam_backend.all_reduce(grads, "sum")
+        return rules.looksam_direction(g, sam_backend.all_reduce(perturbed, "sum"))
+
+    def _plain_descent(self, grads, own):
+        replicas = sam_backend.num_replicas()
+        g = sam_backend.all_reduce(grads, "sum") if replicas > 1 else grads
+        extra = rules.looksam_reuse(g, own, self.alpha)
+        return [gi + (d - g_all) / replicas for gi, d, g_all in zip(grads, extra, g)]
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class AESAMModel(SAMModel):
+    """Wraps a Keras model so that `fit` takes SAM steps only where the loss
+    looks sharp: AE-SAM's adaptive policy.
+
+    AE-SAM (Jiang et al., ICLR 2023) tracks exponential moving averages of
+    the mean `mu` and variance `var` of the squared gradient norm
+    `s = ||g||^2` (decay `decay`) and takes a SAM step when
+    `s >= mu + c * sqrt(var)`, else a plain step with the clean gradient
+    (one gradient evaluation). `c` moves linearly from `threshold` to
+    `threshold_end` over `total_steps` steps (constant without them); a
+    larger `c` means fewer SAM steps: about `1 - Phi(c)` of the steps for a
+    normally distributed `s`, e.g. 24% at `c = 0.7`. `g` is the global
+    (all-reduced) gradient, so every replica decides alike; `mu` and `var` are
+    non-trainable variables of the wrapper, kept by `model.save` and
+    `BackupAndRestore`. History logs `sam_fraction`, the share of SAM steps.
+
+    Args:
+        model: the `keras.Model` to train, built.
+        rho: SAM's radius.
+        threshold: `c` at the first step.
+        threshold_end: `c` after `total_steps` steps (None: `threshold`).
+        total_steps: steps over which `c` moves (needed with `threshold_end`).
+        decay: decay of the moving averages, in `[0, 1)` (AE-SAM's 0.9).
+        **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
+            `sync_perturbation`); sub-batches are not supported.
+
+    Example:
+
+    ```python
+    model = keras_sam.AESAMModel(inner, rho=0.05, threshold=0.7)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=...)
+    history = model.fit(x, y, epochs=10)   # history.history["sam_fraction"]
+    ```
+    """
+
+    def __init__(self, model, rho=0.05, threshold=0.7, threshold_end=None,
+                 total_steps=None, decay=0.9, **kwargs):
+        self.threshold = _validation.real("threshold", threshold)
+        self.threshold_end = _validation.real("threshold_end", threshold_end, allow_none=True)
+        self.total_steps = _validation.integer("total_steps", total_steps, low=1, allow_none=True)
+        if (self.threshold_end is None) != (self.total_steps is None):
+            raise ValueError(
+                "`threshold_end` and `total_steps` go together: pass both "
+                "(c moves linearly from `threshold` to `threshold_end`), or neither."
+            )
+        self.decay = _validation.real("decay", decay, low=0, high=1, high_inclusive=False)
+        self._moments = []
+        super().__init__(model, rho=rho, **kwargs)
+        _no_splits("AESAMModel", self)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("sam_every")
+        config.update(threshold=self.threshold, threshold_end=self.threshold_end,
+                      total_steps=self.total_steps, decay=self.decay)
+        return config
+
+    def _switches_steps(self):
+        return True
+
+    def _build_own_state(self):
+        self._moments = [
+            self.add_weight(shape=(), dtype="float32", initializer="zeros",
+                            trainable=False, autocast=False, name=name)
+            for name in ("aesam_mean", "aesam_variance")
+        ]
+
+    def _own_state_variables(self):
+        return list(self._moments)
+
+    def _decide(self, grads, own):
+        g = sam_backend.all_reduce(grads, "sum")
+        scale = self._loss_scale()
+        squared_norm = ops.square(rules.global_norm(g) / scale)
+        iteration = ops.cast(ops.convert_to_tensor(self.optimizer.iterations), "float32")
+        c = self.threshold
+        if self.total_steps is not None:
+            progress = ops.minimum(iteration / self.total_steps, 1.0)
+            c = c + (self.threshold_end - c) * progress
+        mean, variance, do_sam = rules.aesam_decision(
+            squared_norm, own[0], own[1], self.decay, c
+        )
+        return do_sam, [mean, variance]
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")

@@ -130,3 +130,28 @@ def gsam_rho(learning_rate, rho_max, rho_min, lr_max, lr_min):
 def all_finite(tensors):
     """True (a boolean scalar tensor) when no tensor holds an inf or NaN."""
     return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
+
+
+def looksam_direction(grads, perturbed_grads):
+    """LookSAM's stored direction `g_v`: the part of `g_p` orthogonal to `g`,
+    `g_v = g_p - (<g_p, g> / ||g||^2) g`."""
+    coef = dot(perturbed_grads, grads) / (dot(grads, grads) + EPSILON)
+    return [gp - ops.cast(coef, gp.dtype) * g for g, gp in zip(grads, perturbed_grads)]
+
+
+def looksam_reuse(grads, direction, alpha):
+    """LookSAM's descent between refreshes: `g + alpha (||g|| / ||g_v||) g_v`."""
+    scale = alpha * global_norm(grads) / (global_norm(direction) + EPSILON)
+    return [g + ops.cast(scale, g.dtype) * v for g, v in zip(grads, direction)]
+
+
+def aesam_decision(squared_norm, mean, variance, decay, threshold):
+    """AE-SAM's rule: update the moving mean and variance of `||g||^2`, then
+    take a SAM step when `||g||^2 >= mean + threshold * sqrt(variance)`.
+
+    Returns:
+        `(mean, variance, do_sam)` with the updated moments.
+    """
+    mean = decay * mean + (1 - decay) * squared_norm
+    variance = decay * variance + (1 - decay) * ops.square(squared_norm - mean)
+    return mean, variance, squared_norm >= mean + threshold * ops.sqrt(variance)

@@ -75,7 +75,9 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
         assert int(got["scheduler_iterations"]) == 14
         np.testing.assert_allclose(got["worst_case_sharpness"],
                                    reference["worst_case_sharpness"], rtol=1e-4)
-    names = ["mlp_gsam"] if core_only else ["mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split"]
+    names = ["mlp_gsam"] if core_only else [
+        "mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split", "mlp_every", "mlp_looksam", "mlp_aesam"
+    ]
     for name in names:
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6,
                                    err_msg=f"{name} on {backend} jit={jit}")

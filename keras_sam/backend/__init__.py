@@ -15,6 +15,9 @@ functions. Each backend module exports the same names:
   (identity with one replica).
 - `read_values(variables)`: the variables' current values as tensors.
 - `no_grad()`: a context for in-place updates (torch's `no_grad`).
+- `random_state()` / `set_random_state(state)`: the backend's global random
+  state, for layers that draw from it (torch's unseeded Dropout), so both
+  passes of a step see the same random numbers (no-ops elsewhere).
 - `loop_over(n, body, carry)`: `carry, out = body(i, carry)` for `i < n`,
   returning the last carry and the outputs concatenated along axis 0; `n`
   is an int, or on TensorFlow a tensor (a batch size unknown at trace time).

@@ -9,6 +9,8 @@ import jax
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
 from keras_sam.backend._single_replica import loop_over  # noqa: F401
 from keras_sam.backend._single_replica import num_replicas  # noqa: F401
+from keras_sam.backend._stateless_random import random_state  # noqa: F401
+from keras_sam.backend._stateless_random import set_random_state  # noqa: F401
 
 __all__ = [
     "value_and_grad",
@@ -18,6 +20,8 @@ __all__ = [
     "loop_over",
     "read_values",
     "no_grad",
+    "random_state",
+    "set_random_state",
 ]
 
 

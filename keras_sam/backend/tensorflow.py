@@ -12,6 +12,8 @@ import tensorflow as tf
 from keras import tree
 
 from keras_sam.backend._loops import python_loop
+from keras_sam.backend._stateless_random import random_state  # noqa: F401
+from keras_sam.backend._stateless_random import set_random_state  # noqa: F401
 
 __all__ = [
     "value_and_grad",
@@ -21,6 +23,8 @@ __all__ = [
     "read_values",
     "no_grad",
     "loop_over",
+    "random_state",
+    "set_random_state",
 ]
 
 

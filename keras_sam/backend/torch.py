@@ -16,6 +16,8 @@ __all__ = [
     "loop_over",
     "read_values",
     "no_grad",
+    "random_state",
+    "set_random_state",
 ]
 
 
@@ -56,3 +58,17 @@ def read_values(variables):
 
 def no_grad():
     return torch.no_grad()
+
+
+def random_state():
+    """torch's global generator state: Keras layers without a seed (Dropout)
+    draw from it, so both SAM passes restore it to get the same mask."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_random_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
