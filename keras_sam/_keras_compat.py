@@ -4,10 +4,15 @@ Each access is named after what it reads, so a Keras release that moves an
 attribute breaks here, in one place, with a message that says so.
 """
 
+import warnings
+
 import keras
 
-TESTED_KERAS_VERSIONS = ((3, 15), (3, 15))
-"""Inclusive range of Keras minor versions the test suite pins."""
+TESTED_KERAS_VERSIONS = ((3, 12), (3, 15))
+"""Inclusive range of Keras minor versions the test suite runs on (CI runs the
+whole suite on the oldest and on the newest)."""
+
+_warned = set()
 
 
 def keras_version():
@@ -15,14 +20,29 @@ def keras_version():
 
 
 def check_keras_version(feature):
-    """Raises a clear error when `feature` runs on an untested Keras."""
+    """Checks that `feature` may use Keras internals on this Keras.
+
+    Older than the tested range: a clear error. Newer: a warning (once), and
+    the feature goes on; the attributes it needs are checked where they are
+    read (`running_fit`), so a Keras that moved them fails with a message
+    naming them, before training starts.
+    """
     low, high = TESTED_KERAS_VERSIONS
-    if not (low <= keras_version() <= high):
+    version = keras_version()
+    tested = f"{low[0]}.{low[1]} to {high[0]}.{high[1]}"
+    if version < low:
         raise RuntimeError(
-            f"{feature} relies on Keras internals tested with Keras "
-            f"{low[0]}.{low[1]} to {high[0]}.{high[1]}; this is Keras "
-            f"{keras.__version__}. Install a tested version "
-            f"(pip install 'keras>={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}')."
+            f"{feature} relies on Keras internals tested with Keras {tested}; "
+            f"this is Keras {keras.__version__}. Install a tested version "
+            f"(pip install 'keras>={low[0]}.{low[1]}')."
+        )
+    if version > high and feature not in _warned:
+        _warned.add(feature)
+        warnings.warn(
+            f"{feature} relies on Keras internals tested with Keras {tested}; "
+            f"this is Keras {keras.__version__}, newer. It checks what it needs "
+            "before training and says so if something moved.",
+            stacklevel=3,
         )
 
 
@@ -99,6 +119,7 @@ def running_fit(model):
                     callback_list = local.get("callbacks")
                     if not isinstance(callback_list, CallbackList):
                         callback_list = None
+                    _check_iterator_attributes(iterator)
                     return RunningFit(
                         iterator, callback_list, local.get("class_weight")
                     )
@@ -110,6 +131,21 @@ def running_fit(model):
         f"(it found no running fit() of model {getattr(model, 'name', model)!r} "
         f"with an `epoch_iterator`; Keras {keras.__version__})."
     )
+
+
+def _check_iterator_attributes(iterator):
+    names = EPOCH_ITERATOR_ATTRIBUTES
+    if keras.backend.backend() == "tensorflow":
+        names = names + TF_EPOCH_ITERATOR_ATTRIBUTES
+    missing = [name for name in names if not hasattr(iterator, name)]
+    if missing:
+        raise RuntimeError(
+            f"{_BATCH_SIZE_SCHEDULER} cannot change the batch size inside fit() "
+            f"on Keras {keras.__version__}: its epoch iterator has no {missing} "
+            f"(tested with Keras {TESTED_KERAS_VERSIONS[0]} to "
+            f"{TESTED_KERAS_VERSIONS[1]}). Use a tested Keras, or call fit() "
+            "once per batch size with `initial_epoch`."
+        )
 
 
 def epoch_iterator_fixed_steps(epoch_iterator):
