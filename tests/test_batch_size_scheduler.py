@@ -350,9 +350,29 @@ def test_outside_fit_is_a_clear_error():
 # The Keras internals relied on, pinned.
 
 
+def test_newer_untested_keras_warns_and_still_ramps(monkeypatch):
+    monkeypatch.setattr(_keras_compat, "TESTED_KERAS_VERSIONS", ((3, 0), (3, 1)))
+    monkeypatch.setattr(_keras_compat, "_warned", set())
+    model = _counting_model()
+    with pytest.warns(UserWarning, match="newer"):
+        history = model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False,
+                            callbacks=[BatchSizeScheduler(RAMP, dataset_fn)])
+    assert history.history["batch_size"] == RAMP_SIZES
+
+
+def test_moved_internals_are_a_clear_error_before_training(monkeypatch):
+    monkeypatch.setattr(_keras_compat, "EPOCH_ITERATOR_ATTRIBUTES",
+                        _keras_compat.EPOCH_ITERATOR_ATTRIBUTES + ("_not_there",))
+    model = _counting_model()
+    with pytest.raises(RuntimeError, match="_not_there"):
+        model.fit(dataset_fn(4), epochs=2, verbose=0, shuffle=False,
+                  callbacks=[BatchSizeScheduler(RAMP, dataset_fn)])
+    assert _iterations(model) == 0
+
+
 def test_pinned_keras_version_and_internals():
-    low, high = _keras_compat.TESTED_KERAS_VERSIONS
-    assert low <= _keras_compat.keras_version() <= high, keras.__version__
+    low, _ = _keras_compat.TESTED_KERAS_VERSIONS
+    assert low <= _keras_compat.keras_version(), keras.__version__
 
     seen = {}
 
