@@ -131,11 +131,13 @@ class SAMModel(keras.Model):
     normalization scales (`gamma`). `"kernels"` scales variables with two or
     more dimensions only, `"all"` every variable.
 
-    Under `tf.distribute.MirroredStrategy` each replica perturbs with its own
-    batch slice by default (m-sharpness, as in the SAM and GSAM papers), and
-    only the descent gradient is all-reduced. `sync_perturbation=True`
-    all-reduces `g` first, so `e` is the same on every replica and the result
-    does not depend on the replica count.
+    Under `tf.distribute.MirroredStrategy`, and on JAX under
+    `keras.distribution.DataParallel` over several devices, each replica
+    (device) perturbs with its own batch slice by default (m-sharpness, as in
+    the SAM and GSAM papers), and only the descent gradient is all-reduced:
+    the result equals `num_batch_splits=<replicas>` on one device.
+    `sync_perturbation=True` all-reduces `g` first, so `e` is the same on
+    every replica and the result does not depend on the replica count.
 
     Mixed precision (`mixed_float16`): both losses are scaled by the compiled
     `LossScaleOptimizer`; a step whose gradients are not finite on ANY replica
@@ -370,6 +372,7 @@ class SAMModel(keras.Model):
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
+        loss = sam_backend.replica_loss(loss)
         new_state = [scope.get_current_value(v) for v in self.non_trainable_variables]
         # compute_loss updates the per-output loss metrics of a loss dict.
         new_metrics = [scope.get_current_value(v) for v in self.metrics_variables]
@@ -574,10 +577,16 @@ class SAMModel(keras.Model):
         """`train_step` for JAX: state in, state out (see Keras' JAX trainer)."""
         trainable, non_trainable, optimizer_vars, metrics_vars = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        mapping = list(zip(self.optimizer.variables, optimizer_vars))
-        with keras.StatelessScope(state_mapping=mapping):
-            descent, new_state, metrics_vars, stats, y_pred = self._step_on_batch(
-                trainable, non_trainable, metrics_vars, x, y, sample_weight
+        mesh = None if self.sync_perturbation else sam_backend.per_device_mesh()
+        if mesh is None:
+            mapping = list(zip(self.optimizer.variables, optimizer_vars))
+            with keras.StatelessScope(state_mapping=mapping):
+                descent, new_state, metrics_vars, stats, y_pred = self._step_on_batch(
+                    trainable, non_trainable, metrics_vars, x, y, sample_weight
+                )
+        else:
+            descent, new_state, metrics_vars, stats, y_pred = self._step_per_device(
+                mesh, state, (x, y, sample_weight)
             )
         new_trainable, optimizer_vars = self.optimizer.stateless_apply(
             optimizer_vars, descent, trainable
@@ -591,6 +600,40 @@ class SAMModel(keras.Model):
             logs = self.compute_metrics(x, y, y_pred, sample_weight)
         metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
         return logs, (new_trainable, new_state, optimizer_vars, metrics_vars)
+
+    def _step_per_device(self, mesh_and_axis, state, data):
+        """`_step_on_batch` on every device's shard of the batch (JAX under
+        `DataParallel`): each device perturbs with its own gradient, and the
+        descent gradients, state and metrics are combined across devices as
+        MirroredStrategy combines replicas."""
+        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
+
+        def local(state, data):
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            mapping = list(zip(self.optimizer.variables, optimizer_vars))
+            with keras.StatelessScope(state_mapping=mapping):
+                descent, new_state, new_metrics, stats, y_pred = self._step_on_batch(
+                    trainable, non_trainable, metrics_vars, *data
+                )
+            reduce = sam_backend.all_reduce
+            descent = reduce(descent, "sum")  # each device's loss is 1/devices
+            new_state = [
+                reduce([n], "mean")[0] if f else n for n, f in zip(new_state, is_float)
+            ]
+            deltas = reduce([n - m for n, m in zip(new_metrics, metrics_vars)], "sum")
+            new_metrics = [m + d for m, d in zip(metrics_vars, deltas)]
+            # The loss is each device's share of the global mean; the other
+            # statistics are the devices' average.
+            stats = {
+                k: reduce([v], "sum" if k == "loss" else "mean")[0] for k, v in stats.items()
+            }
+            return (descent, new_state, new_metrics, stats), y_pred
+
+        mesh, axis = mesh_and_axis
+        (descent, new_state, new_metrics, stats), y_pred = sam_backend.per_device(
+            local, mesh, axis, state, data
+        )
+        return descent, new_state, new_metrics, stats, y_pred
 
     def _stateful_test_step(self, data):
         return _without_training_statistics(super().test_step(data))

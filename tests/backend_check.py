@@ -119,6 +119,8 @@ def main(out, jit, data_parallel=False, core_only=False):
     for name, wrap in cases.items():
         inner = mlp()
         model = wrap(inner)
+        if data_parallel:  # the global perturbation: comparable with one device
+            model.sync_perturbation = True
         lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=2, steps_per_epoch=steps)
         per_execution = 2 if name in cheaper and keras.backend.backend() != "torch" else 1
         model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse", jit_compile=jit,

@@ -18,6 +18,11 @@ functions. Each backend module exports the same names:
 - `random_state()` / `set_random_state(state)`: the backend's global random
   state, for layers that draw from it (torch's unseeded Dropout), so both
   passes of a step see the same random numbers (no-ops elsewhere).
+- `replica_loss(loss)`: a replica's share of the global mean loss (Keras'
+  TensorFlow trainer divides by the replica count itself; JAX's `per_device`
+  step does it here).
+- JAX only: `per_device_mesh()` and `per_device(fn, mesh, axis, replicated,
+  sharded)`, the per-device step under `keras.distribution.DataParallel`.
 - `loop_over(n, body, carry)`: `carry, out = body(i, carry)` for `i < n`,
   returning the last carry and the outputs concatenated along axis 0; `n`
   is an int, or on TensorFlow a tensor (a batch size unknown at trace time).

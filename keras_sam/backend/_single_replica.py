@@ -4,7 +4,7 @@ always known when the step is traced, so sub-batch loops are Python loops."""
 
 from keras_sam.backend._loops import python_loop as loop_over  # noqa: F401
 
-__all__ = ["num_replicas", "all_reduce", "loop_over"]
+__all__ = ["num_replicas", "all_reduce", "loop_over", "replica_loss"]
 
 
 def num_replicas():
@@ -15,3 +15,7 @@ def all_reduce(tensors, reduction):
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     return list(tensors)
+
+
+def replica_loss(loss):
+    return loss

@@ -1,14 +1,18 @@
-"""JAX gradients. Keras' JAX trainer is pure and shards the global batch itself
-(`keras.distribution.DataParallel`), so a step always sees the global batch:
-the perturbation is the synchronized one, and there is no replica context."""
+"""JAX gradients, and replicas under `keras.distribution.DataParallel`.
+
+Keras' JAX trainer is pure and shards the global batch itself, so a step sees
+the global batch. For a per-device perturbation (the default, as on
+TensorFlow's MirroredStrategy), `per_device` runs the step on each device's
+shard with `jax.shard_map`; inside it `num_replicas` and `all_reduce` see the
+devices as replicas, with the semantics of a `tf.distribute` replica context:
+each device's loss is its local mean divided by the device count, so its
+gradients SUM to the global one."""
 
 import contextlib
 
 import jax
 
-from keras_sam.backend._single_replica import all_reduce  # noqa: F401
 from keras_sam.backend._single_replica import loop_over  # noqa: F401
-from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 from keras_sam.backend._stateless_random import random_state  # noqa: F401
 from keras_sam.backend._stateless_random import set_random_state  # noqa: F401
 
@@ -20,6 +24,9 @@ __all__ = [
     "loop_over",
     "read_values",
     "no_grad",
+    "replica_loss",
+    "per_device_mesh",
+    "per_device",
     "random_state",
     "set_random_state",
 ]
@@ -45,3 +52,60 @@ def read_values(variables):
 
 def no_grad():
     return contextlib.nullcontext()
+
+
+_REPLICA_AXES = []  # (axis name, size) of the per-device step being traced
+
+
+def num_replicas():
+    return _REPLICA_AXES[-1][1] if _REPLICA_AXES else 1
+
+
+def all_reduce(tensors, reduction):
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not _REPLICA_AXES:
+        return list(tensors)
+    reduce = jax.lax.psum if reduction == "sum" else jax.lax.pmean
+    return [reduce(t, _REPLICA_AXES[-1][0]) for t in tensors]
+
+
+def replica_loss(loss):
+    """A device's share of the global mean loss inside `per_device`."""
+    return loss / num_replicas()
+
+
+def per_device_mesh():
+    """`(mesh, axis)` of the active `keras.distribution.DataParallel` over more
+    than one device, else None."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.DataParallel):
+        return None
+    mesh = distribution.device_mesh
+    if mesh.devices.size < 2:
+        return None
+    return mesh.backend_mesh, distribution.batch_dim_name
+
+
+def per_device(fn, mesh, axis, replicated, sharded):
+    """`fn(replicated, sharded)` on every device with its shard of `sharded`.
+
+    `fn` returns `(same, local)`: `same` must be equal on every device (reduce
+    it with `all_reduce` inside `fn`), `local` is per example and is put back
+    together along the batch axis.
+    """
+    size = mesh.shape[axis]
+
+    def body(replicated, sharded):
+        _REPLICA_AXES.append((axis, size))
+        try:
+            return fn(replicated, sharded)
+        finally:
+            _REPLICA_AXES.pop()
+
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(axis)), check_vma=False
+    )(replicated, sharded)

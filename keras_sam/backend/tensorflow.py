@@ -22,6 +22,7 @@ __all__ = [
     "all_reduce",
     "read_values",
     "no_grad",
+    "replica_loss",
     "loop_over",
     "random_state",
     "set_random_state",
@@ -90,6 +91,12 @@ def read_values(variables):
 
 def no_grad():
     return contextlib.nullcontext()
+
+
+def replica_loss(loss):
+    """Keras' TensorFlow trainer already divides each replica's loss by the
+    replica count (`scale_loss_for_distribution`)."""
+    return loss
 
 
 def loop_over(n, body, carry):
