@@ -502,6 +502,8 @@ class _Recorder(keras.callbacks.Callback):
         for key in ("sharpness", "grad_norm", "rho"):  # SAM's own logs
             if key in logs:
                 record["sam_" + key] = float(logs[key])
+        if "sam_fraction" in logs:  # share of SAM steps (sam_every, LookSAM, AE-SAM)
+            record["sam_fraction"] = float(logs["sam_fraction"])
         self._last_iterations = iterations
         if self.every and (epoch + 1) % self.every == 0 and epoch + 1 < len(
                 self.batch_sizes):
@@ -511,8 +513,19 @@ class _Recorder(keras.callbacks.Callback):
             EPOCH_HOOK(self.name, epoch)
 
 
-def train_one(args, data, method, schedule, seed):
-    """Trains one grid point; returns its record (a JSON-able dict)."""
+WRAPPERS = {
+    # method: how it wraps the network (benchmarks/efficient.py adds its own)
+    "sgd": lambda inner: inner,
+    "sam": lambda inner: keras_sam.SAMModel(inner, rho=RHO),
+    "gsam": lambda inner: keras_sam.GSAMModel(inner, rho=RHO, alpha=ALPHA),
+}
+
+
+def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
+    """Trains one grid point; returns its record (a JSON-able dict).
+
+    `wrappers` maps method names to functions that wrap the network
+    (default `WRAPPERS`); `callbacks` are added to `fit`'s."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     epochs = args.epochs
@@ -541,12 +554,7 @@ def train_one(args, data, method, schedule, seed):
         lr = LR
 
     inner = MODELS[args.model](input_shape=data.input_shape, classes=data.classes)
-    if method == "sgd":
-        model = inner
-    elif method == "sam":
-        model = keras_sam.SAMModel(inner, rho=RHO)
-    else:
-        model = keras_sam.GSAMModel(inner, rho=RHO, alpha=ALPHA)
+    model = (WRAPPERS if wrappers is None else wrappers)[method](inner)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.0),
@@ -568,7 +576,7 @@ def train_one(args, data, method, schedule, seed):
 
     name = run_name(method, schedule, seed)
     recorder = _Recorder(name, per_epoch_batch, measure, args.sharpness_every)
-    callbacks = ([scheduler] if scheduler else []) + [recorder]
+    callbacks = ([scheduler] if scheduler else []) + [recorder] + list(callbacks)
     train_ds = data.train_dataset(per_epoch_batch[0], seed)
     t0 = time.perf_counter()
     model.fit(train_ds, epochs=epochs, validation_data=data.test_dataset(),

@@ -31,11 +31,32 @@ def gpu_step_cost():
 def step_cost_cpu():
     r = json.load(open(os.path.join(RESULTS, "step_cost_cpu.json")))
     ms, ratio = r["ms_per_step"], r["ratio"]
-    return (f"| | plain | SAM | GSAM |\n|---|---|---|---|\n"
-            f"| ms / step | {ms['plain']:.1f} | {ms['sam']:.1f} | {ms['gsam']:.1f} |\n"
-            f"| median ratio to plain | 1 | {ratio['sam']:.3f} | {ratio['gsam']:.3f} |\n\n"
-            f"({r['machine']}, {r['backend']}, Keras {r['keras']}, batch {r['batch']}, "
-            f"{r['image']}x{r['image']}x3, jit={r['jit']})")
+    # Older results files name only plain, SAM and GSAM.
+    names = r.get("methods", {"plain": "plain", "sam": "SAM", "gsam": "GSAM"})
+    keys = [k for k in names if k in ms]
+    rows = [
+        "| | " + " | ".join(names[k] for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+        "| ms / step | " + " | ".join(f"{ms[k]:.1f}" for k in keys) + " |",
+        "| median ratio to plain | "
+        + " | ".join("1" if k == "plain" else f"{ratio[k]:.3f}" for k in keys) + " |",
+    ]
+    if "sam_fraction" in r:
+        rows.append("| share of SAM steps (measured) | "
+                    + " | ".join(f"{r['sam_fraction'][k]:.2f}" for k in keys) + " |")
+    rounds = f", {r['rounds']} rounds of {r['steps_per_round']} steps" if "rounds" in r else ""
+    return ("\n".join(rows) + f"\n\n({r['machine']}, {r['backend']}, Keras {r['keras']}, "
+            f"batch {r['batch']}, {r['image']}x{r['image']}x3, jit={r['jit']}{rounds})")
+
+
+def efficient():
+    r = json.load(open(os.path.join(RESULTS, "efficient", "summary.json")))
+    return (f"`{r['command']}` ({r['machine']}; {r['versions']['backend']}, "
+            f"Keras {r['versions']['keras']}; the runs took {r['runs_s'] / 60:.1f} min, "
+            f"this invocation {r['wall_s'] / 60:.1f} min):\n\n"
+            + r["table"] + "\n" + "\n".join(f"- {line}" for line in r["guidance"])
+            + "\n\n![sharpness and test error against cost]"
+            "(benchmarks/results/efficient/sharpness_vs_cost.png)")
 
 
 def from_markdown(name):
@@ -49,6 +70,7 @@ BLOCKS = {
     "step_cost_cpu": step_cost_cpu,
     "batch_switch": from_markdown("batch_switch.md"),
     "paper_mnist1d": from_markdown(os.path.join("mnist1d", "results.md")),
+    "efficient": efficient,
 }
 
 

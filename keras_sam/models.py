@@ -161,6 +161,12 @@ class SAMModel(keras.Model):
             per-replica batch size (checked on the first batch, before any
             weight changes); a last partial batch is cut into parts whose
             sizes differ by at most one.
+        sam_every: take the SAM step (two gradient evaluations) only when
+            `optimizer.iterations % sam_every == 0`, and a plain step with the
+            clean gradient (one evaluation) otherwise; the choice is made
+            inside the compiled step. `1` (default): every step. History then
+            also logs `sam_fraction`, and `sharpness` / `rho` average the SAM
+            steps only.
         sub_batch_size: alternative to `num_batch_splits`: sub-batches of this
             many examples, so m stays fixed when the batch size grows (with
             `keras_sam.callbacks.BatchSizeScheduler`). A batch of `b` examples
@@ -331,6 +337,9 @@ class SAMModel(keras.Model):
     def fit(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.fit`, with the batch split and GSAM's learning-rate
         range checked before the first step."""
+        from keras_sam._multi_worker import check_not_multi_worker
+
+        check_not_multi_worker(self)  # MultiWorkerMirroredStrategy: clear error
         if self.num_batch_splits or self.sub_batch_size:
             size, x = _first_batch_size(x, batch_size)
             if size is not None:
@@ -938,6 +947,11 @@ class AESAMModel(SAMModel):
                 "(c moves linearly from `threshold` to `threshold_end`), or neither."
             )
         self.decay = _validation.real("decay", decay, low=0, high=1, high_inclusive=False)
+        if kwargs.pop("sam_every", 1) != 1:
+            raise ValueError(
+                "AESAMModel decides at every step whether to take a SAM step; "
+                "`sam_every` must be 1 (use `threshold` to take fewer SAM steps)."
+            )
         self._moments = []
         super().__init__(model, rho=rho, **kwargs)
         _no_splits("AESAMModel", self)

@@ -179,6 +179,8 @@ def test_aesam_threshold_moves_linearly_over_total_steps():
         keras_sam.AESAMModel(make_inner(), threshold_end=1.0)
     with pytest.raises(ValueError, match="decay"):
         keras_sam.AESAMModel(make_inner(), decay=1.0)
+    with pytest.raises(ValueError, match="sam_every"):
+        keras_sam.AESAMModel(make_inner(), sam_every=3)
 
 
 @pytest.mark.parametrize("cls", [keras_sam.LookSAMModel, keras_sam.AESAMModel])

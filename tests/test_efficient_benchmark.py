@@ -1,0 +1,134 @@
+"""Tests of benchmarks/efficient.py and of the cheaper-SAM columns of
+benchmarks/step_cost.py, end to end on tiny settings."""
+
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+
+import pytest
+
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
+                                                  os.path.join(_BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+efficient = _load("efficient")
+step_cost = _load("step_cost")
+update_readme = _load("update_readme")
+
+METHODS = ["sgd", "sam", "sam_every2"]
+TINY = ["--epochs", "1", "--seeds", "0", "--num-samples", "200", "--batch", "32",
+        "--methods", ",".join(METHODS), "--sharpness-examples", "64",
+        "--sharpness-iterations", "2"]
+
+
+def _table(out):
+    """The results table as a list of {column: cell} dicts."""
+    lines = [line for line in open(os.path.join(out, "results.md")).read().splitlines()
+             if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            for line in lines[1:]]
+
+
+def _runs(out):
+    runs = {}
+    for name in os.listdir(os.path.join(out, "runs")):
+        with open(os.path.join(out, "runs", name)) as f:
+            record = json.load(f)
+        runs.setdefault(record["method"], []).append(record["final"])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("efficient"))
+    assert efficient.main(TINY + ["--out", out]) == {"trained": 3, "skipped": 0}
+    return out
+
+
+def test_files_and_table_match_the_stored_runs(tiny_out):
+    for name in ("results.md", "summary.json", "sharpness_vs_cost.png"):
+        assert os.path.getsize(os.path.join(tiny_out, name)) > 0, name
+    assert sorted(os.listdir(os.path.join(tiny_out, "runs"))) == sorted(
+        f"{m}_C_seed0.json" for m in METHODS)
+    assert not [f for root, _, files in os.walk(tiny_out) for f in files if ".tmp" in f]
+    text = open(os.path.join(tiny_out, "results.md")).read()
+    for word in ("command:", "--epochs 1", "machine:", "keras_sam", "fraction kept"):
+        assert word in text
+
+    table, runs = _table(tiny_out), _runs(tiny_out)
+    labels = [efficient.METHODS[m] for m in METHODS]
+    assert [row["method"] for row in table] == labels
+    sharp = {m: statistics.fmean(f["worst_case_sharpness"] for f in runs[m]) for m in METHODS}
+    ms = {m: statistics.median(f["ms_per_step"] for f in runs[m]) for m in METHODS}
+    for method, row in zip(METHODS, table):
+        kept = (sharp["sgd"] - sharp[method]) / (sharp["sgd"] - sharp["sam"])
+        assert float(row["fraction kept"]) == pytest.approx(kept, abs=0.0051)
+        assert float(row["cost per step / SGD"]) == pytest.approx(
+            ms[method] / ms["sgd"], abs=0.0051)
+        assert float(row["SAM steps"]) == pytest.approx(
+            statistics.fmean(f["sam_fraction"] for f in runs[method]), abs=0.0051)
+    assert table[0]["fraction kept"] == "0.00" and table[1]["fraction kept"] == "1.00"
+    # 160 training examples / batch 32: steps 0..4, SAM on 0, 2, 4.
+    assert float(table[2]["SAM steps"]) == pytest.approx(3 / 5, abs=0.0051)
+
+
+def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, monkeypatch):
+    assert efficient.main(TINY + ["--out", tiny_out]) == {"trained": 0, "skipped": 3}
+    out = str(tmp_path / "copy")
+    shutil.copytree(tiny_out, out)
+    os.remove(os.path.join(out, "runs", "sam_every2_C_seed0.json"))
+    good = {n: open(os.path.join(out, "runs", n)).read()
+            for n in os.listdir(os.path.join(out, "runs"))}
+
+    def crash(name):
+        raise KeyboardInterrupt(f"simulated failure in {name}")
+
+    monkeypatch.setattr(efficient, "RUN_HOOK", crash)
+    with pytest.raises(KeyboardInterrupt):
+        efficient.main(TINY + ["--out", out])
+    assert {n: open(os.path.join(out, "runs", n)).read()
+            for n in os.listdir(os.path.join(out, "runs"))} == good
+    assert [row["method"] for row in _table(out)] == ["SGD", "SAM"]
+
+
+def test_step_cost_reports_the_cheaper_schedules(tmp_path, monkeypatch):
+    path = str(tmp_path / "step_cost_cpu.json")
+    result = step_cost.main(["--batch", "4", "--image", "8", "--rounds", "1",
+                             "--warmup", "0", "--batches", "2",
+                             "--methods", "sam_every5,looksam5,aesam", "--json", path])
+    new = ["sam_every5", "looksam5", "aesam"]
+    assert list(result["ms_per_step"]) == ["plain"] + new
+    assert set(result["ratio"]) == set(new)
+    assert all(result["ratio"][k] > 0 for k in new)
+    # One timed call of 5 steps: exactly one SAM step for sam_every=5 and LookSAM.
+    assert result["sam_fraction"]["sam_every5"] == pytest.approx(0.2)
+    assert result["sam_fraction"]["looksam5"] == pytest.approx(0.2)
+    assert 0 <= result["sam_fraction"]["aesam"] <= 1
+    assert json.load(open(path)) == result
+
+    monkeypatch.setattr(update_readme, "RESULTS", str(tmp_path))
+    block = update_readme.step_cost_cpu()
+    header = block.splitlines()[0]
+    for label in ("plain", "SAM every 5", "LookSAM every 5", "AE-SAM"):
+        assert f"| {label} |" in header
+    assert "share of SAM steps" in block
+
+
+def test_step_cost_needs_whole_periods():
+    with pytest.raises(SystemExit):
+        step_cost.main(["--steps", "3"])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
