@@ -89,8 +89,9 @@ def main(out, jit, data_parallel=False, core_only=False):
     for name, alpha in (("sam", 0.0), ("gsam", 0.5)):
         inner = linear()
         w0, b0 = weights_of(inner)
-        model = (keras_sam.GSAMModel(inner, rho=0.1, alpha=alpha) if alpha
-                 else keras_sam.SAMModel(inner, rho=0.1))
+        # Under DataParallel: the global perturbation, which the oracle computes.
+        model = (keras_sam.GSAMModel(inner, rho=0.1, alpha=alpha, sync_perturbation=data_parallel)
+                 if alpha else keras_sam.SAMModel(inner, rho=0.1, sync_perturbation=data_parallel))
         model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=jit)
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         results[f"linear_{name}"] = np.concatenate([t.ravel() for t in weights_of(inner)])
