@@ -1,7 +1,23 @@
-"""The only module of keras_sam that touches private Keras attributes.
+"""Private Keras internals used by keras_sam, except the `Trainer` members that
+`keras_sam.models` uses (listed below).
 
-Each access is named after what it reads, so a Keras release that moves an
-attribute breaks here, in one place, with a message that says so.
+This module holds the accesses to private Keras attributes and modules
+(`keras.src`) that keras_sam needs beyond subclassing `keras.Model`: the
+optimizer's `_learning_rate`, and the running `fit()`'s epoch iterator,
+`CallbackList` and progress bar for `BatchSizeScheduler`. Each access is named
+after what it reads, so a Keras release that moves an attribute breaks here,
+in one place, with a message that says so.
+
+It is not the only such code: `keras_sam.models` (the SAM `train_step`, a
+`keras.Model` subclass) also relies on private members of Keras' `Trainer`,
+inherited from `keras.Model`:
+
+- `self._compute_loss(x=..., y=..., y_pred=..., sample_weight=...,
+  training=...)`, the wrapper around the public `compute_loss` that Keras'
+  own `train_step` calls (it drops `training` for overrides of `compute_loss`
+  that lack it);
+- `self._loss_tracker`, the `Mean` metric behind the logged `"loss"`, updated
+  with the clean pass's loss.
 """
 
 import warnings
@@ -166,7 +182,9 @@ def epoch_iterator_num_batches(epoch_iterator):
     return epoch_iterator._num_batches
 
 
-def set_epoch_iterator_dataset(epoch_iterator, dataset, class_weight=None):
+def set_epoch_iterator_dataset(
+    epoch_iterator, dataset, class_weight=None, process_local=False
+):
     """Makes `epoch_iterator` draw its next epoch from `dataset`.
 
     Call it between two epochs (in `on_epoch_begin`): replaces the data adapter
@@ -175,15 +193,24 @@ def set_epoch_iterator_dataset(epoch_iterator, dataset, class_weight=None):
     own strategy) and drops the live iterator, so that the epoch loop creates
     a fresh one over `dataset`.
 
+    `process_local=True`: `dataset` is already this process's share under a
+    multi-process `keras.distribution` (`DataSharding.process_dataset`), so
+    the adapter is built without sharding it again.
+
     Returns:
         The number of steps of the next epoch.
     """
     check_keras_version(_BATCH_SIZE_SCHEDULER)
     from keras.src.trainers import data_adapters
 
-    adapter = data_adapters.get_data_adapter(
-        x=dataset, class_weight=class_weight, shuffle=False
-    )
+    if process_local:
+        adapter = data_adapters.TFDatasetAdapter(
+            dataset, class_weight=class_weight, distribution=None
+        )
+    else:
+        adapter = data_adapters.get_data_adapter(
+            x=dataset, class_weight=class_weight, shuffle=False
+        )
     if hasattr(epoch_iterator, "_distributed_dataset"):
         import tensorflow as tf
 
@@ -219,3 +246,72 @@ def set_progress_steps(callback_list, steps):
             callback.target = steps
             if callback.progbar is not None:
                 callback.progbar.target = steps
+
+
+# --------------------------------------------------------------------------
+# keras.distribution (JAX backend): how `fit` splits a global tf.data batch
+# between processes.
+#
+# Under a multi-process distribution with `auto_shard_dataset` on (the
+# default), `fit`'s TFDatasetAdapter calls `distribution.distribute_dataset`
+# (trainers/data_adapters/__init__.py, tf_dataset_adapter.py). That
+# (distribution/distribution_lib.py, `distribute_tf_dataset`) reads the
+# GLOBAL batch size G from the pipeline's `batch` op (tf.data
+# `compute_batch_size`; a batch dimension hidden by a `map` reads as unknown,
+# an error) and, with R model replicas (devices along the batch axis) and P
+# processes:
+#   R == 1:  every process draws the whole batch;
+#   R >= P:  `rebatch(G // P).shard(P, process_id)`: process i draws the i-th
+#            of P consecutive slices of every global batch (DataParallel);
+#   R <  P:  `rebatch(G // R).shard(R, data_shard_id)` (model parallel).
+# The JAX epoch iterator then builds each step's global array from the
+# processes' slices (`jax.make_array_from_process_local_data`), so the train
+# step sees the global batch. `rebatch` makes the cardinality UNKNOWN (the
+# epoch then has no step count and ends by running out of data), and a
+# partial last batch gives the processes different step counts.
+
+
+class DataSharding:
+    """What the active `keras.distribution` does to `fit`'s tf.data batches."""
+
+    def __init__(self, distribution):
+        self.distribution = distribution
+        self.num_processes = int(getattr(distribution, "num_processes", 1) or 1)
+        self.multi_process = bool(
+            getattr(distribution, "_is_multi_process", self.num_processes > 1)
+        )
+        self.auto_shard = bool(getattr(distribution, "auto_shard_dataset", False))
+        try:
+            self.num_replicas = int(distribution.num_model_replicas)
+        except (AttributeError, NotImplementedError, ValueError):
+            self.num_replicas = 1
+
+    @property
+    def per_process(self):
+        """Whether `fit` gives each process a slice of every global batch."""
+        return self.multi_process and self.auto_shard
+
+    def process_dataset(self, dataset, steps):
+        """This process's share of the global batched `dataset`.
+
+        The same transformation `fit` applies
+        (`distribution.distribute_dataset`), with the cardinality `steps` (the
+        global dataset's) stated again: every global batch is full, so every
+        process draws exactly one slice of each.
+        """
+        import tensorflow as tf
+
+        local = self.distribution.distribute_dataset(dataset)
+        return local.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def data_sharding():
+    """The active `keras.distribution` as a `DataSharding`; None when none is
+    set (or on a Keras without `keras.distribution`)."""
+    distribution_module = getattr(keras, "distribution", None)
+    get = getattr(distribution_module, "distribution", None)
+    distribution = get() if callable(get) else None
+    if distribution is None:
+        return None
+    check_keras_version(_BATCH_SIZE_SCHEDULER)
+    return DataSharding(distribution)

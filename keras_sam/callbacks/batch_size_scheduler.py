@@ -90,6 +90,14 @@ class BatchSizeScheduler(keras.callbacks.Callback):
       progress bar that `fit` adds itself come last anyway);
     - the batch size is global: under `tf.distribute.MirroredStrategy` each
       replica gets `batch_size / num_replicas`, which must be an int;
+    - across processes (JAX backend, multi-process `keras.distribution`),
+      every process passes the same `dataset_fn` and `dataset_fn(schedule[0])`
+      to `fit`, batched with the GLOBAL size and `drop_remainder=True`; each
+      epoch draws this process's slice of every batch (the split `fit`
+      itself makes), with the epoch's exact step count in every process.
+      Every batch size must divide by the number of devices, and
+      `relax_batch_shape` must not be True (the split needs the static
+      batch size);
     - resuming with `keras.callbacks.BackupAndRestore` (epoch-level saves)
       continues with the batch size of the resumed epoch.
 
@@ -176,6 +184,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self._steps = {}  # batch size -> cardinality
         self._fit = None  # _keras_compat.RunningFit of the running fit()
         self._current = None  # batch size the epoch iterator draws now
+        self._sharding = None  # _keras_compat.DataSharding (keras.distribution)
 
     # ---------------------------------------------------------------- public
     def batch_size_at(self, epoch):
@@ -235,6 +244,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"cardinality; do not pass `steps_per_epoch` ({fixed}) to "
                 "`fit()` (nor set keras.config.max_steps_per_epoch)."
             )
+        self._sharding = self._check_distribution()
         epochs = self.params.get("epochs") if self.params else None
         epochs = _validation.as_int(epochs)
         if epochs is None or epochs <= 0:
@@ -247,11 +257,15 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._check_batch_size(batch_size, epoch, replicas)
         for batch_size in sizes:
             self._steps_for(batch_size)  # builds and checks the dataset
+            if self._per_process():
+                _check_full_batches(self._dataset(batch_size), batch_size)
         self._check_fit_data(iterator)
         self._fit = fit
         # With relaxed shapes even the first epoch draws from our dataset, so
-        # the train function is traced once, for every batch size.
-        self._current = None if self._relaxed() else self.batch_size_at(0)
+        # the train function is traced once, for every batch size. Across
+        # processes too: fit's own process slice has no step count.
+        swap_first = self._relaxed() or self._per_process()
+        self._current = None if swap_first else self.batch_size_at(0)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._fit is None:
@@ -264,7 +278,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             return
         dataset = self._training_dataset(batch_size)
         steps = _keras_compat.set_epoch_iterator_dataset(
-            self._fit.epoch_iterator, dataset, self._fit.class_weight
+            self._fit.epoch_iterator, dataset, self._fit.class_weight,
+            process_local=self._per_process(),
         )
         self._current = batch_size
         if self._fit.callback_list is not None:
@@ -284,7 +299,42 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         strategy = getattr(self.model, "distribute_strategy", None)
         return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
 
+    def _per_process(self):
+        """Whether fit gives each process a slice of every global batch
+        (multi-process `keras.distribution`, JAX)."""
+        return self._sharding is not None and self._sharding.per_process
+
+    def _check_distribution(self):
+        """The active keras.distribution (None: none), checked for use."""
+        sharding = _keras_compat.data_sharding()
+        if sharding is None:
+            return None
+        if sharding.multi_process and not sharding.auto_shard:
+            raise ValueError(
+                f"{_FEATURE} needs `auto_shard_dataset=True` on the "
+                f"multi-process keras.distribution ({sharding.num_processes} "
+                "processes): every process passes the same full pipeline, "
+                "batched with the GLOBAL batch size, and Keras gives each "
+                "process its slice of every batch."
+            )
+        if sharding.per_process and self.relax_batch_shape:
+            raise ValueError(
+                f"`relax_batch_shape=True` cannot be used across processes: "
+                "keras.distribution reads the global batch size from the "
+                "dataset to split it between the processes. Leave it None."
+            )
+        return sharding
+
     def _check_batch_size(self, batch_size, epoch, replicas):
+        devices = self._sharding.num_replicas if self._sharding else 1
+        if batch_size % devices:
+            raise ValueError(
+                f"`schedule`: the batch size {batch_size} (epoch {epoch}) is "
+                "not divisible by the number of devices the keras.distribution "
+                f"splits each batch over ({devices}, across "
+                f"{self._sharding.num_processes} process(es)); the batch size "
+                f"is global. Use multiples of {devices}."
+            )
         if batch_size % replicas:
             raise ValueError(
                 f"`schedule`: the batch size {batch_size} (epoch {epoch}) is "
@@ -311,7 +361,15 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         return self._datasets[batch_size]
 
     def _training_dataset(self, batch_size):
-        """The dataset an epoch draws from: `dataset_fn`'s, shape-relaxed."""
+        """The dataset an epoch draws from: `dataset_fn`'s, shape-relaxed, or
+        this process's share of it (multi-process keras.distribution)."""
+        if self._per_process():
+            key = (batch_size, "process")
+            if key not in self._relaxed_datasets:
+                self._relaxed_datasets[key] = self._sharding.process_dataset(
+                    self._dataset(batch_size), self._steps[batch_size]
+                )
+            return self._relaxed_datasets[key]
         key = (batch_size, self._relaxed())
         if key not in self._relaxed_datasets:
             dataset = self._dataset(batch_size)
@@ -319,6 +377,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         return self._relaxed_datasets[key]
 
     def _relaxed(self):
+        if self._per_process():
+            return False  # the processes' split needs the static batch size
         if self.relax_batch_shape is not None:
             return self.relax_batch_shape
         # A fixed sub-batch size needs the batch size at trace time.
@@ -332,6 +392,19 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         expected = self.batch_size_at(0)
         adapter = _keras_compat.epoch_iterator_data_adapter(iterator)
         given = getattr(adapter, "batch_size", None)
+        if self._per_process():
+            # fit's adapter holds this process's slice, of unknown cardinality
+            local = _leading_dim(self._training_dataset(expected))
+            if given is not None and given != local:
+                raise ValueError(
+                    f"The data passed to `fit()` gives this process batches "
+                    f"of {given}, but `schedule` gives a global batch size of "
+                    f"{expected} at epoch 0, i.e. {local} in each of the "
+                    f"{self._sharding.num_processes} processes. Pass "
+                    f"`dataset_fn({expected})` (the full pipeline, batched "
+                    "with the GLOBAL batch size) to `fit()` in every process."
+                )
+            return
         if given is not None and given != expected:
             raise ValueError(
                 f"The data passed to `fit()` has batch size {given}, but "
@@ -345,6 +418,33 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"but `dataset_fn({expected})` (batch size at epoch 0) has "
                 f"{self._steps[expected]}. Pass `dataset_fn({expected})` to "
                 "`fit()`."
+            )
+
+
+def _leading_dim(dataset):
+    import tensorflow as tf
+
+    return tf.nest.flatten(dataset.element_spec)[0].shape[0]
+
+
+def _check_full_batches(dataset, batch_size):
+    """Across processes every batch must be full: each process draws a slice
+    of every global batch, and a short last batch would leave the processes
+    with different step counts."""
+    import tensorflow as tf
+
+    for spec in tf.nest.flatten(dataset.element_spec):
+        shape = getattr(spec, "shape", None)
+        if shape is None or shape.rank is None or shape.rank == 0 or (
+            shape[0] != batch_size
+        ):
+            raise ValueError(
+                f"Across processes (keras.distribution), `dataset_fn` must "
+                f"batch with `drop_remainder=True`: dataset_fn({batch_size}) "
+                f"yields elements of shape {shape}, not a static batch of "
+                f"{batch_size}. Keras reads the global batch size from the "
+                "dataset and splits every batch between the processes; a "
+                "short last batch would leave them with different step counts."
             )
 
 
