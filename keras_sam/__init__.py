@@ -10,12 +10,15 @@ Public names:
 - `keras_sam.rules`: the math of one step, backend-neutral;
 - `keras_sam.schedules`: epoch-aware learning-rate schedules;
 - `keras_sam.callbacks`: `BatchSizeScheduler`, `SharpnessMonitor`;
+- `BatchSchedule`: the global batch size per epoch (dict, int or callable),
+  read by `BatchSizeScheduler`, `schedules.steps_per_epoch` and the benchmarks;
 - `keras_sam.sharpness`: worst-case sharpness, full-gradient norm, Hessian
   eigenvalue;
 - `keras_sam.datasets`: MNIST-1D, generated offline.
 """
 
 from keras_sam import callbacks
+from keras_sam.batch_schedule import BatchSchedule
 from keras_sam import datasets
 from keras_sam import rules
 from keras_sam import schedules
@@ -33,6 +36,7 @@ __all__ = [
     "GSAMModel",
     "LookSAMModel",
     "AESAMModel",
+    "BatchSchedule",
     "SharpnessAwareMinimization",
     "callbacks",
     "datasets",

@@ -33,6 +33,7 @@ import keras
 from keras import ops
 
 from keras_sam import _validation
+from keras_sam.batch_schedule import BatchSchedule
 
 __all__ = [
     "CosineAnnealing",
@@ -444,45 +445,5 @@ def steps_per_epoch(num_examples, batch_schedule, epochs, drop_remainder=True):
     lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, 200, steps)
     ```
     """
-    num_examples = _validation.integer("num_examples", num_examples, low=1)
-    epochs = _validation.integer("epochs", epochs, low=1)
-    as_int = _validation.as_int
-    allowed = (
-        "an int, a dict {epoch: batch_size} of int epochs >= 0 (key 0 "
-        "required) to int batch sizes >= 1, or a callable epoch -> batch_size"
-    )
-    if as_int(batch_schedule) is not None:
-        sizes = [as_int(batch_schedule)] * epochs
-    elif isinstance(batch_schedule, dict):
-        checked = {as_int(k): as_int(b) for k, b in batch_schedule.items()}
-        if (
-            not checked
-            or not all(k is not None and k >= 0 for k in checked)
-            or 0 not in checked
-            or not all(b is not None and b > 0 for b in checked.values())
-        ):
-            raise _validation.error("batch_schedule", allowed, batch_schedule)
-        sizes = [checked[0]]  # each size holds until the next key
-        for epoch in range(1, epochs):
-            sizes.append(checked.get(epoch, sizes[-1]))
-    elif callable(batch_schedule):
-        sizes = [batch_schedule(epoch) for epoch in range(epochs)]
-    else:
-        raise _validation.error("batch_schedule", allowed, batch_schedule)
-    steps = []
-    for epoch, b in enumerate(sizes):
-        if as_int(b) is None or as_int(b) <= 0:
-            raise _validation.error(
-                "batch_schedule", "a schedule of int batch sizes >= 1", b,
-                where=f" for epoch {epoch}",
-            )
-        b = as_int(b)
-        n = num_examples // b if drop_remainder else -(-num_examples // b)
-        if n == 0:
-            raise ValueError(
-                f"`batch_schedule` gives batch size {b} at epoch {epoch}, more "
-                f"than `num_examples` ({num_examples}) with drop_remainder=True: "
-                "the epoch would have no step"
-            )
-        steps.append(int(n))
-    return steps
+    schedule = BatchSchedule(batch_schedule, name="batch_schedule")
+    return schedule.steps_per_epoch(num_examples, epochs, drop_remainder=drop_remainder)

@@ -14,6 +14,7 @@ import keras
 
 from keras_sam import _keras_compat
 from keras_sam import _validation
+from keras_sam.batch_schedule import BatchSchedule
 
 _FEATURE = "BatchSizeScheduler"
 _SCHEDULE = (
@@ -43,23 +44,6 @@ def doubling_schedule(initial=16, stages=5, epochs_per_stage=40):
     stages = _validation.integer("stages", stages, low=1)
     epochs_per_stage = _validation.integer("epochs_per_stage", epochs_per_stage, low=1)
     return {stage * epochs_per_stage: initial * 2**stage for stage in range(stages)}
-
-
-def _check_dict_schedule(schedule):
-    checked = {}
-    for epoch, batch_size in schedule.items():
-        key = _validation.as_int(epoch)
-        if key is None or key < 0:
-            raise _validation.error("schedule", _SCHEDULE, epoch, where=" key")
-        size = _validation.as_int(batch_size)
-        if size is None or size <= 0:
-            raise _validation.error(
-                "schedule", _SCHEDULE, batch_size, where=f" at epoch {epoch}"
-            )
-        checked[key] = size
-    if 0 not in checked:
-        raise _validation.error("schedule", _SCHEDULE, schedule, where=" (no key 0)")
-    return dict(sorted(checked.items()))
 
 
 class BatchSizeScheduler(keras.callbacks.Callback):
@@ -164,14 +148,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self.relax_batch_shape = _validation.one_of(
             "relax_batch_shape", relax_batch_shape, (None, True, False)
         )
-        if isinstance(schedule, dict):
-            self._schedule_dict = _check_dict_schedule(schedule)
-            self._schedule_fn = None
-        elif callable(schedule):
-            self._schedule_dict = None
-            self._schedule_fn = schedule
-        else:
+        if not (isinstance(schedule, dict) or callable(schedule)):
             raise _validation.error("schedule", _SCHEDULE, schedule)
+        self._batch_schedule = BatchSchedule(schedule, name="schedule")
         if not callable(dataset_fn):
             raise _validation.error(
                 "dataset_fn", "a callable batch_size -> batched tf.data.Dataset",
@@ -194,22 +173,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             ValueError: when a callable `schedule` returns something that is
                 not a positive int.
         """
-        epoch = _validation.integer("epoch", epoch, low=0)
-        if self._schedule_dict is not None:
-            size = None
-            for start, batch_size in self._schedule_dict.items():
-                if start > epoch:
-                    break
-                size = batch_size
-            return size
-        size = self._schedule_fn(epoch)
-        checked = _validation.as_int(size)
-        if checked is None or checked <= 0:
-            raise _validation.error(
-                "schedule", "a callable returning int batch sizes >= 1", size,
-                where=f" from schedule({epoch})",
-            )
-        return checked
+        return self._batch_schedule.at(epoch)
 
     def steps_per_epoch(self, epochs):
         """The number of steps of each of the first `epochs` epochs.
@@ -230,7 +194,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
 
     def get_config(self):
         """The schedule (None when it is a callable) and `relax_batch_shape`."""
-        schedule = None if self._schedule_dict is None else dict(self._schedule_dict)
+        schedule = self._batch_schedule.as_dict()
         return {"schedule": schedule, "relax_batch_shape": self.relax_batch_shape}
 
     # ------------------------------------------------------------- callbacks
