@@ -4,7 +4,10 @@ Two runs of a small conv net with BatchNorm trained as a `keras_sam.SAMModel`:
 
 - switch: ONE fit of two epochs, batch B1 in epoch 0 and B2 in epoch 1
   (`BatchSizeScheduler({0: B1, 1: B2}, dataset_fn)`);
-- fresh: a new model, one fit of one epoch at batch B2.
+- fresh: a new model, one fit of one epoch at batch B2;
+- phases: the public-API alternative to the scheduler, one fit per batch
+  size on the same model (`fit(B1 data, epochs=1)`, then
+  `fit(B2 data, initial_epoch=1, epochs=2)`).
 
 A callback times every step (`on_train_batch_begin` -> `on_train_batch_end`,
 `time.perf_counter`, the loss read back to synchronize). Measured at B2:
@@ -113,6 +116,12 @@ def run(kind, args, x, y):
         model.fit(dataset_fn(args.b1), epochs=2, callbacks=[scheduler, timer],
                   verbose=0, shuffle=False)
         times, traces = timer.times[1], timer.traces[1]
+    elif kind == "phases":
+        model.fit(dataset_fn(args.b1), epochs=1, callbacks=[timer], verbose=0,
+                  shuffle=False)
+        model.fit(dataset_fn(args.b2), initial_epoch=1, epochs=2, callbacks=[timer],
+                  verbose=0, shuffle=False)
+        times, traces = timer.times[1], timer.traces[1]
     else:
         model.fit(dataset_fn(args.b2), epochs=1, callbacks=[timer], verbose=0,
                   shuffle=False)
@@ -145,9 +154,10 @@ def main(argv=None):
     x = rng.normal(size=(n, args.image, args.image, 3)).astype("float32")
     y = rng.integers(0, 10, size=n).astype("int32")
 
-    runs = {"switch": [], "fresh": []}
+    runs = {"switch": [], "fresh": [], "phases": []}
     for rep in range(args.reps):
-        order = ("switch", "fresh") if rep % 2 == 0 else ("fresh", "switch")
+        order = ("switch", "fresh", "phases")
+        order = order if rep % 2 == 0 else order[::-1]
         for kind in order:
             first, steady, fastest, traces = run(kind, args, x, y)
             runs[kind].append({"first_s": first, "steady_s": steady,
@@ -180,6 +190,7 @@ def main(argv=None):
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "switch": summary("switch"),
         "fresh": summary("fresh"),
+        "phases": summary("phases"),
     }
     # throughput switch / fresh = steady step fresh / steady step switch
     ratios = [f["steady_s"] / s["steady_s"]
@@ -200,7 +211,8 @@ def main(argv=None):
         "|---|---|---|---|---|---|",
     ]
     for kind, label in (("switch", f"switch {args.b1}->{args.b2}"),
-                        ("fresh", f"fresh fit at {args.b2}")):
+                        ("fresh", f"fresh fit at {args.b2}"),
+                        ("phases", f"one fit per batch size ({args.b1}, then {args.b2})")):
         s = result[kind]
         rows.append(f"| {label} | {s['steady_ms']:.2f} | {s['throughput']:.0f} | "
                     f"{s['first_ms']:.1f} | {s['first_extra_steps']:.2f} | "
@@ -214,6 +226,9 @@ def main(argv=None):
         f"switch cost: {result['switch']['first_extra_steps']:.2f} extra steps "
         f"({'at most' if switch_ok else 'more than'} 1); first step of a "
         f"fresh fit (with tracing): {result['fresh']['first_extra_steps']:.2f} extra steps",
+        f"public-API alternative (a second fit at {args.b2} on the same model): first "
+        f"step {result['phases']['first_extra_steps']:.2f} extra steps, "
+        f"{result['phases']['traces_at_b2']:g} train-step trace(s)",
     ]
     header = (f"SAMModel conv net {args.image}x{args.image}x3, B1={args.b1}, "
               f"B2={args.b2}, {args.steps} steps at B2, warmup {args.warmup}, "

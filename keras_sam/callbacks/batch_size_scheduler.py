@@ -8,6 +8,24 @@ size changes and hands it to the epoch loop of the running `fit()`, so that
 and `TensorBoard` see one ordinary training run. The few private Keras
 attributes this needs are read and written in `keras_sam._keras_compat` only,
 behind a Keras version check.
+
+Public mechanisms against private ones, compared before choosing:
+
+- steps per epoch, `optimizer.iterations`, `History`: the public alternative
+  is one `fit` per batch size with `initial_epoch` on the same model. It
+  counts steps and iterations exactly too, but every callback restarts with
+  each `fit` (`EarlyStopping`'s patience and best value, `ReduceLROnPlateau`'s
+  wait, `History` split into one object per phase, `BackupAndRestore`
+  resumes only within a phase), and its first step at a new batch size
+  retraces the train function. `python benchmarks/batch_switch.py` measures
+  both in one process ("one fit per batch size" against "switch"; results in
+  `benchmarks/results/batch_switch.md`): the in-fit switch costs a fraction
+  of a step and no trace, the second `fit` one trace and many steps' time.
+  So the epoch loop's data is swapped privately, and nothing else is.
+- progress bar: `params["steps"]` is the public dict every callback reads;
+  only `ProgbarLogger`'s own copies of it (`target`, its `Progbar`) are
+  private.
+- `optimizer.iterations` and `BackupAndRestore` are used as they are (public).
 """
 
 import keras
