@@ -1,14 +1,27 @@
-"""The only backend-specific code in keras_sam: how to take a gradient, and how
-replicas talk to each other.
+"""The backend-specific math of keras_sam: how to take a gradient, how to
+compile a function, and how replicas talk to each other.
 
-Everything else in the package is written with `keras.ops` and calls these
-functions. Each backend module exports the same names:
+The SAM step (`keras_sam.models`, `keras_sam.rules`) and the sharpness
+measures (`keras_sam.sharpness`) are written with `keras.ops` and call these
+functions wherever TensorFlow, JAX and PyTorch differ; no other module imports
+`jax` or `torch`, or builds a `tf.function` / `jax.jit`. Outside this package,
+code depends on the backend only where Keras' own API does:
+`keras_sam.models` picks Keras' stateless `train_step` / `test_step` signature
+on JAX (the stateful one elsewhere), and `keras_sam._keras_compat` reads and
+replaces the extra attributes of TensorFlow's epoch iterator (its distributed
+dataset). `tf.data`, which Keras uses for input pipelines on every backend, is
+also used by `keras_sam.models` and `keras_sam.callbacks.batch_size_scheduler`.
+
+Each backend module exports the same names:
 
 - `value_and_grad(fn)`: `fn(values, *args) -> (value, aux)` becomes
   `g(values, *args) -> ((value, aux), grads)`, with `grads` a list matching
   `values` (zeros for values the value does not depend on).
 - `hessian_vector_product(fn, values, vector)`: `H(values) @ vector` for
   `fn(values) -> scalar`.
+- `compile(fn)`: `fn` compiled once per input signature (a `tf.function`
+  without autograph on TensorFlow, `jax.jit` on JAX, `fn` itself on PyTorch).
+  Used by `keras_sam.sharpness` (Keras compiles the training step itself).
 - `num_replicas()`: replicas taking part in the current step (1 outside a
   `tf.distribute` replica context).
 - `all_reduce(tensors, reduction)`: `"sum"` or `"mean"` over those replicas

@@ -19,6 +19,7 @@ from keras_sam.backend._stateless_random import set_random_state  # noqa: F401
 __all__ = [
     "value_and_grad",
     "hessian_vector_product",
+    "compile",
     "num_replicas",
     "all_reduce",
     "loop_over",
@@ -44,6 +45,11 @@ def value_and_grad(fn):
 def hessian_vector_product(fn, values, vector):
     _, tangent = jax.jvp(jax.grad(fn), (list(values),), (list(vector),))
     return tangent
+
+
+def compile(fn):  # noqa: A001 (the backend's name for the operation)
+    """`fn` under `jax.jit`: one compiled function per input signature."""
+    return jax.jit(fn)
 
 
 def read_values(variables):

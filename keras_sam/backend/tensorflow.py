@@ -18,6 +18,7 @@ from keras_sam.backend._stateless_random import set_random_state  # noqa: F401
 __all__ = [
     "value_and_grad",
     "hessian_vector_product",
+    "compile",
     "num_replicas",
     "all_reduce",
     "read_values",
@@ -67,6 +68,15 @@ def hessian_vector_product(fn, values, vector):
     return _dense(
         outer.gradient(dot, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     )
+
+
+def compile(fn):  # noqa: A001 (the backend's name for the operation)
+    """`fn` as a `tf.function`: one graph per input signature (batch shape).
+
+    No autograph: callers write their loops with `ops.fori_loop`, and
+    converting the model's code dominated the tracing time.
+    """
+    return tf.function(fn, autograph=False)
 
 
 def num_replicas():

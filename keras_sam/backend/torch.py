@@ -12,6 +12,7 @@ from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 __all__ = [
     "value_and_grad",
     "hessian_vector_product",
+    "compile",
     "num_replicas",
     "all_reduce",
     "loop_over",
@@ -52,6 +53,11 @@ def hessian_vector_product(fn, values, vector):
         dot = sum((g * u.detach()).sum() for g, u in zip(grads, vector))
         hvp = torch.autograd.grad(dot, leaves, allow_unused=True)
     return [torch.zeros_like(v) if h is None else h.detach() for v, h in zip(leaves, hvp)]
+
+
+def compile(fn):  # noqa: A001 (the backend's name for the operation)
+    """`fn` itself: PyTorch runs eagerly (no `torch.compile`)."""
+    return fn
 
 
 def read_values(variables):

@@ -15,7 +15,11 @@ class SharpnessMonitor(keras.callbacks.Callback):
     At the end of epochs `every - 1, 2 * every - 1, ...` (0-based: epochs
     `every, 2 * every, ...` counting from 1) it computes the requested
     measures of `keras_sam.sharpness` on `data` at the model's current
-    weights and writes them into the epoch's `logs` under the keys
+    weights (each looked up by name with `keras_sam.sharpness.get_measure`
+    and called as `fn(model, batches, loss, **settings)`, `settings` being
+    this callback's arguments named in
+    `keras_sam.sharpness.MEASURE_SETTINGS`) and writes them into the
+    epoch's `logs` under the keys
     `prefix + name`, e.g. `"worst_case_sharpness"`, `"full_gradient_norm"`,
     `"hessian_max_eigenvalue"`. Callbacks after it in the `callbacks` list
     and the ones `fit` adds (`History`, the progress bar) see them, so put it
@@ -51,9 +55,12 @@ class SharpnessMonitor(keras.callbacks.Callback):
         adaptive: Adaptive (`|delta_j| <= rho * |w_j|`) worst-case ball.
         iterations: Auto-PGD iterations per batch for the worst-case
             sharpness, `>= 1`. Defaults to 20.
-        measures: Names (a string or a sequence of strings) among
+        measures: Names (a string or a sequence of strings) of registered
+            measures (`keras_sam.sharpness.measure_names()`): the built-in
             `"worst_case_sharpness"`, `"full_gradient_norm"` and
-            `"hessian_max_eigenvalue"`. Defaults to the first two.
+            `"hessian_max_eigenvalue"`, and any added with
+            `keras_sam.sharpness.register_measure` before this callback is
+            made. Defaults to the first two.
         hessian_iterations: Most Lanczos steps (Hessian-vector products) for
             `"hessian_max_eigenvalue"`, `>= 1`. Defaults to 20.
         hessian_tol: Relative residual `||Hv - lambda v|| / |lambda|` at
@@ -109,11 +116,11 @@ class SharpnessMonitor(keras.callbacks.Callback):
                 "batches or a tuple of arrays), not a one-shot iterator",
                 data,
             )
-        self._batches = sharpness._Batches(
+        self._batches = sharpness.Batches(
             data, batch_size=batch_size, steps=steps
         )
         if loss is not None:
-            sharpness._LossSpec(loss)  # Validates it now.
+            sharpness.check_loss(loss)  # Validates it now.
         self.data = data
         self.loss = loss
         self.every = _validation.integer("every", every, low=1)
@@ -172,35 +179,11 @@ class SharpnessMonitor(keras.callbacks.Callback):
         """
         model = self.model if model is None else model
         loss = self._resolve_loss(model)
+        settings = {name: getattr(self, name) for name in sharpness.MEASURE_SETTINGS}
         out = {}
         for name in self.measures:
-            if name == "worst_case_sharpness":
-                value = sharpness.worst_case_sharpness(
-                    model,
-                    self._batches,
-                    loss,
-                    rho=self.rho,
-                    adaptive=self.adaptive,
-                    iterations=self.iterations,
-                    include_model_losses=self.include_model_losses,
-                )
-            elif name == "full_gradient_norm":
-                value = sharpness.full_gradient_norm(
-                    model,
-                    self._batches,
-                    loss,
-                    include_model_losses=self.include_model_losses,
-                )
-            else:
-                value = sharpness.hessian_max_eigenvalue(
-                    model,
-                    self._batches,
-                    loss,
-                    iterations=self.hessian_iterations,
-                    tol=self.hessian_tol,
-                    seed=self.seed,
-                    include_model_losses=self.include_model_losses,
-                )
+            measure = sharpness.get_measure(name)
+            value = measure(model, self._batches, loss, **settings)
             out[self.prefix + name] = float(value)
         return out
 
@@ -251,7 +234,8 @@ def _is_one_shot(data):
 
 
 def _check_measures(measures):
-    expected = f"a string or a sequence of distinct strings among {sharpness.MEASURES}"
+    registered = sharpness.measure_names()
+    expected = f"a string or a sequence of distinct strings among {registered}"
     if isinstance(measures, str):
         measures = (measures,)
     try:
@@ -259,7 +243,7 @@ def _check_measures(measures):
     except TypeError:
         raise _validation.error("measures", expected, measures) from None
     names = tuple(
-        _validation.one_of("measures", name, sharpness.MEASURES) for name in names
+        _validation.one_of("measures", name, registered) for name in names
     )
     if not names or len(set(names)) != len(names):
         raise _validation.error("measures", expected, measures)
