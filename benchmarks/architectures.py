@@ -4,6 +4,9 @@
   authors' code (kuangliu's pytorch-cifar layout).
 - `wide_resnet`: WideResNet-d-k (Zagoruyko & Komodakis), WRN-28-10 by default.
 - `mnist1d_cnn`: a small 1-D conv net for the CPU-sized MNIST-1D benchmark.
+- `small_convnet`: three conv blocks, for the CPU step-cost benchmarks.
+- `tiny_cnn2d`: one conv block (8 filters), only to exercise the CIFAR path of
+  `benchmarks.paper` in tests; smaller than `small_convnet` on purpose.
 """
 
 import keras
@@ -86,6 +89,15 @@ def small_convnet(image=32, classes=10):
         h = layers.ReLU()(layers.BatchNormalization()(h))
     h = layers.GlobalAveragePooling2D()(h)
     return keras.Model(inputs, layers.Dense(classes)(h))
+
+
+def tiny_cnn2d(input_shape=(32, 32, 3), classes=10):
+    """A very small 2-D conv net, only to exercise the CIFAR path in tests."""
+    inputs = keras.Input(input_shape)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes)(x), name="tiny_cnn2d")
 
 
 ARCHITECTURES = {

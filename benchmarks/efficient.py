@@ -1,13 +1,13 @@
 """Cheaper SAM on MNIST-1D: how much of SAM's flatness each cheaper schedule
 keeps, and at what cost per step.
 
-Trains the MNIST-1D conv net of `benchmarks/paper.py` with plain SGD, SAM,
+Trains the MNIST-1D conv net of `benchmarks.paper` with plain SGD, SAM,
 GSAM, SAM with its second gradient every k-th step only (`sam_every` 2, 5,
 10), LookSAM (`sam_every=5`, `alpha=0.7`) and AE-SAM (threshold
 `AESAM_THRESHOLD`, about a fifth to a quarter of the steps are SAM steps), all with the
 same data, epochs, batch size, learning-rate schedule and radius. After each
 run: worst-case sharpness and full-gradient norm (the paper benchmark's
-measures, imported from paper.py) and the test error.
+measures, from `benchmarks.paper.run.train_one`) and the test error.
 
 The cost of a method is its training step time relative to SGD's: each run
 times its steps from `on_train_batch_begin` to `on_train_batch_end`, leaving
@@ -18,8 +18,10 @@ sharpness reduction a method keeps:
 `(sharp_SGD - sharp_method) / (sharp_SGD - sharp_SAM)`, from the means over
 seeds (1 for SAM itself, 0 for SGD).
 
-    python benchmarks/efficient.py                 # all methods, 3 seeds, ~10 min on 2 cores
-    python benchmarks/efficient.py --methods sgd,sam,looksam5 --seeds 0 --epochs 2
+Run from the repository root:
+
+    python -m benchmarks.efficient                 # all methods, 3 seeds, ~10 min on 2 cores
+    python -m benchmarks.efficient --methods sgd,sam,looksam5 --seeds 0 --epochs 2
 
 Outputs (in `--out`, default benchmarks/results/efficient): `results.md`,
 `summary.json`, `sharpness_vs_cost.png` and `runs/<method>_<schedule>_seed<k>.json`
@@ -36,11 +38,19 @@ import statistics
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import paper  # noqa: E402  (sets up sys.path, TF logging, keras, keras_sam)
-from paper import keras, keras_sam  # noqa: E402
+import keras  # noqa: E402
+
+import keras_sam  # noqa: E402
+from benchmarks.paper import cli as paper_cli  # noqa: E402
+from benchmarks.paper import data as paper_data  # noqa: E402
+from benchmarks.paper import protocol  # noqa: E402
+from benchmarks.paper import report as paper_report  # noqa: E402
+from benchmarks.paper import run as paper_run  # noqa: E402
+
+COMMAND = "python -m benchmarks.efficient"
+"""How this benchmark is run (from the repository root); reports quote it."""
 
 SAM_EVERY = (2, 5, 10)
 LOOKSAM_EVERY = 5
@@ -63,10 +73,10 @@ METHODS = {
 
 
 def wrappers(args):
-    """Method name -> function wrapping the network, as paper.train_one takes."""
-    rho = paper.RHO
+    """Method name -> function wrapping the network, as paper_run.train_one takes."""
+    rho = protocol.RHO
     return {
-        **paper.WRAPPERS,  # sgd, sam, gsam
+        **paper_run.WRAPPERS,  # sgd, sam, gsam
         **{f"sam_every{k}": lambda inner, k=k: keras_sam.SAMModel(
             inner, rho=rho, sam_every=k) for k in SAM_EVERY},
         f"looksam{LOOKSAM_EVERY}": lambda inner: keras_sam.LookSAMModel(
@@ -94,24 +104,25 @@ RUN_HOOK = None
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog=COMMAND,
         description="SGD, SAM, GSAM and cheaper SAM schedules on MNIST-1D: "
         "sharpness, test error and cost per step.")
-    p.add_argument("--methods", type=paper._csv_choice("method", tuple(METHODS)),
+    p.add_argument("--methods", type=paper_cli._csv_choice("method", tuple(METHODS)),
                    default=list(METHODS), help="comma separated, from "
                    + ",".join(METHODS) + " (default all)")
-    p.add_argument("--seeds", type=paper._seeds, default=[0, 1, 2], help="default 0,1,2")
-    p.add_argument("--epochs", type=paper._positive_int, default=20, help="default 20")
+    p.add_argument("--seeds", type=paper_cli._seeds, default=[0, 1, 2], help="default 0,1,2")
+    p.add_argument("--epochs", type=paper_cli._positive_int, default=20, help="default 20")
     p.add_argument("--schedule", choices=SCHEDULES, default="C",
-                   help="learning-rate schedule of paper.py (default C: cosine "
+                   help="learning-rate schedule of benchmarks.paper (default C: cosine "
                    "0.1 -> 0.001 per step, where SAM is clearly flatter than SGD)")
-    p.add_argument("--batch", type=paper._positive_int, default=128, help="default 128")
-    p.add_argument("--num-samples", type=paper._positive_int, default=4000,
+    p.add_argument("--batch", type=paper_cli._positive_int, default=128, help="default 128")
+    p.add_argument("--num-samples", type=paper_cli._positive_int, default=4000,
                    help="MNIST-1D examples in total, 80%% train (default 4000)")
-    p.add_argument("--sharpness-examples", type=paper._positive_int, default=1024)
-    p.add_argument("--sharpness-iterations", type=paper._positive_int, default=20)
+    p.add_argument("--sharpness-examples", type=paper_cli._positive_int, default=1024)
+    p.add_argument("--sharpness-iterations", type=paper_cli._positive_int, default=20)
     p.add_argument("--aesam-threshold", type=float, default=AESAM_THRESHOLD,
                    help=f"AE-SAM's c (default {AESAM_THRESHOLD})")
-    p.add_argument("--out", default=os.path.join(_HERE, "results", "efficient"))
+    p.add_argument("--out", default=os.path.join(protocol.RESULTS, "efficient"))
     return p
 
 
@@ -120,7 +131,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.num_samples < 50:
         parser.error("--num-samples must be >= 50")
-    # The fields paper.train_one and paper.run_config read.
+    # The fields paper_run.train_one and paper_run.run_config read.
     args.dataset, args.model, args.data_seed = "mnist1d", "mnist1d_cnn", 0
     args.initial_batch, args.sharpness_every = args.batch, 0
     return args
@@ -128,7 +139,7 @@ def parse_args(argv):
 
 def run_config(args):
     """What a stored run must match to be reused."""
-    return dict(paper.run_config(args), schedule=args.schedule,
+    return dict(paper_run.run_config(args), schedule=args.schedule,
                 looksam_alpha=LOOKSAM_ALPHA, aesam_threshold=args.aesam_threshold)
 
 
@@ -173,7 +184,7 @@ class StepTimer(keras.callbacks.Callback):
 
 def train_one(args, data, method, seed):
     timer = StepTimer()
-    record = paper.train_one(args, data, method, args.schedule, seed,
+    record = paper_run.train_one(args, data, method, args.schedule, seed,
                              wrappers=wrappers(args), callbacks=[timer])
     record["config"] = run_config(args)
     record["final"]["ms_per_step"] = timer.ms_per_step()
@@ -204,10 +215,10 @@ def summarize(args, runs):
             "runs": len(finals),
             "ms_per_step": statistics.median(f["ms_per_step"] for f in finals),
             "sam_fraction": statistics.fmean(f["sam_fraction"] for f in finals),
-            "sharpness": paper._mean_std([f["worst_case_sharpness"] for f in finals]),
-            "grad_norm": paper._mean_std([f["full_gradient_norm"] for f in finals]),
-            "test_error": paper._mean_std([f["test_error"] for f in finals]),
-            "train_loss": paper._mean_std([f["train_loss"] for f in finals]),
+            "sharpness": paper_report._mean_std([f["worst_case_sharpness"] for f in finals]),
+            "grad_norm": paper_report._mean_std([f["full_gradient_norm"] for f in finals]),
+            "test_error": paper_report._mean_std([f["test_error"] for f in finals]),
+            "train_loss": paper_report._mean_std([f["train_loss"] for f in finals]),
         })
     by = {r["method"]: r for r in rows}
     sgd, sam = by.get("sgd"), by.get("sam")
@@ -221,7 +232,7 @@ def summarize(args, runs):
         paired = [fraction_kept(sharp[("sgd", s)], sharp[("sam", s)], sharp[(r["method"], s)])
                   for s in args.seeds
                   if all((m, s) in sharp for m in ("sgd", "sam", r["method"]))]
-        r["fraction_kept_paired"] = paper._mean_std([f for f in paired if f is not None])
+        r["fraction_kept_paired"] = paper_report._mean_std([f for f in paired if f is not None])
     return rows
 
 
@@ -247,11 +258,11 @@ def table_markdown(rows):
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['runs']} | {_num(r['cost'], '.2f')} | "
-            f"{r['sam_fraction']:.2f} | {paper._fmt_sci(*r['sharpness'])} | "
-            f"{_num(r['fraction_kept'], '.2f')} | {paper._fmt(*r['fraction_kept_paired'])} | "
-            f"{paper._fmt_sci(*r['grad_norm'])} | "
-            f"{paper._fmt(*r['train_loss'], digits=3)} | "
-            f"{paper._fmt(*r['test_error'], scale=100)} |")
+            f"{r['sam_fraction']:.2f} | {paper_report._fmt_sci(*r['sharpness'])} | "
+            f"{_num(r['fraction_kept'], '.2f')} | {paper_report._fmt(*r['fraction_kept_paired'])} | "
+            f"{paper_report._fmt_sci(*r['grad_norm'])} | "
+            f"{paper_report._fmt(*r['train_loss'], digits=3)} | "
+            f"{paper_report._fmt(*r['test_error'], scale=100)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -386,7 +397,7 @@ def write_plot(args, runs, rows):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    paper.write_atomic(os.path.join(args.out, "sharpness_vs_cost.png"), buf.getvalue())
+    paper_run.write_atomic(os.path.join(args.out, "sharpness_vs_cost.png"), buf.getvalue())
 
 
 def _load_range(runs):
@@ -396,9 +407,9 @@ def _load_range(runs):
 
 def write_report(args, runs, argv_used, total, wall_s):
     rows = summarize(args, runs)
-    cmd = "python benchmarks/efficient.py" + (
+    cmd = COMMAND + (
         " " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else "")
-    machine = paper.machine_description()
+    machine = paper_report.machine_description()
     table = table_markdown(rows)
     notes = guidance(rows)
     run_s = sum(r.get("run_time_s", 0.0) for r in runs)
@@ -409,12 +420,12 @@ def write_report(args, runs, argv_used, total, wall_s):
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- machine: {machine}; load average (1 min) at the end of the runs "
         f"{_load_range(runs)} (above the core count, other processes shared the CPU)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in paper.versions().items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in paper_report.versions().items()),
         f"- completed runs: {len(runs)} / {total}; wall time of this invocation "
         f"{wall_s:.0f} s; all completed runs (training + measures) {run_s:.0f} s",
         f"- protocol: mnist1d_cnn, plain SGD (no momentum), lr schedule "
-        f"{args.schedule} ({paper.SCHEDULE_TEXT[args.schedule].format(batch=args.batch)}), "
-        f"rho {paper.RHO} for every SAM variant, GSAM alpha {paper.ALPHA}, "
+        f"{args.schedule} ({protocol.SCHEDULE_TEXT[args.schedule].format(batch=args.batch)}), "
+        f"rho {protocol.RHO} for every SAM variant, GSAM alpha {protocol.ALPHA}, "
         f"LookSAM alpha {LOOKSAM_ALPHA}, AE-SAM threshold c {args.aesam_threshold:g} "
         f"(decay 0.9); {args.epochs} epochs, num_samples {args.num_samples}, "
         f"seeds {','.join(map(str, args.seeds))}",
@@ -424,9 +435,9 @@ def write_report(args, runs, argv_used, total, wall_s):
         "periods of every `sam_every`) of the block's mean; median over seeds, "
         "divided by SGD's. SAM steps: the measured share of "
         "two-gradient steps. Worst-case sharpness (L-inf Auto-PGD, rho "
-        f"{paper.SHARPNESS_RHO}, {args.sharpness_iterations} iterations, first "
+        f"{protocol.SHARPNESS_RHO}, {args.sharpness_iterations} iterations, first "
         f"{args.sharpness_examples} training examples) and full-gradient norm: "
-        "as benchmarks/paper.py, after the last epoch; mean ± std over seeds. "
+        "as benchmarks.paper, after the last epoch; mean ± std over seeds. "
         "Fraction kept: (sharp_SGD - sharp_method) / (sharp_SGD - sharp_SAM), "
         "from the means.",
         "",
@@ -436,11 +447,11 @@ def write_report(args, runs, argv_used, total, wall_s):
         "![sharpness and test error against cost](sharpness_vs_cost.png)",
         "",
     ]
-    paper.write_atomic(os.path.join(args.out, "results.md"), "\n".join(md))
-    summary = {"command": cmd, "machine": machine, "versions": paper.versions(),
+    paper_run.write_atomic(os.path.join(args.out, "results.md"), "\n".join(md))
+    summary = {"command": cmd, "machine": machine, "versions": paper_report.versions(),
                "config": run_config(args), "wall_s": wall_s, "runs_s": run_s,
                "rows": rows, "table": table, "guidance": notes}
-    paper.write_atomic(os.path.join(args.out, "summary.json"),
+    paper_run.write_atomic(os.path.join(args.out, "summary.json"),
                        json.dumps(summary, indent=1))
     write_plot(args, runs, rows)
 
@@ -459,7 +470,7 @@ def main(argv=None):
     grid = [(m, s) for s in args.seeds for m in args.methods]
 
     def path_of(method, seed):
-        return os.path.join(runs_dir, paper.run_name(method, args.schedule, seed) + ".json")
+        return os.path.join(runs_dir, paper_run.run_name(method, args.schedule, seed) + ".json")
 
     data = None
     stats = {"trained": 0, "skipped": 0}
@@ -467,22 +478,22 @@ def main(argv=None):
     try:
         for i, (method, seed) in enumerate(grid, 1):
             head = f"[{i}/{len(grid)}] {label(method, args)} seed={seed}"
-            if paper.load_run(path_of(method, seed), config) is not None:
+            if paper_run.load_run(path_of(method, seed), config) is not None:
                 stats["skipped"] += 1
-                paper._progress(f"{head}: done before, skipped")
+                paper_cli._progress(f"{head}: done before, skipped")
                 continue
             if data is None:
-                data = paper.Data("mnist1d", args.num_samples, args.data_seed)
+                data = paper_data.Data("mnist1d", args.num_samples, args.data_seed)
             if RUN_HOOK is not None:
-                RUN_HOOK(paper.run_name(method, args.schedule, seed))
+                RUN_HOOK(paper_run.run_name(method, args.schedule, seed))
             t0 = time.perf_counter()
             record = train_one(args, data, method, seed)
             record["run_time_s"] = time.perf_counter() - t0
             record["load_average"] = os.getloadavg()[0]  # 1 min, at the end of the run
-            paper.write_atomic(path_of(method, seed), json.dumps(record, indent=1))
+            paper_run.write_atomic(path_of(method, seed), json.dumps(record, indent=1))
             stats["trained"] += 1
             f = record["final"]
-            paper._progress(
+            paper_cli._progress(
                 f"{head}: test error {100 * f['test_error']:.2f}%, sharpness "
                 f"{f['worst_case_sharpness']:.3g}, grad norm {f['full_gradient_norm']:.3g}, "
                 f"{f['ms_per_step']:.1f} ms/step, SAM steps {f['sam_fraction']:.2f}, "
@@ -492,7 +503,7 @@ def main(argv=None):
         finished = []
         for method, seed in grid:
             try:
-                record = paper.load_run(path_of(method, seed), config)
+                record = paper_run.load_run(path_of(method, seed), config)
             except SystemExit:
                 record = None
             if record is not None:
@@ -500,7 +511,7 @@ def main(argv=None):
         if finished:
             write_report(args, finished, argv_used, len(grid),
                          time.perf_counter() - t_start)
-    paper._progress(f"trained {stats['trained']}, skipped {stats['skipped']} of "
+    paper_cli._progress(f"trained {stats['trained']}, skipped {stats['skipped']} of "
                     f"{len(grid)} runs in {time.perf_counter() - t_start:.0f} s; "
                     f"results in {args.out}")
     return stats

@@ -3,7 +3,13 @@
 Each block of the README between `<!-- name -->` and `<!-- /name -->` is
 rebuilt from the results file of the same name, so no figure is typed in.
 
-    python benchmarks/update_readme.py
+    python -m benchmarks.update_readme      # from the repository root
+
+The paper benchmark's block comes from benchmarks/results/mnist1d/results.md,
+which `python -m benchmarks.paper` writes (and
+`python -m benchmarks.paper.report --out benchmarks/results/mnist1d` rebuilds
+from the stored runs); the cheaper-SAM block from
+benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`).
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Tests of benchmarks/efficient.py and of the cheaper-SAM columns of
+"""Tests of benchmarks.efficient and of the cheaper-SAM columns of
 benchmarks/step_cost.py, end to end on tiny settings."""
 
 import importlib.util
@@ -9,6 +9,8 @@ import statistics
 import sys
 
 import pytest
+
+from benchmarks import efficient
 
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
@@ -21,7 +23,6 @@ def _load(name):
     return module
 
 
-efficient = _load("efficient")
 step_cost = _load("step_cost")
 update_readme = _load("update_readme")
 

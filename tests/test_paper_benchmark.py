@@ -1,18 +1,18 @@
-"""Tests of benchmarks/paper.py: the paper's grid, end to end on tiny data."""
+"""Tests of benchmarks.paper: the paper's grid, end to end on tiny data."""
 
-import importlib.util
 import json
 import math
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "paper.py")
-_spec = importlib.util.spec_from_file_location("paper_benchmark", _PATH)
-paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(paper)
+from benchmarks.paper import cli as paper
+from benchmarks.paper import data as paper_data
+from benchmarks.paper import report as paper_report
+from benchmarks.paper import run as paper_run
 
 TINY_ROWS = [("sgd", "B"), ("sgd", "BC"), ("sam", "B"), ("sam", "BC")]
 
@@ -103,11 +103,19 @@ def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
     good = {n: open(os.path.join(out, "runs", n)).read()
             for n in os.listdir(os.path.join(out, "runs"))}
 
-    def crash(name, epoch):
-        if name == "sam_B_seed0" and epoch == 2:
-            raise KeyboardInterrupt("simulated interruption")
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(paper, "EPOCH_HOOK", crash)
+    train_one = paper_run.train_one
+
+    def crashing_train_one(args, data, method, schedule, seed, **kwargs):
+        if (method, schedule, seed) == ("sam", "B", 0):
+            kwargs["callbacks"] = [*kwargs.get("callbacks", ()), Crash()]
+        return train_one(args, data, method, schedule, seed, **kwargs)
+
+    monkeypatch.setattr(paper_run, "train_one", crashing_train_one)
     with pytest.raises(KeyboardInterrupt):
         paper.main(["--tiny", "--out", out])
     assert not os.path.exists(victim)
@@ -118,13 +126,77 @@ def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
     assert [r.split("|")[3].strip() for r in rows] == ["1", "1", "0", "1"]
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
-    monkeypatch.setattr(paper, "EPOCH_HOOK", None)
+    monkeypatch.setattr(paper_run, "train_one", train_one)
     stats = paper.main(["--tiny", "--out", out])
     assert stats == {"trained": 1, "skipped": 3}
     assert os.path.exists(victim)
     rows = _table_rows(out)
     assert _row_keys(rows) == TINY_ROWS
     assert [r.split("|")[3].strip() for r in rows] == ["1", "1", "1", "1"]
+
+
+def test_report_is_rebuilt_from_the_stored_runs(tiny_out, tmp_path):
+    out = str(tmp_path / "rebuild")
+    shutil.copytree(tiny_out, out)
+    expected = open(os.path.join(out, "results.md")).read()
+    derived = [f for f in os.listdir(out) if f != "runs" and f != "runs.json"]
+    for name in derived:
+        os.remove(os.path.join(out, name))
+    assert paper_report.main(["--out", out]) == 4
+    # runs.json of the same runs: the header (command, date, ...) is kept.
+    assert open(os.path.join(out, "results.md")).read() == expected
+    assert sorted(os.listdir(out)) == sorted(derived + ["runs", "runs.json"])
+
+    # From the run files alone: the same table, and a command that reruns them.
+    os.remove(os.path.join(out, "runs.json"))
+    os.remove(os.path.join(out, "results.md"))
+    assert paper_report.main(["--out", out]) == 4
+    assert _table_rows(out) == _table_rows(tiny_out)
+    text = open(os.path.join(out, "results.md")).read()
+    assert "python -m benchmarks.paper --dataset mnist1d" in text
+    assert "rebuilt from the stored runs" in text
+    with open(os.path.join(out, "runs.json")) as f:
+        assert [r["name"] for r in json.load(f)["runs"]] == [
+            f"{m}_{s}_seed0" for m, s in TINY_ROWS]
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_report_without_runs_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        paper_report.main(["--out", str(tmp_path)])
+    assert "no stored runs" in str(err.value)
+
+
+def test_failed_write_keeps_the_stored_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "run.json")
+    paper_run.write_atomic(path, "good")
+
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        paper_run.store_run(path, {"final": {}})
+    assert open(path).read() == "good"
+    assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_sharpness_every_measures_during_training(tmp_path):
+    out = str(tmp_path / "every")
+    stats = paper.main(["--tiny", "--methods", "sam", "--schedules", "B",
+                        "--sharpness-every", "2", "--out", out])
+    assert stats == {"trained": 1, "skipped": 0}
+    with open(os.path.join(out, "runs", "sam_B_seed0.json")) as f:
+        run = json.load(f)
+    keys = ("worst_case_sharpness", "full_gradient_norm")
+    epochs = run["epochs"]
+    for e in (1, 3):  # epochs 2 and 4: measured during training
+        assert all(epochs[e][k] > 0 for k in keys) and epochs[e]["measure_s"] > 0
+    for e in (0, 2):
+        assert not any(k in epochs[e] for k in keys + ("measure_s",))
+    # The last epoch is measured once, after fit.
+    assert [epochs[-1][k] for k in keys] == [run["final"][k] for k in keys]
+    assert "measure_s" not in epochs[-1]
 
 
 def test_stored_run_of_another_config_is_refused(tiny_out, tmp_path, capsys):
@@ -143,10 +215,10 @@ def test_cifar_pipeline_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     import tensorflow as tf
 
-    paper._DATA_CACHE.clear()
+    paper_data._DATA_CACHE.clear()
     with tfds.testing.mock_data(num_examples=40):
-        data = paper.Data("cifar10", None, 0)
-    paper._DATA_CACHE.clear()
+        data = paper_data.Data("cifar10", None, 0)
+    paper_data._DATA_CACHE.clear()
     assert data.x.shape == (40, 32, 32, 3) and data.x.dtype == np.uint8
     assert data.input_shape == (32, 32, 3) and data.classes == 10
     # Per-channel normalization: mean 0, std 1 per channel on the train set.
@@ -179,7 +251,7 @@ def test_cifar_pipeline_with_mock_data():
 
 def test_cifar_tiny_run_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    paper._DATA_CACHE.clear()
+    paper_data._DATA_CACHE.clear()
     out = str(tmp_path / "cifar")
     with tfds.testing.mock_data(num_examples=64):
         stats = paper.main([
@@ -187,7 +259,7 @@ def test_cifar_tiny_run_with_mock_data(tmp_path):
             "--schedules", "B", "--seeds", "0", "--epochs", "5",
             "--initial-batch", "2", "--sharpness-examples", "16",
             "--sharpness-iterations", "2", "--out", out])
-    paper._DATA_CACHE.clear()
+    paper_data._DATA_CACHE.clear()
     assert stats == {"trained": 1, "skipped": 0}
     with open(os.path.join(out, "runs.json")) as f:
         run = json.load(f)["runs"][0]
@@ -226,7 +298,7 @@ def test_epochs_not_multiple_of_5_ok_without_increasing_batch():
 
 
 def test_grid_that_does_not_fit_memory_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(paper, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(paper_data, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(SystemExit) as err:
         paper.main(["--tiny", "--out", str(tmp_path)])
     msg = str(err.value)

@@ -1,0 +1,345 @@
+"""The report of a grid: `results.md`, `runs.json` and the PNG plots.
+
+Everything here is derived from the stored runs (`<out>/runs/*.json`), so the
+report can be rebuilt without training, e.g. after a change of the tables:
+
+    python -m benchmarks.paper.report --out benchmarks/results/mnist1d
+
+The header (command, date, machine, versions, wall time, the grid) is kept
+from the folder's `runs.json` when it was made with the same configuration;
+what it lacks describes this invocation (the date of the rebuild, a command
+that reruns the stored grid, the grid the stored runs cover).
+"""
+
+import argparse
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+
+import keras
+import numpy as np
+
+import keras_sam
+from benchmarks.paper import run as run_lib
+from benchmarks.paper.protocol import COMMAND
+from benchmarks.paper.protocol import METHODS
+from benchmarks.paper.protocol import SCHEDULE_TEXT
+from benchmarks.paper.protocol import SCHEDULES
+from benchmarks.paper.protocol import SHARPNESS_BATCH
+from benchmarks.paper.protocol import STAGES
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _fmt(mean, std, scale=1.0, digits=2):
+    if mean is None:
+        return "—"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _fmt_sci(mean, std):
+    if mean is None:
+        return "—"
+    return f"{mean:.3g} ± {std:.2g}"
+
+
+def summarize(args, runs):
+    """Rows (method, schedule, stats) in grid order, from completed runs."""
+    rows = []
+    for method in args.methods:
+        for schedule in args.schedules:
+            rs = [r for r in runs if r["method"] == method and r["schedule"] == schedule]
+            f = [r["final"] for r in rs]
+            rows.append({
+                "method": method, "schedule": schedule, "n": len(rs),
+                "test_error": _mean_std([x["test_error"] for x in f]),
+                "sharpness": _mean_std([x["worst_case_sharpness"] for x in f]),
+                "grad_norm": _mean_std([x["full_gradient_norm"] for x in f]),
+                "train_loss": _mean_std([x["train_loss"] for x in f]),
+                "time": _mean_std([x["train_time_s"] for x in f]),
+            })
+    return rows
+
+
+def table_markdown(rows):
+    lines = [
+        "| method | schedule | runs | test error % | worst-case sharpness | "
+        "full-gradient norm | final train loss | train time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['schedule']} | {r['n']} | "
+            f"{_fmt(*r['test_error'], scale=100)} | {_fmt_sci(*r['sharpness'])} | "
+            f"{_fmt_sci(*r['grad_norm'])} | {_fmt(*r['train_loss'], digits=3)} | "
+            f"{_fmt(*r['time'], digits=1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_description():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    text = f"{platform.node()}: {platform.platform()}, {cpu}, {os.cpu_count()} CPU(s)"
+    if gpus:
+        text += f", GPUs: {', '.join(g.name for g in gpus)}"
+    else:
+        text += ", no GPU"
+    return text
+
+
+def versions():
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "keras_sam": keras_sam.__version__,
+        "backend": keras.backend.backend(),
+    }
+
+
+def now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def header(args, argv_used, total, wall_s):
+    """What the report says about the invocation that made it."""
+    return {
+        "command": COMMAND + (
+            " " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else ""),
+        "date": now(),
+        "machine": machine_description(),
+        "versions": versions(),
+        "wall_s": wall_s,
+        "grid": {"methods": list(args.methods), "schedules": list(args.schedules),
+                 "seeds": list(args.seeds), "total": total},
+    }
+
+
+def write_report(args, runs, head):
+    """Writes `results.md`, `runs.json` and the plots of `runs` (finished
+    runs of one configuration) into `args.out`; `head` from `header`."""
+    out = args.out
+    config = runs[0]["config"]
+    rows = summarize(args, runs)
+    v = head["versions"]
+    wall_s = head.get("wall_s")
+    fmt = dict(batch=args.batch, b0=args.initial_batch,
+               bmax=args.initial_batch * 2 ** (STAGES - 1))
+    md = [
+        f"# Paper benchmark: {args.dataset} / {args.model}",
+        "",
+        f"- command: `{head['command']}`",
+        f"- date: {head['date']}",
+        f"- machine: {head['machine']}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- completed runs: {len(runs)} / {head['grid']['total']}"
+        + (f"; wall time of this invocation {wall_s:.0f} s" if wall_s is not None else ""),
+        f"- protocol: plain SGD (no momentum, no weight decay), lr {config['lr']}, "
+        f"SAM/GSAM rho {config['rho']} (constant), GSAM alpha {config['alpha']}, "
+        f"cross-entropy, last partial batch dropped; {args.epochs} epochs; "
+        f"{'num_samples ' + str(args.num_samples) + ', ' if args.num_samples else ''}"
+        f"seeds {','.join(map(str, args.seeds))}",
+        "- schedules: " + "; ".join(
+            f"{s}: {SCHEDULE_TEXT[s].format(**fmt)}" for s in args.schedules),
+        f"- test error: after the last epoch; worst-case sharpness: L-inf Auto-PGD, "
+        f"rho {config['sharpness_rho']}, {args.sharpness_iterations} iterations, first "
+        f"{args.sharpness_examples} training examples in batches of "
+        f"{SHARPNESS_BATCH}, inference mode; full-gradient norm: "
+        "||grad f_S(w)|| over the whole training set (no augmentation), "
+        "inference mode. Train time: wall clock of `fit` (incl. per-epoch test "
+        "evaluation and tracing). Mean ± std over seeds.",
+        "",
+        table_markdown(rows),
+    ]
+    run_lib.write_atomic(os.path.join(out, "results.md"), "\n".join(md))
+    summary = {
+        "command": head["command"], "versions": v, "machine": head["machine"],
+        "config": config,
+        "date": head["date"], "wall_s": wall_s, "grid": head["grid"],
+        "runs": sorted(runs, key=lambda r: (
+            args.methods.index(r["method"]), args.schedules.index(r["schedule"]),
+            r["seed"])),
+    }
+    run_lib.write_atomic(os.path.join(out, "runs.json"), json.dumps(summary, indent=1))
+    write_plots(args, runs)
+
+
+def write_plots(args, runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"sgd": "tab:blue", "sam": "tab:orange", "gsam": "tab:green"}
+    styles = {"constant": "-", "B": "--", "C": ":", "BC": "-.", "linear": (0, (5, 1, 1, 1, 1, 1))}
+    groups = []
+    for method in args.methods:
+        for schedule in args.schedules:
+            rs = [r for r in runs if r["method"] == method and r["schedule"] == schedule]
+            if rs:
+                groups.append((method, schedule, rs))
+    if not groups:
+        return
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        run_lib.write_atomic(os.path.join(args.out, name), buf.getvalue())
+
+    curves = [("train_loss", "training loss", True, "train_loss.png"),
+              ("test_error", "test error", False, "test_error.png"),
+              ("batch_size", "batch size", True, "batch_size.png"),
+              ("learning_rate", "learning rate (end of epoch)", True, "learning_rate.png")]
+    for key, label, log, fname in curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, schedule, rs in groups:
+            n = min(len(r["epochs"]) for r in rs)
+            ys = np.array([[e[key] for e in r["epochs"][:n]] for r in rs], float)
+            ax.plot(range(1, n + 1), ys.mean(axis=0), color=colors[method],
+                    linestyle=styles[schedule], label=f"{method} {schedule}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"{label} ({args.dataset}, mean over seeds)")
+        ax.legend(fontsize=7, ncol=3)
+        ax.grid(alpha=0.3)
+        save(fig, fname)
+
+    for key, label, fname in (("worst_case_sharpness", "worst-case sharpness", "sharpness.png"),
+                              ("full_gradient_norm", "full-gradient norm", "grad_norm.png")):
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) + 2), 4.5))
+        means, stds, labels, cols = [], [], [], []
+        for method, schedule, rs in groups:
+            vals = [r["final"][key] for r in rs]
+            means.append(np.mean(vals))
+            stds.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+            labels.append(f"{method}\n{schedule}")
+            cols.append(colors[method])
+        ax.bar(range(len(means)), means, yerr=stds, color=cols, capsize=3)
+        ax.set_xticks(range(len(means)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.set_title(f"{label} after training ({args.dataset}, mean ± std over seeds)")
+        ax.grid(alpha=0.3, axis="y")
+        save(fig, fname)
+
+
+# ---------------------------------------------------------------------------
+# Rebuilding the report from the stored runs.
+
+
+def _rerun_command(config, grid, out):
+    """A command line that reruns (or, with the runs stored, skips) the grid."""
+    argv = ["--dataset", config["dataset"], "--model", config["model"],
+            "--methods", ",".join(grid["methods"]),
+            "--schedules", ",".join(grid["schedules"]),
+            "--seeds", ",".join(map(str, grid["seeds"])),
+            "--epochs", str(config["epochs"]), "--batch", str(config["batch"]),
+            "--initial-batch", str(config["initial_batch"])]
+    if config["num_samples"] is not None:
+        argv += ["--num-samples", str(config["num_samples"])]
+    if config["data_seed"] is not None:
+        argv += ["--data-seed", str(config["data_seed"])]
+    argv += ["--sharpness-examples", str(config["sharpness_examples"]),
+             "--sharpness-iterations", str(config["sharpness_iterations"])]
+    if config["sharpness_every"]:
+        argv += ["--sharpness-every", str(config["sharpness_every"])]
+    argv += ["--out", out]
+    return COMMAND + " " + " ".join(shlex.quote(a) for a in argv)
+
+
+def rebuild(out):
+    """Rewrites the report of `out` from `out/runs/*.json`; returns the
+    number of runs it covers."""
+    runs = run_lib.stored_runs(os.path.join(out, "runs"))
+    if not runs:
+        raise SystemExit(f"error: no stored runs in {os.path.join(out, 'runs')}")
+    config = runs[0]["config"]
+    other = [r["name"] for r in runs if r["config"] != config]
+    if other:
+        raise SystemExit(
+            f"error: the runs in {out}/runs were made with different "
+            f"configurations ({runs[0]['name']} vs {', '.join(other)}); move "
+            "the ones of another configuration elsewhere")
+    unknown = sorted({r["method"] for r in runs} - set(METHODS)
+                     | {r["schedule"] for r in runs} - set(SCHEDULES))
+    if unknown:
+        raise SystemExit(
+            f"error: {out}/runs holds runs of {', '.join(unknown)}, not of this "
+            "grid (benchmarks.efficient writes its own report)")
+    found = {
+        "methods": [m for m in METHODS if any(r["method"] == m for r in runs)],
+        "schedules": [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)],
+        "seeds": sorted({r["seed"] for r in runs}),
+    }
+    found["total"] = len(found["methods"]) * len(found["schedules"]) * len(found["seeds"])
+    head = {"command": _rerun_command(config, found, out),
+            "date": f"{now()} (report rebuilt from the stored runs)",
+            "machine": machine_description(), "versions": versions(),
+            "wall_s": None, "grid": found}
+    # The header of the invocation that made these runs, where runs.json
+    # (older ones have no date, wall time or grid) belongs to them.
+    stored = run_lib.read_run(os.path.join(out, "runs.json"))
+    if isinstance(stored, dict) and stored.get("config") == config:
+        head.update({key: stored[key] for key in (
+            "command", "date", "machine", "versions", "wall_s") if key in stored})
+        grid = stored.get("grid")
+        if (isinstance(grid, dict)
+                and {r["method"] for r in runs} <= set(grid.get("methods", ()))
+                and {r["schedule"] for r in runs} <= set(grid.get("schedules", ()))
+                and {r["seed"] for r in runs} <= set(grid.get("seeds", ()))):
+            head["grid"] = grid
+    args = argparse.Namespace(
+        out=out, methods=list(head["grid"]["methods"]),
+        schedules=list(head["grid"]["schedules"]), seeds=list(head["grid"]["seeds"]),
+        **{key: config[key] for key in (
+            "dataset", "model", "epochs", "batch", "initial_batch", "num_samples",
+            "sharpness_examples", "sharpness_iterations")})
+    write_report(args, runs, head)
+    return len(runs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.paper.report",
+        description="Rebuild results.md, runs.json and the plots of a paper "
+        "benchmark folder from its stored runs (OUT/runs/*.json), without "
+        "training.")
+    parser.add_argument("--out", required=True,
+                        help="the grid's output folder, e.g. benchmarks/results/mnist1d")
+    args = parser.parse_args(argv)
+    n = rebuild(args.out)
+    print(f"report of {n} stored runs written to {args.out}", file=sys.stderr)
+    return n
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""One run of the grid (model, fit, measures) and the run files.
+
+A run is stored as `runs/<method>_<schedule>_seed<k>.json` only once it has
+finished (written atomically: a temporary file, fsync, rename), so an
+interrupted or failed run never replaces or corrupts a stored one.
+"""
+
+import json
+import os
+import time
+
+import keras
+
+import keras_sam
+from benchmarks.paper.protocol import ALPHA
+from benchmarks.paper.protocol import GRADIENT_NORM_BATCH
+from benchmarks.paper.protocol import INCREASING
+from benchmarks.paper.protocol import LR
+from benchmarks.paper.protocol import LR_FINAL
+from benchmarks.paper.protocol import MODELS
+from benchmarks.paper.protocol import RHO
+from benchmarks.paper.protocol import SHARPNESS_BATCH
+from benchmarks.paper.protocol import SHARPNESS_RHO
+from benchmarks.paper.protocol import STAGES
+
+
+def batch_schedule(args, schedule):
+    """`{epoch: batch_size}` of a schedule, for `BatchSizeScheduler`."""
+    if schedule in INCREASING:
+        return keras_sam.callbacks.doubling_schedule(
+            args.initial_batch, STAGES, args.epochs // STAGES)
+    return {0: args.batch}
+
+
+def run_name(method, schedule, seed):
+    return f"{method}_{schedule}_seed{seed}"
+
+
+def run_config(args):
+    """What a stored run must match to be reused."""
+    return {
+        "dataset": args.dataset,
+        "model": args.model,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "initial_batch": args.initial_batch,
+        "num_samples": args.num_samples,
+        "data_seed": args.data_seed if args.dataset == "mnist1d" else None,
+        "sharpness_examples": args.sharpness_examples,
+        "sharpness_iterations": args.sharpness_iterations,
+        "sharpness_every": args.sharpness_every,
+        "lr": LR, "lr_final": LR_FINAL, "rho": RHO, "alpha": ALPHA,
+        "sharpness_rho": SHARPNESS_RHO,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Training.
+
+
+def _float(value):
+    return float(keras.ops.convert_to_numpy(value))
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One record per epoch: losses and errors from `logs`, the batch size,
+    the learning rate and step count read from the optimizer, the wall time
+    since `fit` began, and SAM's own logs. Sharpness measures are added by
+    `train_one` from the `SharpnessMonitor`s."""
+
+    def __init__(self, batch_size_at):
+        super().__init__()
+        self.batch_size_at = batch_size_at
+        self.epochs = []
+        self._last_iterations = 0
+        self._t0 = None
+
+    def on_train_begin(self, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        iterations = int(_float(self.model.optimizer.iterations))
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(logs.get("loss", float("nan"))),
+            "test_loss": float(logs.get("val_loss", float("nan"))),
+            "test_error": 1.0 - float(logs.get("val_accuracy", float("nan"))),
+            "train_error": 1.0 - float(logs.get("accuracy", float("nan"))),
+            "batch_size": int(logs.get("batch_size", self.batch_size_at(epoch))),
+            "learning_rate": _float(self.model.optimizer.learning_rate),
+            "iterations": iterations,
+            "steps": iterations - self._last_iterations,
+            "elapsed_s": time.perf_counter() - self._t0,
+        }
+        for key in ("sharpness", "grad_norm", "rho"):  # SAM's own logs
+            if key in logs:
+                record["sam_" + key] = float(logs[key])
+        if "sam_fraction" in logs:  # share of SAM steps (sam_every, LookSAM, AE-SAM)
+            record["sam_fraction"] = float(logs["sam_fraction"])
+        self._last_iterations = iterations
+        self.epochs.append(record)
+
+
+class _Monitor(keras_sam.callbacks.SharpnessMonitor):
+    """`SharpnessMonitor` that leaves the last epoch out (`train_one`
+    measures after `fit`, outside the training time) and times each
+    measurement (`seconds[epoch]`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds = {}
+
+    def should_measure(self, epoch):
+        return super().should_measure(epoch) and epoch + 1 < self.params["epochs"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        t = time.perf_counter()
+        super().on_epoch_end(epoch, logs)
+        if epoch in self.results:
+            self.seconds[epoch] = time.perf_counter() - t
+
+
+WRAPPERS = {
+    # method: how it wraps the network (benchmarks/efficient.py adds its own)
+    "sgd": lambda inner: inner,
+    "sam": lambda inner: keras_sam.SAMModel(inner, rho=RHO),
+    "gsam": lambda inner: keras_sam.GSAMModel(inner, rho=RHO, alpha=ALPHA),
+}
+
+
+def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
+    """Trains one grid point; returns its record (a JSON-able dict).
+
+    `wrappers` maps method names to functions that wrap the network
+    (default `WRAPPERS`); `callbacks` are added to `fit`'s."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    epochs = args.epochs
+    sizes = batch_schedule(args, schedule)
+    scheduler = keras_sam.callbacks.BatchSizeScheduler(
+        sizes, lambda b: data.train_dataset(b, seed))
+    batch_size_at = scheduler.batch_size_at  # the scheduler's own lookup
+    largest = max(batch_size_at(e) for e in range(epochs))
+    if data.num_train < largest:
+        raise SystemExit(
+            f"error: {data.num_train} training examples give no full batch of "
+            f"{largest}; raise --num-samples or lower --batch / --initial-batch")
+
+    if schedule in INCREASING:
+        steps = scheduler.steps_per_epoch(epochs)
+    else:
+        scheduler = None  # one batch size: fit's own data, no callback
+        steps = keras_sam.schedules.steps_per_epoch(data.num_train, args.batch, epochs)
+    if schedule in ("C", "BC"):
+        lr = keras_sam.schedules.CosineAnnealing(LR, LR_FINAL, epochs, steps)
+    elif schedule == "linear":
+        lr = keras_sam.schedules.LinearDecay(LR, LR_FINAL, epochs, steps)
+    else:
+        lr = LR
+
+    inner = MODELS[args.model](input_shape=data.input_shape, classes=data.classes)
+    model = (WRAPPERS if wrappers is None else wrappers)[method](inner)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.0),
+        loss=loss, metrics=["accuracy"])
+
+    # Worst-case sharpness on the first k training examples, the gradient
+    # norm on all of them; every `--sharpness-every` epochs during training
+    # (0: never) and always after it.
+    k = min(args.sharpness_examples, data.num_train)
+    every = max(args.sharpness_every, 1)
+    monitors = [
+        _Monitor((data.eval_arrays(data.x[:k]), data.y[:k]), loss=loss, every=every,
+                 measures="worst_case_sharpness", rho=SHARPNESS_RHO,
+                 iterations=args.sharpness_iterations, batch_size=SHARPNESS_BATCH),
+        _Monitor((data.eval_arrays(data.x), data.y), loss=loss, every=every,
+                 measures="full_gradient_norm", batch_size=GRADIENT_NORM_BATCH),
+    ]
+    log = EpochLog(batch_size_at)
+    fit_callbacks = ([scheduler] if scheduler else []) + [log]
+    if args.sharpness_every:
+        fit_callbacks += monitors
+    fit_callbacks += list(callbacks)
+    train_ds = data.train_dataset(batch_size_at(0), seed)
+    t0 = time.perf_counter()
+    model.fit(train_ds, epochs=epochs, validation_data=data.test_dataset(),
+              callbacks=fit_callbacks, verbose=0, shuffle=False)
+    train_time = time.perf_counter() - t0
+
+    for epoch, record in enumerate(log.epochs):
+        measured = [m for m in monitors if epoch in m.results]
+        for m in measured:
+            record.update(m.results[epoch])
+        if measured:
+            record["measure_s"] = sum(m.seconds[epoch] for m in measured)
+    # The trained model as fit saw it (a SAM wrapper measures as its inner
+    # network, and the monitors' compiled functions are cached per model).
+    t = time.perf_counter()
+    final = {}
+    for m in monitors:
+        final.update(m.measure(model))
+    measure_s = time.perf_counter() - t
+    last = log.epochs[-1]
+    last.update(final)
+    return {
+        "name": run_name(method, schedule, seed),
+        "method": method,
+        "schedule": schedule,
+        "seed": seed,
+        "config": run_config(args),
+        "steps_per_epoch": [int(s) for s in steps],
+        "batch_schedule": {str(k): v for k, v in sizes.items()},
+        "epochs": log.epochs,
+        "final": {
+            "test_error": last["test_error"],
+            "train_loss": last["train_loss"],
+            "worst_case_sharpness": final["worst_case_sharpness"],
+            "full_gradient_norm": final["full_gradient_norm"],
+            "train_time_s": train_time,
+            "measure_time_s": measure_s,
+        },
+        "normalization": None if data.mean is None else {
+            "mean": data.mean.tolist(), "std": data.std.tolist()},
+    }
+
+
+# ---------------------------------------------------------------------------
+# Run files.
+
+
+def write_atomic(path, text_or_bytes):
+    """Writes `path` whole or not at all: a temporary file in the same
+    folder, flushed to disk, then renamed over `path`. On an error the
+    temporary file is removed and `path` keeps its old content."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
+    try:
+        with open(tmp, mode) as f:
+            f.write(text_or_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def run_path(runs_dir, method, schedule, seed):
+    return os.path.join(runs_dir, run_name(method, schedule, seed) + ".json")
+
+
+def store_run(path, record):
+    """Stores a finished run (serialized first, so a record that cannot be
+    written leaves no file)."""
+    write_atomic(path, json.dumps(record, indent=1))
+
+
+def read_run(path):
+    """The record at `path`, or None if missing or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # a corrupt file: rerun (written atomically, so rare)
+
+
+def load_run(path, config):
+    """The stored run at `path`, or None if missing/unreadable.
+
+    A stored run made with another configuration is an error (never
+    overwritten silently)."""
+    record = read_run(path)
+    if record is None:
+        return None
+    if record.get("config") != config:
+        diff = {k: (record.get("config", {}).get(k), v) for k, v in config.items()
+                if record.get("config", {}).get(k) != v}
+        raise SystemExit(
+            f"error: {path} was made with another configuration "
+            f"(stored vs requested: {diff}); use another --out or delete it")
+    return record
+
+
+def stored_runs(runs_dir):
+    """Every readable run record in `runs_dir` (by file name)."""
+    if not os.path.isdir(runs_dir):
+        return []
+    records = []
+    for name in sorted(os.listdir(runs_dir)):
+        if name.endswith(".json"):
+            record = read_run(os.path.join(runs_dir, name))
+            if isinstance(record, dict) and "config" in record and "final" in record:
+                records.append(record)
+    return records
