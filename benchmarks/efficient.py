@@ -94,8 +94,6 @@ def label(method, args):
 
 SCHEDULES = ("C", "constant", "linear")
 
-# Test hook: called as RUN_HOOK(run_name) before each run trains.
-RUN_HOOK = None
 
 
 # ---------------------------------------------------------------------------
@@ -484,8 +482,6 @@ def main(argv=None):
                 continue
             if data is None:
                 data = paper_data.Data("mnist1d", args.num_samples, args.data_seed)
-            if RUN_HOOK is not None:
-                RUN_HOOK(paper_run.run_name(method, args.schedule, seed))
             t0 = time.perf_counter()
             record = train_one(args, data, method, seed)
             record["run_time_s"] = time.perf_counter() - t0

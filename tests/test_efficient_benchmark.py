@@ -92,10 +92,10 @@ def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, 
     good = {n: open(os.path.join(out, "runs", n)).read()
             for n in os.listdir(os.path.join(out, "runs"))}
 
-    def crash(name):
-        raise KeyboardInterrupt(f"simulated failure in {name}")
+    def crash(args, data, method, seed):
+        raise KeyboardInterrupt(f"simulated failure in {method} seed {seed}")
 
-    monkeypatch.setattr(efficient, "RUN_HOOK", crash)
+    monkeypatch.setattr(efficient, "train_one", crash)
     with pytest.raises(KeyboardInterrupt):
         efficient.main(TINY + ["--out", out])
     assert {n: open(os.path.join(out, "runs", n)).read()
