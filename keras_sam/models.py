@@ -74,7 +74,11 @@ def _first_batch_size(x, batch_size):
             return int(first.shape[0]), x
         return _rows(next(iter(x.take(1)), None)), x
     if isinstance(x, keras.utils.PyDataset):
-        return _rows(x[0] if len(x) else None), x
+        try:
+            batches = x.num_batches
+        except (NotImplementedError, TypeError):
+            batches = None
+        return (_rows(x[0]) if batches else None), x
     if isinstance(x, types.GeneratorType):
         first = next(x, None)
         if first is None:
@@ -88,7 +92,9 @@ def _first_batch_size(x, batch_size):
     if type(x).__module__.startswith("torch.utils.data"):  # a DataLoader
         return _rows(next(iter(x), None)), x
     if hasattr(x, "shape") or isinstance(x, (list, tuple, dict)):
-        return (32 if batch_size is None else int(batch_size)), x
+        rows = _rows(x) or 0
+        size = 32 if batch_size is None else int(batch_size)
+        return (min(size, rows) if rows else size), x
     return None, x
 
 
@@ -329,12 +335,19 @@ class SAMModel(keras.Model):
             if self.num_batch_splits:
                 return min(self.num_batch_splits, static)
             return -(-static // self.sub_batch_size)
+        if self.sync_perturbation and sam_backend.num_replicas() > 1:
+            raise ValueError(
+                "`sync_perturbation=True` with `num_batch_splits` / "
+                "`sub_batch_size` under a tf.distribute strategy needs batch "
+                "sizes known when the step is traced: batch the dataset with "
+                "`drop_remainder=True`."
+            )
         size = _batch_size(x)
         if self.num_batch_splits:  # a tensor too, so both run the same loop
             return ops.minimum(ops.cast(self.num_batch_splits, size.dtype), size)
         return (size + self.sub_batch_size - 1) // self.sub_batch_size
 
-    def fit(self, x=None, y=None, batch_size=None, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
         """`keras.Model.fit`, with the batch split and GSAM's learning-rate
         range checked before the first step."""
         from keras_sam._multi_worker import check_not_multi_worker
@@ -343,10 +356,18 @@ class SAMModel(keras.Model):
         if self.num_batch_splits or self.sub_batch_size:
             size, x = _first_batch_size(x, batch_size)
             if size is not None:
-                strategy = getattr(self, "distribute_strategy", None)  # TF only
-                self.num_splits(size // getattr(strategy, "num_replicas_in_sync", 1))
+                self.num_splits(size // self._replicas_for_splits())
         self._before_fit()
-        return super().fit(x, y, batch_size=batch_size, **kwargs)
+        return super().fit(x, y, batch_size, *args, **kwargs)
+
+    def _replicas_for_splits(self):
+        """Replicas that each split their own slice of the global batch."""
+        strategy = getattr(self, "distribute_strategy", None)  # TF only
+        if strategy is not None:
+            return getattr(strategy, "num_replicas_in_sync", 1)
+        if not self.sync_perturbation and hasattr(sam_backend, "per_device_count"):
+            return sam_backend.per_device_count()  # JAX DataParallel
+        return 1
 
     def _before_fit(self):
         """Hook run by `fit` before any step (GSAMModel reads its lr range)."""
@@ -465,8 +486,8 @@ class SAMModel(keras.Model):
         return []
 
     def _own_state_positions(self):
-        own = {id(v) for v in self._own_state_variables()}
-        return [i for i, v in enumerate(self.non_trainable_variables) if id(v) in own]
+        index = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        return [index[id(v)] for v in self._own_state_variables()]
 
     def _decide(self, grads, own):
         """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
@@ -777,6 +798,12 @@ class GSAMModel(SAMModel):
         if self.rho_min is None or self.optimizer is None:
             return
         lr_range = self.learning_rate_range()
+        if lr_range[1] > lr_range[0]:
+            raise ValueError(
+                f"GSAMModel: `lr_min`={lr_range[1]} is above the learning rate "
+                f"{lr_range[0]} read as `lr_max` when fit starts; pass `lr_max` "
+                "(the rate the radius `rho` belongs to) or a smaller `lr_min`."
+            )
         if lr_range != self._lr_range:
             # The range is a constant of the traced step: trace it anew.
             self._lr_range = lr_range
@@ -868,7 +895,7 @@ class LookSAMModel(SAMModel):
 
     def __init__(self, model, rho=0.05, sam_every=5, alpha=0.7, **kwargs):
         self.alpha = _validation.real("alpha", alpha, low=0)
-        self._g_v = []
+        self._g_v = {}
         super().__init__(model, rho=rho, sam_every=sam_every, **kwargs)
         _no_splits("LookSAMModel", self)
 
@@ -878,16 +905,26 @@ class LookSAMModel(SAMModel):
         return config
 
     def _build_own_state(self):
-        self._g_v = [
-            self.add_weight(
+        # One slot per trainable variable at build time, found by its path,
+        # so freezing a layer later leaves the other slots in place.
+        self._g_v = {
+            v.path: self.add_weight(
                 shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
                 autocast=False, name=f"looksam_direction_{i}",
             )
             for i, v in enumerate(self.inner.trainable_variables)
-        ]
+        }
 
     def _own_state_variables(self):
-        return list(self._g_v)
+        """The stored direction of each current trainable variable, in order."""
+        missing = [v.path for v in self.trainable_variables if v.path not in self._g_v]
+        if missing:
+            raise ValueError(
+                f"LookSAMModel keeps a direction for the variables that were "
+                f"trainable when it was built; {missing} became trainable later. "
+                "Wrap the model again after changing which layers train."
+            )
+        return [self._g_v[v.path] for v in self.trainable_variables]
 
     def _after_sam(self, grads, perturbed, own):
         g = sam_backend.all_reduce(grads, "sum")

@@ -82,6 +82,20 @@ def main():
         w_one, _ = train(make, distributed=False)
         out[f"{name}_sync_vs_one_device"] = max_diff(w_sync, w_one)
         out[f"{name}_per_device_vs_one_device"] = max_diff(w_dev, w_one)
+    # The split check in fit sees each device's shard: 12 / 2 devices = 6
+    # rows, which sub-batches of 4 do not divide.
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
+    try:
+        model = keras_sam.SAMModel(inner(), rho=0.2, sub_batch_size=4)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        x = np.zeros((24, D), "float32")
+        model.fit(x, np.zeros((24, 2), "float32"), batch_size=12, verbose=0)
+        out["split_check"] = "no error"
+    except ValueError as e:
+        out["split_check"] = str(e)
+    finally:
+        keras.distribution.set_distribution(None)
     print(json.dumps(out))
 
 

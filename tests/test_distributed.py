@@ -544,3 +544,14 @@ def test_skipped_mixed_precision_step_changes_no_state(mixed_float16, kind, repl
         assert a.tobytes() == b.tobytes(), f"{v.path} changed on a skipped step"
         assert np.all(np.isfinite(b)), v.path
     assert int(model.optimizer.iterations.numpy()) == 1
+
+
+def test_sync_perturbation_with_sub_batches_of_unknown_size_asks_for_drop_remainder():
+    strategy = mirrored(2)
+    x, y = make_data()
+    with strategy.scope():
+        model = keras_sam.SAMModel(make_inner(), rho=RHO, sync_perturbation=True,
+                                   num_batch_splits=2)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    with pytest.raises(ValueError, match="drop_remainder"):
+        model.fit(dataset(x, y), epochs=1, verbose=0)

@@ -271,3 +271,19 @@ def test_every_replica_takes_the_same_kind_of_step(name):
     for v in multi.variables:
         copies = [t.numpy() for t in strategy.experimental_local_results(v.value)]
         assert all(c.tobytes() == copies[0].tobytes() for c in copies[1:]), v.path
+
+
+def test_looksam_after_freezing_a_layer_keeps_the_other_directions():
+    """Fine-tuning habit: freeze a layer after wrapping. The frozen kernel's
+    stored direction stays put, the others pair with their own variables."""
+    x, y = make_data(steps=4)
+    inner = make_inner(bn=False)
+    model = keras_sam.LookSAMModel(inner, rho=0.1, sam_every=2)
+    inner.layers[0].trainable = False
+    frozen = [v.numpy().copy() for v in inner.layers[0].weights]
+    compiled(model).fit(dataset(x, y), epochs=1, verbose=0)
+    for v, w in zip(inner.layers[0].weights, frozen):
+        np.testing.assert_array_equal(v.numpy(), w)
+    slots = model._own_state_variables()
+    assert [s.shape for s in slots] == [v.shape for v in model.trainable_variables]
+    assert all(np.any(s.numpy() != 0) for s in slots)

@@ -42,3 +42,7 @@ def test_sync_perturbation_keeps_the_global_step(differences, kind):
 
 def test_looksam_runs_per_device_and_differs_from_sync(differences):
     assert differences["looksam_per_device_vs_sync"] > 1e-3
+
+
+def test_split_check_uses_each_devices_shard(differences):
+    assert "does not divide the per-replica batch size 6" in differences["split_check"]

@@ -596,3 +596,39 @@ def test_export_serves_the_predictions_of_predict(tmp_path):
     loaded = tf.saved_model.load(path)  # keep a reference: it owns the variables
     served = loaded.serve(tf.constant(x))
     np.testing.assert_allclose(served.numpy(), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+
+
+def test_metrics_with_sub_batches_of_unknown_size():
+    """`.batch(8)` without drop_remainder: TF traces an unknown batch size and
+    runs the sub-batch loop as a graph loop; the compiled metrics see the
+    whole batch's predictions, as with static shapes."""
+    x, y, _ = make_data()
+    y = (y > 0).astype("float32")
+    runs = []
+    for drop in (True, False):
+        model = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=2)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                      metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)])
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=drop)
+        runs.append((model, model.fit(data, epochs=1, verbose=0, shuffle=False)))
+    (a, ha), (b, hb) = runs
+    assert_weights_close(a.inner, b.inner, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ha.history["binary_accuracy"], hb.history["binary_accuracy"])
+
+
+def test_fit_takes_keras_positional_arguments_and_small_arrays():
+    x, y, _ = make_data(n=10)
+    model = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=5)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    history = model.fit(x, y, 32, 2, 0)  # batch_size=32 > 10 rows: one batch of 10
+    assert len(history.history["loss"]) == 2
+    assert int(model.optimizer.iterations) == 2
+
+
+def test_gsam_lr_min_above_the_starting_rate_is_an_error_before_training():
+    model = keras_sam.GSAMModel(make_inner(), rho_min=0.01, lr_min=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y, _ = make_data()
+    with pytest.raises(ValueError, match="lr_min"):
+        model.fit(x, y, verbose=0)
+    assert int(model.optimizer.iterations) == 0

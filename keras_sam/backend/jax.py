@@ -27,6 +27,7 @@ __all__ = [
     "no_grad",
     "replica_loss",
     "per_device_mesh",
+    "per_device_count",
     "per_device",
     "random_state",
     "set_random_state",
@@ -81,6 +82,12 @@ def replica_loss(loss):
     return loss / num_replicas()
 
 
+def per_device_count():
+    """Devices that each perturb with their own shard (1 without DataParallel)."""
+    mesh = per_device_mesh()
+    return 1 if mesh is None else mesh[0].shape[mesh[1]]
+
+
 def per_device_mesh():
     """`(mesh, axis)` of the active `keras.distribution.DataParallel` over more
     than one device, else None."""
@@ -112,6 +119,11 @@ def per_device(fn, mesh, axis, replicated, sharded):
             _REPLICA_AXES.pop()
 
     P = jax.sharding.PartitionSpec
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(axis)), check_vma=False
-    )(replicated, sharded)
+    specs = dict(mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(axis)))
+    if hasattr(jax, "shard_map"):
+        mapped = jax.shard_map(body, check_vma=False, **specs)
+    else:  # JAX before 0.7
+        from jax.experimental.shard_map import shard_map
+
+        mapped = shard_map(body, check_rep=False, **specs)
+    return mapped(replicated, sharded)

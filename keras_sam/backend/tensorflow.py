@@ -137,4 +137,9 @@ def loop_over(n, body, carry):
     _, carry, arrays = tf.while_loop(
         lambda i, *_: i < n, step, (tf.constant(1, n.dtype), carry, arrays)
     )
-    return carry, tree.pack_sequence_as(first, [a.concat() for a in arrays])
+    outs = []
+    for a, t in zip(arrays, flat):
+        out = a.concat()
+        out.set_shape([None] + list(t.shape[1:]))  # the concat loses the rank
+        outs.append(out)
+    return carry, tree.pack_sequence_as(first, outs)
