@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.architectures import resnet18  # noqa: E402
-from keras_sam.models import GSAMModel, SAMModel  # noqa: E402
+from keras_sam.models import GSAMModel, LookSAMModel, SAMModel  # noqa: E402
 
 
 def tiny_net(input_shape):
@@ -114,14 +114,18 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="CPU smoke sizes")
     parser.add_argument("--minimal", action="store_true",
                         help="also time a minimal hand-written plain and SAM step")
+    parser.add_argument("--cheaper", action="store_true",
+                        help="also time SAMModel(sam_every=5) and LookSAMModel(sam_every=5)")
     parser.add_argument("--json", help="write the results to this file too")
     args = parser.parse_args(argv)
     if keras.backend.backend() != "jax":
         parser.error("run with KERAS_BACKEND=jax")
     network = resnet18
     if args.small:
-        args.batch, args.image, args.steps, args.rounds = 8, 16, 2, 2
+        args.batch, args.image, args.steps, args.rounds = 8, 16, 5 if args.cheaper else 2, 2
         network = tiny_net
+    if args.cheaper and args.steps % 5:
+        parser.error("--cheaper needs --steps a multiple of 5 (whole periods of sam_every=5)")
     import jax
 
     device = jax.devices()[0]
@@ -137,11 +141,17 @@ def main(argv=None):
     for policy in args.policies.split(","):
         keras.mixed_precision.set_global_policy(policy)
         runs = {}
-        for name, wrap in (
+        wrappers = [
             ("plain", lambda m: m),
             ("sam", lambda m: SAMModel(m, rho=0.05)),
             ("gsam", lambda m: GSAMModel(m, rho=0.05, alpha=0.02)),
-        ):
+        ]
+        if args.cheaper:
+            wrappers += [
+                ("sam_every5", lambda m: SAMModel(m, rho=0.05, sam_every=5)),
+                ("looksam5", lambda m: LookSAMModel(m, rho=0.05, sam_every=5)),
+            ]
+        for name, wrap in wrappers:
             keras.utils.set_random_seed(0)
             model = wrap(network(input_shape=(args.image, args.image, 3)))
             runs[name] = list(compiled_step(model, args.batch, args.image))
@@ -166,7 +176,7 @@ def main(argv=None):
         ips = {k: statistics.median(v) for k, v in times.items()}
         ratio = {
             k: statistics.median(p / s for p, s in zip(times["plain"], times[k]))
-            for k in ("sam", "gsam")
+            for k in runs if k not in ("plain", "minimal_plain", "minimal_sam")
         }
         if args.minimal:
             ratio["minimal_sam"] = statistics.median(
@@ -175,6 +185,9 @@ def main(argv=None):
         results["policies"][policy] = {"images_per_second": ips, "cost_ratio": ratio}
         print(f"{policy}: plain {ips['plain']:.0f} img/s | SAM {ips['sam']:.0f} img/s "
               f"(x{ratio['sam']:.2f}) | GSAM {ips['gsam']:.0f} img/s (x{ratio['gsam']:.2f})")
+        if args.cheaper:
+            print(f"{policy}: SAM every 5 x{ratio['sam_every5']:.2f} | "
+                  f"LookSAM every 5 x{ratio['looksam5']:.2f}")
         if args.minimal:
             print(f"{policy}: minimal plain {ips['minimal_plain']:.0f} img/s | minimal SAM "
                   f"{ips['minimal_sam']:.0f} img/s (x{ratio['minimal_sam']:.2f})")
