@@ -276,15 +276,23 @@ class DataSharding:
 
     def __init__(self, distribution):
         self.distribution = distribution
-        self.num_processes = int(getattr(distribution, "num_processes", 1) or 1)
+        # Keras >= 3.13: the public `num_processes`; 3.12: `_num_process`.
+        processes = getattr(distribution, "num_processes", None)
+        if processes is None:
+            processes = getattr(distribution, "_num_process", 1)
+        self.num_processes = int(processes or 1)
         self.multi_process = bool(
             getattr(distribution, "_is_multi_process", self.num_processes > 1)
         )
         self.auto_shard = bool(getattr(distribution, "auto_shard_dataset", False))
-        try:
+        try:  # Keras >= 3.13
             self.num_replicas = int(distribution.num_model_replicas)
         except (AttributeError, NotImplementedError, ValueError):
-            self.num_replicas = 1
+            # Keras 3.12: a DataParallel replica per device of its mesh.
+            if isinstance(distribution, keras.distribution.DataParallel):
+                self.num_replicas = int(distribution.device_mesh.devices.size)
+            else:
+                self.num_replicas = 1
 
     @property
     def per_process(self):
