@@ -116,7 +116,7 @@ def main(out, jit, data_parallel=False, core_only=False):
     }
     cases.update(cheaper)
     if core_only:  # torch.compile takes minutes per model on a CPU
-        cases = {"mlp_gsam": cases["mlp_gsam"]}
+        cases = {"mlp_gsam": cases["mlp_gsam"], "mlp_aesam": cases["mlp_aesam"]}
     for name, wrap in cases.items():
         inner = mlp()
         model = wrap(inner)
