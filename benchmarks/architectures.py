@@ -3,7 +3,10 @@
 - `resnet18`: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as in the
   authors' code (kuangliu's pytorch-cifar layout).
 - `wide_resnet`: WideResNet-d-k (Zagoruyko & Komodakis), WRN-28-10 by default.
-- `mnist1d_cnn`: a small 1-D conv net for the CPU-sized MNIST-1D benchmark.
+- `mnist1d_cnn`: a small 1-D conv net with BatchNorm for the CPU-sized
+  MNIST-1D benchmark.
+- `mnist1d_mlp`: a two-hidden-layer MLP without normalization, the second
+  MNIST-1D architecture (the findings may depend on BatchNorm).
 - `small_convnet`: three conv blocks, for the CPU step-cost benchmarks.
 - `tiny_cnn2d`: one conv block (8 filters), only to exercise the CIFAR path of
   `benchmarks.paper` in tests; smaller than `small_convnet` on purpose.
@@ -80,6 +83,15 @@ def mnist1d_cnn(input_shape=(40, 1), classes=10):
     return keras.Model(inputs, layers.Dense(classes)(x), name="mnist1d_cnn")
 
 
+def mnist1d_mlp(input_shape=(40, 1), classes=10, width=256):
+    """Two ReLU hidden layers of `width` units, no normalization; returns logits."""
+    inputs = keras.Input(input_shape)
+    x = layers.Flatten()(inputs)
+    for _ in range(2):
+        x = layers.Dense(width, activation="relu")(x)
+    return keras.Model(inputs, layers.Dense(classes)(x), name="mnist1d_mlp")
+
+
 def small_convnet(image=32, classes=10):
     """Three conv + BatchNorm blocks, for the CPU step-cost benchmarks."""
     inputs = keras.Input((image, image, 3))
@@ -104,4 +116,5 @@ ARCHITECTURES = {
     "resnet18": resnet18,
     "wrn28_10": wide_resnet,
     "mnist1d_cnn": mnist1d_cnn,
+    "mnist1d_mlp": mnist1d_mlp,
 }

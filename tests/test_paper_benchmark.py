@@ -19,7 +19,7 @@ TINY_ROWS = [("sgd", "B"), ("sgd", "BC"), ("sam", "B"), ("sam", "BC")]
 
 def _table_rows(out):
     with open(os.path.join(out, "results.md")) as f:
-        text = f.read()
+        text = f.read().split("## The paper's claims")[0]  # the main table
     rows = [line for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| method")]
     return rows
@@ -29,19 +29,29 @@ def _row_keys(rows):
     return [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in rows]
 
 
+MODEL = "mnist1d_cnn"  # --tiny's model: the grid's folder has one subfolder per model
+
+
 @pytest.fixture(scope="module")
-def tiny_out(tmp_path_factory):
+def tiny_root(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny"))
     stats = paper.main(["--tiny", "--out", out])
     assert stats == {"trained": 4, "skipped": 0}
     return out
 
 
-def test_tiny_grid_files_and_table(tiny_out):
-    for name in ("results.md", "runs.json", "train_loss.png", "test_error.png",
-                 "sharpness.png", "grad_norm.png", "batch_size.png",
-                 "learning_rate.png"):
+@pytest.fixture(scope="module")
+def tiny_out(tiny_root):
+    return os.path.join(tiny_root, MODEL)
+
+
+def test_tiny_grid_files_and_table(tiny_root, tiny_out):
+    for name in ("results.md", "runs.md", "runs.json", "train_loss.png",
+                 "test_error.png", "sharpness.png", "grad_norm.png",
+                 "batch_size.png", "learning_rate.png", "verdicts.png"):
         assert os.path.getsize(os.path.join(tiny_out, name)) > 0, name
+    for name in ("summary.md", "summary.json"):
+        assert os.path.getsize(os.path.join(tiny_root, name)) > 0, name
     for method, schedule in TINY_ROWS:
         assert os.path.exists(os.path.join(
             tiny_out, "runs", f"{method}_{schedule}_seed0.json"))
@@ -87,17 +97,18 @@ def test_tiny_grid_records_follow_the_schedules(tiny_out):
         assert records[-1]["worst_case_sharpness"] == final["worst_case_sharpness"]
 
 
-def test_rerun_skips_finished_runs(tiny_out, capsys):
+def test_rerun_skips_finished_runs(tiny_root, tiny_out, capsys):
     before = _table_rows(tiny_out)
-    stats = paper.main(["--tiny", "--out", tiny_out])
+    stats = paper.main(["--tiny", "--out", tiny_root])
     assert stats == {"trained": 0, "skipped": 4}
     assert "skipped" in capsys.readouterr().err
     assert _table_rows(tiny_out) == before
 
 
-def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
-    out = str(tmp_path / "resume")
-    shutil.copytree(tiny_out, out)
+def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
+    root = str(tmp_path / "resume")
+    shutil.copytree(tiny_root, root)
+    out = os.path.join(root, MODEL)
     victim = os.path.join(out, "runs", "sam_B_seed0.json")
     os.remove(victim)
     good = {n: open(os.path.join(out, "runs", n)).read()
@@ -117,7 +128,7 @@ def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
 
     monkeypatch.setattr(paper_run, "train_one", crashing_train_one)
     with pytest.raises(KeyboardInterrupt):
-        paper.main(["--tiny", "--out", out])
+        paper.main(["--tiny", "--out", root])
     assert not os.path.exists(victim)
     for n, text in good.items():  # finished runs untouched
         assert open(os.path.join(out, "runs", n)).read() == text
@@ -127,7 +138,7 @@ def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
     monkeypatch.setattr(paper_run, "train_one", train_one)
-    stats = paper.main(["--tiny", "--out", out])
+    stats = paper.main(["--tiny", "--out", root])
     assert stats == {"trained": 1, "skipped": 3}
     assert os.path.exists(victim)
     rows = _table_rows(out)
@@ -136,7 +147,7 @@ def test_interrupted_run_resumes(tiny_out, tmp_path, monkeypatch):
 
 
 def test_report_is_rebuilt_from_the_stored_runs(tiny_out, tmp_path):
-    out = str(tmp_path / "rebuild")
+    out = str(tmp_path / "rebuild" / MODEL)
     shutil.copytree(tiny_out, out)
     expected = open(os.path.join(out, "results.md")).read()
     derived = [f for f in os.listdir(out) if f != "runs" and f != "runs.json"]
@@ -153,8 +164,11 @@ def test_report_is_rebuilt_from_the_stored_runs(tiny_out, tmp_path):
     assert paper_report.main(["--out", out]) == 4
     assert _table_rows(out) == _table_rows(tiny_out)
     text = open(os.path.join(out, "results.md")).read()
-    assert "python -m benchmarks.paper --dataset mnist1d" in text
+    assert "python -m benchmarks.paper --dataset mnist1d --model mnist1d_cnn" in text
+    assert f"--out {os.path.dirname(out)}" in text  # the grid folder
     assert "rebuilt from the stored runs" in text
+    # The grid folder's summary is rebuilt beside the model folder.
+    assert os.path.exists(os.path.join(os.path.dirname(out), "summary.md"))
     with open(os.path.join(out, "runs.json")) as f:
         assert [r["name"] for r in json.load(f)["runs"]] == [
             f"{m}_{s}_seed0" for m, s in TINY_ROWS]
@@ -185,6 +199,7 @@ def test_sharpness_every_measures_during_training(tmp_path):
     out = str(tmp_path / "every")
     stats = paper.main(["--tiny", "--methods", "sam", "--schedules", "B",
                         "--sharpness-every", "2", "--out", out])
+    out = os.path.join(out, MODEL)
     assert stats == {"trained": 1, "skipped": 0}
     with open(os.path.join(out, "runs", "sam_B_seed0.json")) as f:
         run = json.load(f)
@@ -199,9 +214,9 @@ def test_sharpness_every_measures_during_training(tmp_path):
     assert "measure_s" not in epochs[-1]
 
 
-def test_stored_run_of_another_config_is_refused(tiny_out, tmp_path, capsys):
+def test_stored_run_of_another_config_is_refused(tiny_root, tmp_path, capsys):
     out = str(tmp_path / "other")
-    shutil.copytree(tiny_out, out)
+    shutil.copytree(tiny_root, out)
     with pytest.raises(SystemExit) as err:
         paper.main(["--tiny", "--out", out, "--num-samples", "600"])
     assert "another configuration" in str(err.value)
@@ -258,9 +273,10 @@ def test_cifar_tiny_run_with_mock_data(tmp_path):
             "--dataset", "cifar10", "--model", "tiny_cnn2d", "--methods", "gsam",
             "--schedules", "B", "--seeds", "0", "--epochs", "5",
             "--initial-batch", "2", "--sharpness-examples", "16",
-            "--sharpness-iterations", "2", "--out", out])
+            "--sharpness-iterations", "2", "--jobs", "0", "--out", out])
     paper_data._DATA_CACHE.clear()
     assert stats == {"trained": 1, "skipped": 0}
+    out = os.path.join(out, "tiny_cnn2d")
     with open(os.path.join(out, "runs.json")) as f:
         run = json.load(f)["runs"][0]
     assert [e["batch_size"] for e in run["epochs"]] == [2, 4, 8, 16, 32]
@@ -275,13 +291,18 @@ def test_cifar_tiny_run_with_mock_data(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["--dataset", "imagenet"], ["cifar10", "cifar100", "mnist1d"]),
-    (["--model", "vgg16"], ["resnet18", "wrn28_10", "mnist1d_cnn"]),
+    (["--model", "vgg16"], ["resnet18", "wrn28_10", "mnist1d_cnn", "mnist1d_mlp"]),
     (["--methods", "sgd,adam"], ["adam", "sgd, sam, gsam"]),
-    (["--schedules", "cosine"], ["cosine", "constant, B, C, BC, linear"]),
+    (["--schedules", "cosine"], ["cosine", "constant, B, C, BC, linear, constant_steps"]),
     (["--epochs", "12"], ["multiple of 5", "12"]),
     (["--epochs", "0"], ["positive int"]),
     (["--seeds", "a,b"], ["--seeds"]),
-    (["--dataset", "mnist1d", "--model", "resnet18"], ["mnist1d_cnn"]),
+    (["--dataset", "mnist1d", "--model", "resnet18"], ["mnist1d_cnn, mnist1d_mlp"]),
+    (["--dataset", "cifar10", "--model", "mnist1d_mlp"], ["resnet18", "tiny_cnn2d"]),
+    (["--epochs", "12", "--schedules", "constant_steps"], ["multiple of 5"]),
+    (["--jobs", "-1"], ["--jobs", ">= 0"]),
+    (["--jobs", "0", "--threads", "2"], ["--threads", "--jobs 0"]),
+    (["--steps-per-execution", "0"], ["positive int"]),
 ])
 def test_bad_input_names_allowed_values(argv, words, capsys):
     with pytest.raises(SystemExit) as err:
@@ -303,4 +324,82 @@ def test_grid_that_does_not_fit_memory_is_refused(monkeypatch, tmp_path):
         paper.main(["--tiny", "--out", str(tmp_path)])
     msg = str(err.value)
     assert "does not fit in memory" in msg and "MemAvailable" in msg
-    assert not os.path.exists(os.path.join(tmp_path, "runs"))
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+# Speed: worker processes and steps per execution leave the results as they are.
+
+
+def _finals(root, model=MODEL):
+    with open(os.path.join(root, model, "runs.json")) as f:
+        runs = json.load(f)["runs"]
+    return {r["name"]: (r["final"]["test_error"], r["final"]["train_loss"],
+                        r["final"]["worst_case_sharpness"], r["final"]["full_gradient_norm"],
+                        [e["train_loss"] for e in r["epochs"]]) for r in runs}
+
+
+def test_runs_side_by_side_equal_runs_one_at_a_time(tmp_path, capsys):
+    """--jobs 2 and --jobs 1 with the same --threads: bitwise equal runs
+    (each run seeds itself; the worker that trains it does not matter)."""
+    common = ["--tiny", "--threads", "1", "--schedules", "B,constant"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert paper.main([*common, "--jobs", "1", "--out", one])["trained"] == 4
+    assert "1 at a time (1 thread(s) each)" in capsys.readouterr().err
+    assert paper.main([*common, "--jobs", "2", "--out", two])["trained"] == 4
+    assert "2 at a time (1 thread(s) each)" in capsys.readouterr().err
+    assert _finals(one) == _finals(two)
+    with open(os.path.join(two, MODEL, "runs", "sam_B_seed0.json")) as f:
+        assert json.load(f)["intra_op_threads"] == 1
+
+
+def test_steps_per_execution_does_not_change_the_results(tmp_path):
+    common = ["--tiny", "--methods", "gsam", "--schedules", "BC,linear"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    paper.main([*common, "--steps-per-execution", "1", "--out", a])
+    paper.main([*common, "--steps-per-execution", "7", "--out", b])
+    assert _finals(a) == _finals(b)
+
+
+def test_steps_matched_control_takes_as_many_steps_as_B(tmp_path):
+    out = str(tmp_path / "control")
+    stats = paper.main(["--tiny", "--methods", "sgd", "--schedules", "B,constant,constant_steps",
+                        "--out", out])
+    assert stats["trained"] == 3
+    runs = {r["schedule"]: r for r in json.load(
+        open(os.path.join(out, MODEL, "runs.json")))["runs"]}
+    # 400 examples: B takes 25 + 12 + 6 + 3 + 1 = 47 steps over 5 epochs; the
+    # control 400 // 128 = 3 steps per epoch for ceil(47 / 3) = 16 epochs.
+    assert sum(runs["B"]["steps_per_epoch"]) == 47
+    assert runs["constant_steps"]["steps_per_epoch"] == [3] * 16
+    assert [e["steps"] for e in runs["constant_steps"]["epochs"]] == [3] * 16
+    assert [e["batch_size"] for e in runs["constant_steps"]["epochs"]] == [128] * 16
+    assert runs["constant_steps"]["epochs"][-1]["iterations"] == 48
+    assert runs["constant"]["steps_per_epoch"] == [3] * 5
+    # Examples seen: the constant run is the examples-matched control.
+    assert runs["B"]["examples"] == 25 * 16 + 12 * 32 + 6 * 64 + 3 * 128 + 1 * 256
+    assert runs["constant"]["examples"] == 5 * 3 * 128
+    assert runs["constant_steps"]["examples"] == 48 * 128
+    text = open(os.path.join(out, MODEL, "results.md")).read()
+    assert "as many steps as B (16 epochs" in text
+    assert "+B is flatter than constant with as many steps (control)" in text
+
+
+def test_report_verdicts_are_computed_from_the_runs(tiny_out):
+    from benchmarks.paper import verdicts as paper_verdicts
+
+    with open(os.path.join(tiny_out, "runs.json")) as f:
+        stored = json.load(f)
+    assert stored["verdicts"] == json.loads(json.dumps(
+        paper_verdicts.verdicts(stored["runs"])))
+    text = open(os.path.join(tiny_out, "results.md")).read()
+    for v in stored["verdicts"]:
+        assert f"| **{v['claim']}** |" in text and f"**{v['verdict']}** |" in text
+    runs_md = open(os.path.join(tiny_out, "runs.md")).read()
+    for r in stored["runs"]:
+        c = paper_verdicts.convergence([e["train_loss"] for e in r["epochs"]])
+        line = next(x for x in runs_md.splitlines() if x.startswith(f"| {r['name']} |"))
+        assert line.split("|")[8].strip() == ("yes" if c["converged"] else "**no**")
+    summary = json.load(open(os.path.join(os.path.dirname(tiny_out), "summary.json")))
+    assert summary["models"] == [MODEL]
+    assert set(summary["verdicts"]) == {v["claim"] for v in stored["verdicts"]}

@@ -15,14 +15,19 @@ from benchmarks.paper import data as data_lib
 from benchmarks.paper import report
 from benchmarks.paper import run as run_lib
 from benchmarks.paper.protocol import DATASETS
+from benchmarks.paper.protocol import INPUT_KIND
+from benchmarks.paper.protocol import MODEL_INPUT
 from benchmarks.paper.protocol import INCREASING
 from benchmarks.paper.protocol import METHODS
 from benchmarks.paper.protocol import MODELS
 from benchmarks.paper.protocol import RESULTS
 from benchmarks.paper.protocol import SCHEDULES
 from benchmarks.paper.protocol import STAGES
+from benchmarks.paper.protocol import STEPS_CONTROL
 
 TINY = {
+    "model": "mnist1d_cnn",
+    "jobs": 0,
     "num_samples": 500,
     "epochs": 5,
     "seeds": "0",
@@ -69,25 +74,40 @@ def _positive_int(text):
     return value
 
 
+def _models(text):
+    return _csv_choice("model", sorted(MODELS))(text)
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.paper",
         description="Rerun the SGD/SAM/GSAM x batch/lr-schedule comparison of "
         "Harada & Iiduka (2024).",
-        epilog="The report of a folder can be rebuilt from its stored runs "
-        "alone: python -m benchmarks.paper.report --out FOLDER",
+        epilog="The report of a model's folder can be rebuilt from its stored "
+        "runs alone: python -m benchmarks.paper.report --out FOLDER/MODEL",
     )
     p.add_argument("--dataset", default="mnist1d", choices=sorted(DATASETS))
-    p.add_argument("--model", default=None, choices=sorted(MODELS),
-                   help="default: mnist1d_cnn for mnist1d, resnet18 for CIFAR")
+    p.add_argument("--model", type=_models, default=None,
+                   help="comma separated; default mnist1d_cnn,mnist1d_mlp for "
+                   "mnist1d, resnet18 for CIFAR")
     p.add_argument("--methods", type=_csv_choice("method", METHODS),
                    default=None, help=f"comma separated, from {','.join(METHODS)}")
     p.add_argument("--schedules", type=_csv_choice("schedule", SCHEDULES),
                    default=None, help=f"comma separated, from {','.join(SCHEDULES)}")
-    p.add_argument("--seeds", type=_seeds, default=None, help="default 0,1,2")
+    p.add_argument("--seeds", type=_seeds, default=None, help="default 0,1,2,3,4")
     p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="total epochs (a multiple of 5 with B/BC); default 20 "
-                   "(the paper: 200)")
+                   help="total epochs (a multiple of 5 with B/BC/constant_steps); "
+                   "default 100 for mnist1d, 200 (the paper's) for CIFAR")
     p.add_argument("--batch", type=_positive_int, default=128,
                    help="constant batch size (default 128)")
     p.add_argument("--initial-batch", type=_positive_int, default=16,
@@ -105,12 +125,30 @@ def build_parser():
     p.add_argument("--sharpness-every", type=int, default=0,
                    help="also measure sharpness/gradient norm every k epochs "
                    "(0: at the end only, default)")
+    p.add_argument("--jobs", type=_nonnegative_int, default=None,
+                   help="runs trained side by side, each in its own worker "
+                   "process; default: one per CPU core without a GPU, 1 with "
+                   "one; 0: in this process (TensorFlow's threads untouched)")
+    p.add_argument("--threads", type=_nonnegative_int, default=None,
+                   help="TensorFlow intra-op threads of each worker; default 1 "
+                   "without a GPU, 0 (TensorFlow's default) with one. Results "
+                   "depend on it at the rounding level, not on --jobs")
+    p.add_argument("--steps-per-execution", type=_positive_int, default=32,
+                   help="training steps per call of the compiled step (default "
+                   "32; the results do not depend on it)")
     p.add_argument("--out", default=None,
-                   help="output folder (default benchmarks/results/<dataset>)")
+                   help="output folder, one subfolder per model (default "
+                   "benchmarks/results/<dataset>)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny grid for tests: " + ", ".join(
                        f"{k}={v}" for k, v in TINY.items()))
     return p
+
+
+def _has_gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def parse_args(argv):
@@ -125,15 +163,17 @@ def parse_args(argv):
                     value = _csv_choice("method", METHODS)(value)
                 elif key == "schedules":
                     value = _csv_choice("schedule", SCHEDULES)(value)
+                elif key == "model":
+                    value = _models(value)
                 setattr(args, key, value)
     if args.methods is None:
         args.methods = list(METHODS)
     if args.schedules is None:
         args.schedules = list(SCHEDULES)
     if args.seeds is None:
-        args.seeds = [0, 1, 2]
+        args.seeds = [0, 1, 2, 3, 4]
     if args.epochs is None:
-        args.epochs = 20
+        args.epochs = DATASETS[args.dataset][2]
     if args.num_samples is None and args.dataset == "mnist1d":
         args.num_samples = 4000
     if args.sharpness_examples is None:
@@ -141,26 +181,35 @@ def parse_args(argv):
     if args.sharpness_iterations is None:
         args.sharpness_iterations = 20
     if args.model is None:
-        args.model = DATASETS[args.dataset][0]
+        args.model = list(DATASETS[args.dataset][0])
+    args.models = args.model
     if args.out is None:
         args.out = os.path.join(RESULTS, args.dataset)
+    if args.jobs == 0 and args.threads is not None:
+        parser.error("--threads sets the threads of worker processes; with "
+                     "--jobs 0 (this process) leave it out")
+    if args.jobs is None or args.threads is None:
+        gpu = args.jobs != 0 and _has_gpu()
+        if args.jobs is None:
+            args.jobs = 1 if gpu else (os.cpu_count() or 1)
+        if args.threads is None:
+            args.threads = 0 if gpu or args.jobs == 0 else 1
     if args.sharpness_every < 0:
         parser.error("--sharpness-every must be >= 0")
-    if any(s in INCREASING for s in args.schedules) and args.epochs % STAGES:
+    uses_stages = [s for s in args.schedules if s in INCREASING + (STEPS_CONTROL,)]
+    if uses_stages and args.epochs % STAGES:
         parser.error(
             f"--epochs must be a positive multiple of {STAGES} when the grid has "
-            f"an increasing-batch schedule ({', '.join(INCREASING)}): the batch "
-            f"grows over {STAGES} equal stages; got --epochs {args.epochs}"
+            f"{', '.join(uses_stages)}: the batch of B grows over {STAGES} equal "
+            f"stages; got --epochs {args.epochs}"
         )
-    if args.dataset == "mnist1d" and args.model not in ("mnist1d_cnn",):
+    kind = INPUT_KIND[args.dataset]
+    wrong = [m for m in args.models if MODEL_INPUT[m] != kind]
+    if wrong:
+        fits = [m for m in sorted(MODELS) if MODEL_INPUT[m] == kind]
         parser.error(
-            f"--model {args.model} does not take MNIST-1D's (40, 1) signals; "
-            "for --dataset mnist1d use: mnist1d_cnn"
-        )
-    if args.dataset != "mnist1d" and args.model == "mnist1d_cnn":
-        parser.error(
-            f"--model mnist1d_cnn takes 1-D signals; for --dataset {args.dataset} "
-            f"use one of: {', '.join(m for m in sorted(MODELS) if m != 'mnist1d_cnn')}"
+            f"--model {','.join(wrong)} does not take the {kind}s of "
+            f"--dataset {args.dataset}; for it use: {', '.join(fits)}"
         )
     if args.dataset == "mnist1d" and args.num_samples < 50:
         parser.error("--num-samples must be >= 50 for mnist1d")
@@ -168,8 +217,79 @@ def parse_args(argv):
     return args
 
 
+def model_args(args, model):
+    """The arguments of one model's grid: `model` and its output folder."""
+    values = {k: v for k, v in vars(args).items() if k not in ("parser", "models")}
+    values.update(model=model, out=os.path.join(args.out, model))
+    return argparse.Namespace(**values)
+
+
 def _progress(text):
     print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Training one run, in this process or in a worker process.
+
+_WORKER_DATA = {}
+
+
+def _init_worker(threads):
+    """Runs first in each worker process, before TensorFlow runs an op."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
+def train_and_store(args, method, schedule, seed, path):
+    """Trains one run and stores it at `path`; returns (final, seconds).
+
+    `args` is one model's arguments (`model_args`) as a dict, so that it
+    pickles into a worker process."""
+    args = argparse.Namespace(**args)
+    key = (args.dataset, args.num_samples, args.data_seed)
+    if key not in _WORKER_DATA:
+        _WORKER_DATA[key] = data_lib.Data(*key)
+    t0 = time.perf_counter()
+    record = run_lib.train_one(args, _WORKER_DATA[key], method, schedule, seed)
+    record["run_time_s"] = time.perf_counter() - t0
+    run_lib.store_run(path, record)
+    return record["final"], record["run_time_s"]
+
+
+def _executor(args):
+    """Worker processes (spawned: TensorFlow is not fork-safe), or None for
+    `--jobs 0`."""
+    if args.jobs == 0:
+        return None
+    import concurrent.futures
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker, initargs=(args.threads,))
+
+
+def _run_grid(args, todo, on_done):
+    """Trains `todo` = [(model_args dict, method, schedule, seed, path)];
+    `on_done(item, final, seconds)` after each, in the order they finish."""
+    executor = _executor(args)
+    if executor is None:
+        for item in todo:
+            on_done(item, *train_and_store(*item))
+        return
+    import concurrent.futures
+
+    try:
+        futures = {executor.submit(train_and_store, *item): item for item in todo}
+        for future in concurrent.futures.as_completed(futures):
+            on_done(futures[future], *future.result())
+    finally:
+        # On an error or Ctrl-C: no new runs; the ones in progress are lost
+        # (never half-stored: runs are written atomically).
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def main(argv=None):
@@ -177,57 +297,62 @@ def main(argv=None):
     argv_used = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv_used)
     data_lib.check_memory(args)
-    runs_dir = os.path.join(args.out, "runs")
-    os.makedirs(runs_dir, exist_ok=True)
-    config = run_lib.run_config(args)
-    grid = [(m, s, k) for k in args.seeds for m in args.methods for s in args.schedules]
+    per_model = {m: model_args(args, m) for m in args.models}
+    grid = [(m, method, schedule, seed) for m in args.models for seed in args.seeds
+            for method in args.methods for schedule in args.schedules]
     total = len(grid)
-    data = None
-    durations = []
     stats = {"trained": 0, "skipped": 0}
+    todo = []
+    for i, (model, method, schedule, seed) in enumerate(grid, 1):
+        margs = per_model[model]
+        os.makedirs(os.path.join(margs.out, "runs"), exist_ok=True)
+        path = run_lib.run_path(os.path.join(margs.out, "runs"), method, schedule, seed)
+        if run_lib.load_run(path, run_lib.run_config(margs)) is not None:
+            stats["skipped"] += 1
+            _progress(f"[{i}/{total}] {model} {method} {schedule} seed={seed}: "
+                      "done before, skipped")
+        else:
+            todo.append((vars(margs), method, schedule, seed, path))
+    _progress(f"{len(todo)} runs to train, {max(args.jobs, 1)} at a time"
+              + (f" ({args.threads} thread(s) each)" if args.jobs else ""))
+    durations = []
     t_start = time.perf_counter()
+
+    def on_done(item, final, seconds):
+        margs, method, schedule, seed, _ = item
+        durations.append(seconds)
+        stats["trained"] += 1
+        left = len(todo) - len(durations)
+        eta = statistics.fmean(durations) * left / max(args.jobs, 1) / 60
+        _progress(f"[{stats['trained'] + stats['skipped']}/{total}] {margs['model']} "
+                  f"{method} {schedule} seed={seed}: test error "
+                  f"{100 * final['test_error']:.2f}%, sharpness "
+                  f"{final['worst_case_sharpness']:.3g}, grad norm "
+                  f"{final['full_gradient_norm']:.3g}, {seconds:.0f} s "
+                  f"({left} left, ETA {eta:.1f} min)")
+
     try:
-        for i, (method, schedule, seed) in enumerate(grid, 1):
-            path = run_lib.run_path(runs_dir, method, schedule, seed)
-            record = run_lib.load_run(path, config)
-            if record is not None:
-                stats["skipped"] += 1
-                _progress(f"[{i}/{total}] {method} {schedule} seed={seed}: "
-                          "done before, skipped")
-                continue
-            remaining = sum(1 for g in grid[i - 1:]
-                            if not os.path.exists(run_lib.run_path(runs_dir, *g)))
-            eta = (f"ETA {statistics.fmean(durations) * remaining / 60:.1f} min"
-                   if durations else "ETA after the first run")
-            _progress(f"[{i}/{total}] {method} {schedule} seed={seed}: training "
-                      f"({remaining} left incl. this one, {eta})")
-            if data is None:
-                data = data_lib.Data(args.dataset, args.num_samples, args.data_seed)
-            t0 = time.perf_counter()
-            record = run_lib.train_one(args, data, method, schedule, seed)
-            durations.append(time.perf_counter() - t0)
-            record["run_time_s"] = durations[-1]
-            run_lib.store_run(path, record)
-            stats["trained"] += 1
-            f = record["final"]
-            _progress(f"[{i}/{total}] {method} {schedule} seed={seed}: "
-                      f"test error {100 * f['test_error']:.2f}%, sharpness "
-                      f"{f['worst_case_sharpness']:.3g}, grad norm "
-                      f"{f['full_gradient_norm']:.3g}, {durations[-1]:.0f} s")
+        _run_grid(args, todo, on_done)
     finally:
         # The report covers every finished run of the grid on disk (also the
         # ones after an interruption point); a run in progress never counts.
-        finished = []
-        for g in grid:
-            try:
-                record = run_lib.load_run(run_lib.run_path(runs_dir, *g), config)
-            except SystemExit:
-                record = None
-            if record is not None:
-                finished.append(record)
-        if finished:
-            report.write_report(args, finished, report.header(
-                args, argv_used, total, time.perf_counter() - t_start))
+        wall_s = time.perf_counter() - t_start
+        for model, margs in per_model.items():
+            finished = []
+            for g in grid:
+                if g[0] != model:
+                    continue
+                path = run_lib.run_path(os.path.join(margs.out, "runs"), *g[1:])
+                try:
+                    record = run_lib.load_run(path, run_lib.run_config(margs))
+                except SystemExit:
+                    record = None
+                if record is not None:
+                    finished.append(record)
+            if finished:
+                report.write_report(margs, finished, report.header(
+                    margs, argv_used, total // len(per_model), wall_s))
+        report.write_summary(args.out, [per_model[m].out for m in args.models])
     _progress(f"trained {stats['trained']}, skipped {stats['skipped']} of {total} "
               f"runs in {time.perf_counter() - t_start:.0f} s; results in {args.out}")
     return stats

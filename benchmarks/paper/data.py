@@ -146,7 +146,9 @@ def available_memory_bytes():
 
 
 def estimate_memory_bytes(args):
-    """Rough peak host memory of the grid (runs are sequential, one model alive).
+    """Rough peak host memory of the grid: `--jobs` runs side by side (each
+    worker process with its own data and one model alive), the largest of
+    `args.models` in each.
 
     data: arrays in memory (uint8 images / float32 signals), counted twice
     (numpy + tf.data copy); model: parameters x 4 bytes x 6 (weights, two
@@ -164,15 +166,18 @@ def estimate_memory_bytes(args):
             train = min(train, args.num_samples)
         data_bytes = (train + test) * (32 * 32 * 3 + 4)
         input_shape, classes = (32, 32, 3), DATASETS[args.dataset][1]
-    model = MODELS[args.model](input_shape=input_shape, classes=classes)
-    params = model.count_params()
-    activations = 0
-    for layer in model.layers:
-        shape = getattr(getattr(layer, "output", None), "shape", None)
-        if shape is not None:
-            activations += int(np.prod([d for d in shape[1:] if d is not None]))
-    del model
-    keras.backend.clear_session()
+    params = activations = 0
+    for name in getattr(args, "models", [args.model]):
+        model = MODELS[name](input_shape=input_shape, classes=classes)
+        params = max(params, model.count_params())
+        outputs = 0
+        for layer in model.layers:
+            shape = getattr(getattr(layer, "output", None), "shape", None)
+            if shape is not None:
+                outputs += int(np.prod([d for d in shape[1:] if d is not None]))
+        activations = max(activations, outputs)
+        del model
+        keras.backend.clear_session()
     max_batch = args.batch
     if any(s in INCREASING for s in args.schedules):
         max_batch = max(max_batch, args.initial_batch * 2 ** (STAGES - 1))
@@ -182,7 +187,9 @@ def estimate_memory_bytes(args):
     total = 2 * data_bytes + 6 * 4 * params
     if not on_gpu:
         total += 3 * 4 * max_batch * activations
-    return int(total), dict(data_bytes=data_bytes, params=params,
+    jobs = max(getattr(args, "jobs", 1), 1)
+    total *= jobs
+    return int(total), dict(data_bytes=data_bytes, params=params, jobs=jobs,
                             activations_per_example=activations,
                             max_batch=max_batch, on_gpu=on_gpu)
 
@@ -193,10 +200,12 @@ def check_memory(args):
     if have is not None and need > have:
         raise SystemExit(
             f"error: the grid does not fit in memory: about {need / 2**30:.2f} GiB "
-            f"estimated (data {parts['data_bytes'] / 2**30:.2f} GiB, "
-            f"{args.model} with {parts['params']:,} parameters, largest batch "
+            f"estimated ({parts['jobs']} job(s), each with data "
+            f"{parts['data_bytes'] / 2**30:.2f} GiB and a model of "
+            f"{parts['params']:,} parameters, largest batch "
             f"{parts['max_batch']}) but only {have / 2**30:.2f} GiB available "
-            "(MemAvailable). Lower --num-samples, --batch / --initial-batch, or "
-            "pick a smaller --model (choices: " + ", ".join(sorted(MODELS)) + ")."
+            "(MemAvailable). Lower --jobs, --num-samples, --batch / "
+            "--initial-batch, or pick a smaller --model (choices: "
+            + ", ".join(sorted(MODELS)) + ")."
         )
     return need, have

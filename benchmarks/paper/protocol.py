@@ -5,16 +5,24 @@ import os
 from benchmarks import architectures
 
 METHODS = ("sgd", "sam", "gsam")
-SCHEDULES = ("constant", "B", "C", "BC", "linear")
+SCHEDULES = ("constant", "B", "C", "BC", "linear", "constant_steps")
 INCREASING = ("B", "BC")
+STEPS_CONTROL = "constant_steps"
+"""The steps-matched control of B: the constant batch and rate, trained for as
+many optimizer steps as B takes (in whole epochs, so up to one epoch more).
+`constant` itself is the examples-matched control (same epochs)."""
 STAGES = 5
 
 DATASETS = {
-    # name: (default model, classes)
-    "mnist1d": ("mnist1d_cnn", 10),
-    "cifar10": ("resnet18", 10),
-    "cifar100": ("resnet18", 100),
+    # name: (default models, classes, default epochs)
+    "mnist1d": (("mnist1d_cnn", "mnist1d_mlp"), 10, 100),
+    "cifar10": (("resnet18",), 10, 200),
+    "cifar100": (("resnet18",), 100, 200),
 }
+INPUT_KIND = {"mnist1d": "signal", "cifar10": "image", "cifar100": "image"}
+MODEL_INPUT = {"mnist1d_cnn": "signal", "mnist1d_mlp": "signal", "resnet18": "image",
+               "wrn28_10": "image", "tiny_cnn2d": "image"}
+"""Which data sets a model takes: MNIST-1D's (40, 1) signals or 32x32 images."""
 CIFAR_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000)}
 
 MODELS = {**architectures.ARCHITECTURES, "tiny_cnn2d": architectures.tiny_cnn2d}
@@ -34,7 +42,16 @@ SCHEDULE_TEXT = {
     "C": "batch {batch}, cosine lr 0.1->0.001 per step",
     "BC": "batch {b0}->{bmax} doubling + cosine lr 0.1->0.001 per step",
     "linear": "batch {batch}, linear lr 0.1->0.001 per step",
+    "constant_steps": "batch {batch}, lr 0.1, as many steps as B ({control_epochs} "
+                      "epochs; the steps-matched control)",
 }
+
+CONVERGENCE_WINDOW = 0.1
+CONVERGENCE_RELATIVE = 0.05
+CONVERGENCE_ABSOLUTE = 0.01
+"""A run has converged when its epoch-mean training loss changed by less
+than 5% or by less than 0.01 (whichever is larger) over the last 10% of its
+epochs: |L(E) - L(E - w)| < max(0.05 L(E - w), 0.01), w = max(1, round(0.1 E))."""
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "results")

@@ -27,12 +27,14 @@ import numpy as np
 
 import keras_sam
 from benchmarks.paper import run as run_lib
+from benchmarks.paper import verdicts as verdicts_lib
 from benchmarks.paper.protocol import COMMAND
 from benchmarks.paper.protocol import METHODS
 from benchmarks.paper.protocol import SCHEDULE_TEXT
 from benchmarks.paper.protocol import SCHEDULES
 from benchmarks.paper.protocol import SHARPNESS_BATCH
 from benchmarks.paper.protocol import STAGES
+from benchmarks.paper.protocol import STEPS_CONTROL
 
 
 def _mean_std(values):
@@ -70,22 +72,109 @@ def summarize(args, runs):
                 "grad_norm": _mean_std([x["full_gradient_norm"] for x in f]),
                 "train_loss": _mean_std([x["train_loss"] for x in f]),
                 "time": _mean_std([x["train_time_s"] for x in f]),
+                "epochs": sorted({len(r["epochs"]) for r in rs}),
+                "steps": sorted({sum(r["steps_per_epoch"]) for r in rs}),
+                "examples": sorted({r.get("examples") for r in rs} - {None}),
+                "converged": sum(convergence(r)["converged"] for r in rs),
             })
     return rows
+
+
+def convergence(record):
+    """`verdicts.convergence` of a run's per-epoch training losses."""
+    return verdicts_lib.convergence([e["train_loss"] for e in record["epochs"]])
+
+
+def _one(values):
+    return "—" if not values else "/".join(f"{v:,}" for v in values)
 
 
 def table_markdown(rows):
     lines = [
         "| method | schedule | runs | test error % | worst-case sharpness | "
-        "full-gradient norm | final train loss | train time s |",
-        "|---|---|---|---|---|---|---|---|",
+        "full-gradient norm | final train loss | converged | epochs | steps | "
+        "examples seen | train time s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['schedule']} | {r['n']} | "
             f"{_fmt(*r['test_error'], scale=100)} | {_fmt_sci(*r['sharpness'])} | "
             f"{_fmt_sci(*r['grad_norm'])} | {_fmt(*r['train_loss'], digits=3)} | "
-            f"{_fmt(*r['time'], digits=1)} |")
+            f"{r['converged']}/{r['n']} | {_one(r['epochs'])} | {_one(r['steps'])} | "
+            f"{_one(r['examples'])} | {_fmt(*r['time'], digits=1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _interval(c, scale=1.0, digits=2):
+    lo, hi = c["ci"] if c["ci"] else (None, None)
+    if lo is None:
+        return "—"
+    return f"[{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+
+
+def verdict_markdown(results):
+    """The claims table: one line per claim and one per comparison."""
+    lines = [
+        "| claim | comparison (a vs b) | mean a | mean b | a − b | 95% CI | p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in results:
+        lines.append(f"| **{v['claim']}** | {len(v['comparisons'])} comparisons | | | | "
+                     f"| | **{v['verdict']}** |")
+        for c in v["comparisons"]:
+            name = f"{' '.join(c['a'])} vs {' '.join(c['b'])}"
+            if v["metric"] == "worst_case_sharpness":
+                diff = (f"{c['mean_a'] - c['mean_b']:+.3g} (ratio "
+                        f"{c['ratio']:.3g})")
+                ci = ("—" if c["ratio_ci"] is None else
+                      f"ratio [{c['ratio_ci'][0]:.3g}, {c['ratio_ci'][1]:.3g}]")
+                ma, mb = f"{c['mean_a']:.3g}", f"{c['mean_b']:.3g}"
+            else:
+                diff = f"{100 * c['mean_difference']:+.2f} pp"
+                ci = _interval(c, scale=100) + " pp" if c["ci"] else "—"
+                ma, mb = f"{100 * c['mean_a']:.2f}%", f"{100 * c['mean_b']:.2f}%"
+            p = "—" if c["p"] is None else f"{c['p']:.2g}"
+            lines.append(f"| | {name} (n={c['n']}) | {ma} | {mb} | {diff} | {ci} | "
+                         f"{p} | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+VERDICT_RULE = (
+    "Each comparison pairs the two settings seed by seed (same seed: same "
+    "initial weights and data order) and takes a Student-t 95% confidence "
+    "interval of the mean difference (sharpness: of log(a) − log(b), shown as "
+    "the ratio a/b; test error: in percentage points) and the paired t-test's "
+    "two-sided p. A comparison is *reproduced* when the interval lies on the "
+    "side the paper claims, *not reproduced* when it lies on the other side, "
+    "*not settled* when it contains no difference. A claim is reproduced "
+    "when all its comparisons are, not reproduced when none is and at least "
+    "one is on the other side, else not settled. Each line is its own 95% "
+    "interval: among many lines, one may fall on a side by chance.")
+
+CONVERGENCE_RULE = (
+    "converged: the epoch-mean training loss changed by less than 5% or by "
+    "less than 0.01 (whichever is larger) over the last 10% of the epochs, "
+    "|L(E) − L(E − w)| < max(0.05·L(E − w), 0.01) with w = max(1, round(0.1·E)); "
+    "`runs.md` lists it per run")
+
+
+def runs_markdown(runs):
+    """One line per run: length, final loss and the convergence test."""
+    lines = [
+        "| run | epochs | steps | examples seen | final train loss | change over "
+        "last 10% | tolerance | converged | test error % | worst-case sharpness |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        c = convergence(r)
+        lines.append(
+            f"| {r['name']} | {len(r['epochs'])} | {sum(r['steps_per_epoch']):,} | "
+            f"{r.get('examples', 0):,} | {r['final']['train_loss']:.4f} | "
+            f"{c['change']:.4f} ({100 * c['relative_change']:.1f}%) | "
+            f"{c['tolerance']:.4f} | {'yes' if c['converged'] else '**no**'} | "
+            f"{100 * r['final']['test_error']:.2f} | "
+            f"{r['final']['worst_case_sharpness']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,8 +237,16 @@ def write_report(args, runs, head):
     rows = summarize(args, runs)
     v = head["versions"]
     wall_s = head.get("wall_s")
+    control = [len(r["epochs"]) for r in runs if r["schedule"] == STEPS_CONTROL]
     fmt = dict(batch=args.batch, b0=args.initial_batch,
-               bmax=args.initial_batch * 2 ** (STAGES - 1))
+               bmax=args.initial_batch * 2 ** (STAGES - 1),
+               control_epochs=control[0] if control else "?")
+    runs = sorted(runs, key=lambda r: (
+        args.methods.index(r["method"]), args.schedules.index(r["schedule"]),
+        r["seed"]))
+    results = verdicts_lib.verdicts(runs)
+    converged = sum(convergence(r)["converged"] for r in runs)
+    threads = sorted({r.get("intra_op_threads") for r in runs} - {None})
     md = [
         f"# Paper benchmark: {args.dataset} / {args.model}",
         "",
@@ -173,20 +270,36 @@ def write_report(args, runs, head):
         "||grad f_S(w)|| over the whole training set (no augmentation), "
         "inference mode. Train time: wall clock of `fit` (incl. per-epoch test "
         "evaluation and tracing). Mean ± std over seeds.",
+        f"- {CONVERGENCE_RULE}: **{converged} of {len(runs)} runs converged**.",
+        "- controls of B: `constant` sees as many examples as B (same epochs), "
+        "`constant_steps` takes as many optimizer steps (whole epochs, so up to "
+        "one epoch more); the table's steps and examples columns give the counts.",
+        "- TensorFlow intra-op threads per run: "
+        + (", ".join("default (one per core)" if t == 0 else str(t) for t in threads)
+           or "not recorded") + ".",
         "",
         table_markdown(rows),
+        "## The paper's claims",
+        "",
+        VERDICT_RULE,
+        "",
+        verdict_markdown(results),
     ]
     run_lib.write_atomic(os.path.join(out, "results.md"), "\n".join(md))
+    run_lib.write_atomic(os.path.join(out, "runs.md"), "\n".join([
+        f"# Runs of {args.dataset} / {args.model}", "", f"{CONVERGENCE_RULE}.", "",
+        runs_markdown(runs)]))
     summary = {
         "command": head["command"], "versions": v, "machine": head["machine"],
         "config": config,
         "date": head["date"], "wall_s": wall_s, "grid": head["grid"],
-        "runs": sorted(runs, key=lambda r: (
-            args.methods.index(r["method"]), args.schedules.index(r["schedule"]),
-            r["seed"])),
+        "converged": converged,
+        "verdicts": results,
+        "runs": runs,
     }
     run_lib.write_atomic(os.path.join(out, "runs.json"), json.dumps(summary, indent=1))
     write_plots(args, runs)
+    write_verdict_plot(args, results)
 
 
 def write_plots(args, runs):
@@ -196,7 +309,8 @@ def write_plots(args, runs):
     import matplotlib.pyplot as plt
 
     colors = {"sgd": "tab:blue", "sam": "tab:orange", "gsam": "tab:green"}
-    styles = {"constant": "-", "B": "--", "C": ":", "BC": "-.", "linear": (0, (5, 1, 1, 1, 1, 1))}
+    styles = {"constant": "-", "B": "--", "C": ":", "BC": "-.",
+              "linear": (0, (5, 1, 1, 1, 1, 1)), STEPS_CONTROL: (0, (1, 3))}
     groups = []
     for method in args.methods:
         for schedule in args.schedules:
@@ -206,11 +320,7 @@ def write_plots(args, runs):
     if not groups:
         return
 
-    def save(fig, name):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        run_lib.write_atomic(os.path.join(args.out, name), buf.getvalue())
+    save = _saver(plt, args.out)
 
     curves = [("train_loss", "training loss", True, "train_loss.png"),
               ("test_error", "test error", False, "test_error.png"),
@@ -252,6 +362,106 @@ def write_plots(args, runs):
         save(fig, fname)
 
 
+def _saver(plt, out):
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        run_lib.write_atomic(os.path.join(out, name), buf.getvalue())
+    return save
+
+
+def write_verdict_plot(args, results):
+    """`verdicts.png`: every comparison's mean difference and 95% interval,
+    one panel per metric, coloured by its verdict."""
+    if not results:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {verdicts_lib.REPRODUCED: "tab:green",
+              verdicts_lib.NOT_REPRODUCED: "tab:red",
+              verdicts_lib.NOT_SETTLED: "tab:gray"}
+    panels = [("worst_case_sharpness", "sharpness ratio a/b (log scale)"),
+              ("test_error", "test error a − b (percentage points)")]
+    panels = [(k, label) for k, label in panels
+              if any(v["metric"] == k for v in results)]
+    heights = [sum(len(v["comparisons"]) + 1 for v in results if v["metric"] == k)
+               for k, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(8, 0.22 * sum(heights) + 1.5),
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (metric, label) in zip(axes[:, 0], panels):
+        y, ticks, names = 0, [], []
+        for v in results:
+            if v["metric"] != metric:
+                continue
+            ticks.append(y)
+            names.append(f"{v['claim']}: {v['verdict']}")
+            y -= 1
+            for c in v["comparisons"]:
+                if metric == "worst_case_sharpness":
+                    mid = c["ratio"]
+                    lo, hi = c["ratio_ci"] if c["ratio_ci"] else (mid, mid)
+                else:
+                    mid = 100 * c["mean_difference"]
+                    lo, hi = (100 * c["ci"][0], 100 * c["ci"][1]) if c["ci"] else (mid, mid)
+                ax.errorbar([mid], [y], xerr=[[mid - lo], [hi - mid]], fmt="o",
+                            color=colors[c["verdict"]], capsize=2, markersize=3)
+                ticks.append(y)
+                names.append(f"{' '.join(c['a'])} vs {' '.join(c['b'])}")
+                y -= 1
+        ax.axvline(1.0 if metric == "worst_case_sharpness" else 0.0, color="black",
+                   linewidth=0.8)
+        if metric == "worst_case_sharpness":
+            ax.set_xscale("log")
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(names, fontsize=6)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0, 0].set_title(f"the paper's claims, {args.dataset} / {args.model} "
+                         "(green reproduced, red not reproduced, grey not settled)",
+                         fontsize=8)
+    _saver(plt, args.out)(fig, "verdicts.png")
+
+
+def write_summary(out, model_dirs):
+    """`<out>/summary.md` and `summary.json`: each claim's verdict for each
+    model of the grid, from the model folders' `runs.json`."""
+    models, by_claim = [], {}
+    for folder in model_dirs:
+        stored = run_lib.read_run(os.path.join(folder, "runs.json"))
+        if not isinstance(stored, dict) or "verdicts" not in stored:
+            continue
+        model = stored["config"]["model"]
+        models.append((model, stored))
+        for v in stored["verdicts"]:
+            words = [c["verdict"] for c in v["comparisons"]]
+            by_claim.setdefault(v["claim"], {})[model] = (
+                f"{v['verdict']} ({sum(w == verdicts_lib.REPRODUCED for w in words)}"
+                f"/{len(words)} reproduced)")
+    if not models:
+        return None
+    lines = ["| claim | " + " | ".join(m for m, _ in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for claim, cells in by_claim.items():
+        lines.append(f"| {claim} | " + " | ".join(cells.get(m, "—") for m, _ in models)
+                     + " |")
+    conv = ", ".join(f"{m}: {s['converged']}/{len(s['runs'])}" for m, s in models)
+    text = "\n".join(lines) + (
+        f"\n\nRuns meeting the convergence criterion: {conv}. Seeds per setting: "
+        + ", ".join(f"{m}: {','.join(map(str, s['grid']['seeds']))}" for m, s in models)
+        + ". Details, the comparisons behind each cell and the plots: "
+        + ", ".join(f"`{os.path.relpath(os.path.join(f, 'results.md'), out)}`"
+                    for f in model_dirs) + ".\n")
+    run_lib.write_atomic(os.path.join(out, "summary.md"), text)
+    run_lib.write_atomic(os.path.join(out, "summary.json"), json.dumps(
+        {"models": [m for m, _ in models], "verdicts": by_claim}, indent=1))
+    return text
+
+
 # ---------------------------------------------------------------------------
 # Rebuilding the report from the stored runs.
 
@@ -272,7 +482,7 @@ def _rerun_command(config, grid, out):
              "--sharpness-iterations", str(config["sharpness_iterations"])]
     if config["sharpness_every"]:
         argv += ["--sharpness-every", str(config["sharpness_every"])]
-    argv += ["--out", out]
+    argv += ["--out", os.path.dirname(os.path.normpath(out)) or "."]
     return COMMAND + " " + " ".join(shlex.quote(a) for a in argv)
 
 
@@ -327,17 +537,38 @@ def rebuild(out):
     return len(runs)
 
 
+def model_folders(out):
+    """The model folders `out` names: itself when it holds `runs/`, else its
+    subfolders that do; and the grid folder their summary goes to."""
+    if os.path.isdir(os.path.join(out, "runs")):
+        return [out], os.path.dirname(os.path.normpath(out)) or "."
+    if not os.path.isdir(out):
+        raise SystemExit(f"error: no folder {out}")
+    folders = [os.path.join(out, d) for d in sorted(os.listdir(out))
+               if os.path.isdir(os.path.join(out, d, "runs"))]
+    if not folders:
+        raise SystemExit(f"error: no stored runs in {os.path.join(out, 'runs')} "
+                         f"or in a model folder of {out} (<model>/runs)")
+    return folders, out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.paper.report",
-        description="Rebuild results.md, runs.json and the plots of a paper "
-        "benchmark folder from its stored runs (OUT/runs/*.json), without "
-        "training.")
+        description="Rebuild results.md, runs.md, runs.json, the plots and the "
+        "verdicts of a paper benchmark folder from its stored runs "
+        "(MODEL/runs/*.json), without training; then the grid's summary.md.")
     parser.add_argument("--out", required=True,
-                        help="the grid's output folder, e.g. benchmarks/results/mnist1d")
+                        help="a grid folder (e.g. benchmarks/results/mnist1d) or "
+                        "one model's folder in it")
     args = parser.parse_args(argv)
-    n = rebuild(args.out)
-    print(f"report of {n} stored runs written to {args.out}", file=sys.stderr)
+    folders, root = model_folders(args.out)
+    n = sum(rebuild(folder) for folder in folders)
+    siblings = [os.path.join(root, d) for d in sorted(os.listdir(root))
+                if os.path.exists(os.path.join(root, d, "runs.json"))]
+    write_summary(root, siblings)
+    print(f"report of {n} stored runs written to {', '.join(folders)}; "
+          f"summary in {root}", file=sys.stderr)
     return n
 
 

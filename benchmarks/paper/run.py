@@ -22,6 +22,7 @@ from benchmarks.paper.protocol import RHO
 from benchmarks.paper.protocol import SHARPNESS_BATCH
 from benchmarks.paper.protocol import SHARPNESS_RHO
 from benchmarks.paper.protocol import STAGES
+from benchmarks.paper.protocol import STEPS_CONTROL
 
 
 def batch_schedule(args, schedule):
@@ -30,6 +31,28 @@ def batch_schedule(args, schedule):
         return keras_sam.callbacks.doubling_schedule(
             args.initial_batch, STAGES, args.epochs // STAGES)
     return {0: args.batch}
+
+
+def steps_of(args, schedule, num_train, epochs=None):
+    """Optimizer steps of each epoch of `schedule` over `num_train` examples."""
+    epochs = args.epochs if epochs is None else epochs
+    return keras_sam.BatchSchedule(batch_schedule(args, schedule)).steps_per_epoch(
+        num_train, epochs)
+
+
+def schedule_epochs(args, schedule, num_train):
+    """Epochs of a schedule: `args.epochs`, except the steps-matched control,
+    which trains the constant batch for the fewest whole epochs that give at
+    least as many optimizer steps as B (at most one epoch more)."""
+    if schedule != STEPS_CONTROL:
+        return args.epochs
+    target = sum(steps_of(args, "B", num_train))
+    per_epoch = num_train // args.batch
+    if per_epoch == 0:
+        raise SystemExit(
+            f"error: {num_train} training examples give no full batch of "
+            f"{args.batch}; raise --num-samples or lower --batch")
+    return -(-target // per_epoch)
 
 
 def run_name(method, schedule, seed):
@@ -136,7 +159,7 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
     (default `WRAPPERS`); `callbacks` are added to `fit`'s."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
-    epochs = args.epochs
+    epochs = schedule_epochs(args, schedule, data.num_train)
     sizes = batch_schedule(args, schedule)
     scheduler = keras_sam.callbacks.BatchSizeScheduler(
         sizes, lambda b: data.train_dataset(b, seed))
@@ -162,9 +185,12 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
     inner = MODELS[args.model](input_shape=data.input_shape, classes=data.classes)
     model = (WRAPPERS if wrappers is None else wrappers)[method](inner)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    # Several steps per call of the compiled function: the same steps in the
+    # same order (bitwise equal results, tested), less Python per step.
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.0),
-        loss=loss, metrics=["accuracy"])
+        loss=loss, metrics=["accuracy"],
+        steps_per_execution=getattr(args, "steps_per_execution", 1))
 
     # Worst-case sharpness on the first k training examples, the gradient
     # norm on all of them; every `--sharpness-every` epochs during training
@@ -211,7 +237,9 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
         "seed": seed,
         "config": run_config(args),
         "steps_per_epoch": [int(s) for s in steps],
+        "examples": int(sum(e["steps"] * e["batch_size"] for e in log.epochs)),
         "batch_schedule": {str(k): v for k, v in sizes.items()},
+        "intra_op_threads": intra_op_threads(),
         "epochs": log.epochs,
         "final": {
             "test_error": last["test_error"],
@@ -224,6 +252,14 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
         "normalization": None if data.mean is None else {
             "mean": data.mean.tolist(), "std": data.std.tolist()},
     }
+
+
+def intra_op_threads():
+    """TensorFlow's intra-op threads in this process (0: one per core). The
+    results depend on it at the rounding level (reductions split by thread)."""
+    import tensorflow as tf
+
+    return int(tf.config.threading.get_intra_op_parallelism_threads())
 
 
 # ---------------------------------------------------------------------------
