@@ -5,10 +5,11 @@ rebuilt from the results file of the same name, so no figure is typed in.
 
     python -m benchmarks.update_readme      # from the repository root
 
-The paper benchmark's block comes from benchmarks/results/mnist1d/results.md,
-which `python -m benchmarks.paper` writes (and
+The paper benchmark's blocks come from benchmarks/results/mnist1d/summary.md
+and <model>/results.md, which `python -m benchmarks.paper` writes (and
 `python -m benchmarks.paper.report --out benchmarks/results/mnist1d` rebuilds
-from the stored runs); the cheaper-SAM block from
+from the stored runs), and from benchmarks/results/paper_speed/speed.md
+(`python -m benchmarks.paper.compare`); the cheaper-SAM block from
 benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`).
 """
 
@@ -65,17 +66,36 @@ def efficient():
             "(benchmarks/results/efficient/sharpness_vs_cost.png)")
 
 
-def from_markdown(name):
+def from_markdown(name, demote=0):
+    """The file's text; `demote` levels added to its markdown headings (a
+    report's `# title` becomes a sub-heading of the README's section)."""
     def render():
-        return open(os.path.join(RESULTS, name)).read().strip()
+        text = open(os.path.join(RESULTS, name)).read().strip()
+        if demote:
+            text = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + demote) + " ",
+                          text, flags=re.M)
+        return text
     return render
+
+
+def paper_summary():
+    """summary.md, its paths (relative to the summary) made relative to the
+    repository root."""
+    text = from_markdown(os.path.join("mnist1d", "summary.md"))()
+    return re.sub(r"`([\w.-]+/results\.md)`",
+                  lambda m: f"`benchmarks/results/mnist1d/{m.group(1)}`", text)
 
 
 BLOCKS = {
     "gpu_step_cost": gpu_step_cost,
     "step_cost_cpu": step_cost_cpu,
     "batch_switch": from_markdown("batch_switch.md"),
-    "paper_mnist1d": from_markdown(os.path.join("mnist1d", "results.md")),
+    "paper_verdicts": paper_summary,
+    "paper_mnist1d_cnn": from_markdown(
+        os.path.join("mnist1d", "mnist1d_cnn", "results.md"), demote=3),
+    "paper_mnist1d_mlp": from_markdown(
+        os.path.join("mnist1d", "mnist1d_mlp", "results.md"), demote=3),
+    "paper_speed": from_markdown(os.path.join("paper_speed", "speed.md")),
     "efficient": efficient,
 }
 

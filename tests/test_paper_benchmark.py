@@ -98,11 +98,14 @@ def test_tiny_grid_records_follow_the_schedules(tiny_out):
 
 
 def test_rerun_skips_finished_runs(tiny_root, tiny_out, capsys):
-    before = _table_rows(tiny_out)
+    before = open(os.path.join(tiny_out, "results.md")).read()
     stats = paper.main(["--tiny", "--out", tiny_root])
     assert stats == {"trained": 0, "skipped": 4}
     assert "skipped" in capsys.readouterr().err
-    assert _table_rows(tiny_out) == before
+    # Nothing trained: the report keeps the header (date, wall time) of the
+    # invocation that trained the runs.
+    assert open(os.path.join(tiny_out, "results.md")).read() == before
+    assert "it trained 4 of them" in before
 
 
 def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
@@ -351,6 +354,27 @@ def test_runs_side_by_side_equal_runs_one_at_a_time(tmp_path, capsys):
     assert _finals(one) == _finals(two)
     with open(os.path.join(two, MODEL, "runs", "sam_B_seed0.json")) as f:
         assert json.load(f)["intra_op_threads"] == 1
+    # The comparison report says so, with the wall-time ratio of the two.
+    from benchmarks.paper import compare as paper_compare
+
+    text = paper_compare.compare(os.path.join(one, MODEL), os.path.join(two, MODEL))
+    assert "steps): 4 of 4." in text
+    walls = [json.load(open(os.path.join(d, MODEL, "runs.json")))["wall_s"] for d in (one, two)]
+    assert f"**{walls[0] / walls[1]:.2f}x**" in text
+    assert "--out" not in text.split("\n")[2]  # the command without its folder
+
+
+def test_compare_refuses_grids_of_another_configuration(tiny_out, tmp_path):
+    from benchmarks.paper import compare as paper_compare
+
+    other = str(tmp_path / MODEL)
+    shutil.copytree(tiny_out, other)
+    path = os.path.join(other, "runs.json")
+    stored = json.load(open(path))
+    stored["config"]["epochs"] = 10
+    json.dump(stored, open(path, "w"))
+    with pytest.raises(SystemExit, match="epochs"):
+        paper_compare.compare(tiny_out, other)
 
 
 def test_steps_per_execution_does_not_change_the_results(tmp_path):
@@ -403,3 +427,95 @@ def test_report_verdicts_are_computed_from_the_runs(tiny_out):
     summary = json.load(open(os.path.join(os.path.dirname(tiny_out), "summary.json")))
     assert summary["models"] == [MODEL]
     assert set(summary["verdicts"]) == {v["claim"] for v in stored["verdicts"]}
+
+
+def test_default_arguments_are_both_models_five_seeds_and_the_controls(monkeypatch):
+    monkeypatch.setattr(paper, "_has_gpu", lambda: False)
+    args = paper.parse_args([])
+    assert args.models == ["mnist1d_cnn", "mnist1d_mlp"]
+    assert args.seeds == [0, 1, 2, 3, 4]
+    assert args.schedules == ["constant", "B", "C", "BC", "linear", "constant_steps"]
+    assert (args.jobs, args.threads, args.steps_per_execution) == (os.cpu_count(), 1, 32)
+    assert [paper.model_args(args, m).epochs for m in args.models] == [100, 200]
+    assert paper.model_args(args, "mnist1d_mlp").out == os.path.join(args.out, "mnist1d_mlp")
+    monkeypatch.setattr(paper, "_has_gpu", lambda: True)
+    gpu = paper.parse_args(["--dataset", "cifar10"])
+    assert (gpu.models, gpu.jobs, gpu.threads) == (["resnet18"], 1, 0)
+    assert paper.model_args(gpu, "resnet18").epochs == 200
+    given = paper.parse_args(["--epochs", "30", "--jobs", "0"])
+    assert [paper.model_args(given, m).epochs for m in given.models] == [30, 30]
+    assert given.threads == 0  # this process: TensorFlow's own setting
+
+
+def _copy_with_seeds(tiny_out, dest, seeds, scale):
+    """A model folder whose runs are the tiny runs under other seeds, with
+    the sharpness of B multiplied by `scale(seed)` (no training)."""
+    os.makedirs(os.path.join(dest, "runs"))
+    for name in os.listdir(os.path.join(tiny_out, "runs")):
+        record = json.load(open(os.path.join(tiny_out, "runs", name)))
+        for seed in seeds:
+            r = json.loads(json.dumps(record))
+            r["seed"], r["name"] = seed, paper_run.run_name(r["method"], r["schedule"], seed)
+            if r["schedule"] == "B":
+                r["final"]["worst_case_sharpness"] *= scale(seed)
+            paper_run.store_run(os.path.join(dest, "runs", r["name"] + ".json"), r)
+
+
+def test_report_of_several_seeds_gives_intervals_and_verdicts(tiny_out, tmp_path):
+    from benchmarks.paper import verdicts as paper_verdicts
+
+    out = str(tmp_path / "grid" / MODEL)
+    # SAM's B is 0.5-0.6x SGD's B on every seed: "SAM flatter than SGD" on B.
+    _copy_with_seeds(tiny_out, out, [0, 1, 2],
+                     lambda seed: 1.0)
+    for seed, factor in zip([0, 1, 2], [0.5, 0.55, 0.6]):
+        path = os.path.join(out, "runs", f"sam_B_seed{seed}.json")
+        r = json.load(open(path))
+        sgd = json.load(open(os.path.join(out, "runs", f"sgd_B_seed{seed}.json")))
+        r["final"]["worst_case_sharpness"] = factor * sgd["final"]["worst_case_sharpness"]
+        paper_run.store_run(path, r)
+    assert paper_report.main(["--out", out]) == 12
+    stored = json.load(open(os.path.join(out, "runs.json")))
+    claim = next(v for v in stored["verdicts"] if v["claim"] == "SAM/GSAM are flatter than SGD")
+    (c,) = claim["comparisons"]  # only B is in this grid, and no GSAM
+    assert c["a"] == ["sam", "B"] and c["n"] == 3 and claim["total"] == 6
+    ref = paper_verdicts.paired({s: f for s, f in zip([0, 1, 2], [0.5, 0.55, 0.6])},
+                                {0: 1.0, 1: 1.0, 2: 1.0}, log=True)
+    assert c["ratio"] == pytest.approx(ref["ratio"], rel=1e-9)
+    assert c["ratio_ci"] == pytest.approx(ref["ratio_ci"], rel=1e-9)
+    assert c["verdict"] == claim["verdict"] == "reproduced"
+    text = open(os.path.join(out, "results.md")).read()
+    lo, hi = ref["ratio_ci"]
+    assert f"ratio [{lo:.3g}, {hi:.3g}]" in text
+    assert "1 comparisons (of 6; the grid lacks the others)" in text
+    assert os.path.getsize(os.path.join(out, "verdicts.png")) > 0
+    summary = open(os.path.join(os.path.dirname(out), "summary.md")).read()
+    assert "reproduced (1 of 1 reproduced; 5 not in the grid)" in summary
+    assert f"`{MODEL}/results.md`" in summary
+
+
+def test_summary_covers_every_model_folder_of_the_grid(tiny_root, tiny_out, tmp_path):
+    root = str(tmp_path / "grid")
+    shutil.copytree(tiny_root, root)
+    other = os.path.join(root, "mnist1d_mlp")
+    _copy_with_seeds(tiny_out, other, [0], lambda seed: 1.0)
+    for name in os.listdir(os.path.join(other, "runs")):
+        path = os.path.join(other, "runs", name)
+        r = json.load(open(path))
+        r["config"]["model"] = "mnist1d_mlp"
+        paper_run.store_run(path, r)
+    paper_report.main(["--out", other])  # one model folder ...
+    summary = json.load(open(os.path.join(root, "summary.json")))
+    assert summary["models"] == [MODEL, "mnist1d_mlp"]  # ... the summary has both
+    # A rerun of one model's grid keeps the other's column too.
+    paper.main(["--tiny", "--out", root])
+    assert json.load(open(os.path.join(root, "summary.json")))["models"] == [
+        MODEL, "mnist1d_mlp"]
+
+
+def test_failing_run_in_a_worker_stops_the_grid_with_its_error(tmp_path):
+    out = str(tmp_path / "fail")
+    with pytest.raises(SystemExit, match="no full batch of 512"):
+        paper.main(["--tiny", "--num-samples", "100", "--initial-batch", "32",
+                    "--jobs", "2", "--threads", "1", "--out", out])
+    assert os.listdir(os.path.join(out, MODEL, "runs")) == []

@@ -43,6 +43,13 @@ def test_t_cdf_df3_closed_form_and_large_df_normal():
         assert v.t_cdf(t, 4000) == pytest.approx(normal.cdf(t), abs=1e-4)
 
 
+def test_t_quantile_matches_the_tables_for_the_seed_counts_used():
+    # Student-t tables, 97.5% quantile: df 4 (5 seeds) and df 5 (6 seeds).
+    assert v.t_quantile(0.975, 4) == pytest.approx(2.776445, abs=5e-7)
+    assert v.t_quantile(0.975, 5) == pytest.approx(2.570582, abs=5e-7)
+    assert v.t_quantile(0.975, 9) == pytest.approx(2.262157, abs=5e-7)
+
+
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995])
 def test_t_quantile_inverts_the_cdf(p):
     assert v.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
@@ -89,8 +96,14 @@ def test_paired_raw_scale_and_degenerate_cases():
     assert one["n"] == 1 and one["ci"] is None and one["p"] is None
     same_shift = v.paired({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})
     assert same_shift["ci"] == (0.5, 0.5) and same_shift["p"] == 0.0
-    with pytest.raises(ValueError, match="> 0"):
-        v.paired({0: 0.0}, {0: 1.0}, log=True)
+    # A diverged run (nan) or a sharpness of 0 on the log scale: left out.
+    kept = v.paired({0: 1.0, 1: float("nan"), 2: 0.0, 3: 2.0},
+                    {0: 0.5, 1: 1.0, 2: 1.0, 3: 1.0}, log=True)
+    assert kept["n"] == 2 and kept["left_out"] == 2
+    assert kept["ratio"] == pytest.approx(2.0) and kept["ci"] == pytest.approx(
+        (math.log(2.0), math.log(2.0)))
+    none = v.paired({0: float("inf")}, {0: 1.0})
+    assert none["n"] == 0 and none["ci"] is None and none["mean_a"] is None
 
 
 def test_decide_and_overall():
@@ -171,4 +184,5 @@ def test_verdicts_from_runs():
     assert {tuple(c["a"]) for c in against_sgd} == {("sam", "constant"), ("sam", "B"),
                                                     ("sam", "C")}
     assert "+B and +C together (BC) are flatter than constant" not in results
+    assert flatter["total"] == 3 and len(flatter["comparisons"]) == 2  # no GSAM
     assert "+B is flatter than constant with as many steps (control)" not in results

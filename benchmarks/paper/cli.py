@@ -16,6 +16,7 @@ from benchmarks.paper import report
 from benchmarks.paper import run as run_lib
 from benchmarks.paper.protocol import DATASETS
 from benchmarks.paper.protocol import INPUT_KIND
+from benchmarks.paper.protocol import MNIST1D_EPOCHS
 from benchmarks.paper.protocol import MODEL_INPUT
 from benchmarks.paper.protocol import INCREASING
 from benchmarks.paper.protocol import METHODS
@@ -107,7 +108,8 @@ def build_parser():
     p.add_argument("--seeds", type=_seeds, default=None, help="default 0,1,2,3,4")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="total epochs (a multiple of 5 with B/BC/constant_steps); "
-                   "default 100 for mnist1d, 200 (the paper's) for CIFAR")
+                   "default: " + ", ".join(f"{e} for {m}" for m, e in MNIST1D_EPOCHS.items())
+                   + ", 200 (the paper's) for CIFAR")
     p.add_argument("--batch", type=_positive_int, default=128,
                    help="constant batch size (default 128)")
     p.add_argument("--initial-batch", type=_positive_int, default=16,
@@ -172,8 +174,6 @@ def parse_args(argv):
         args.schedules = list(SCHEDULES)
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3, 4]
-    if args.epochs is None:
-        args.epochs = DATASETS[args.dataset][2]
     if args.num_samples is None and args.dataset == "mnist1d":
         args.num_samples = 4000
     if args.sharpness_examples is None:
@@ -197,7 +197,7 @@ def parse_args(argv):
     if args.sharpness_every < 0:
         parser.error("--sharpness-every must be >= 0")
     uses_stages = [s for s in args.schedules if s in INCREASING + (STEPS_CONTROL,)]
-    if uses_stages and args.epochs % STAGES:
+    if uses_stages and args.epochs is not None and args.epochs % STAGES:
         parser.error(
             f"--epochs must be a positive multiple of {STAGES} when the grid has "
             f"{', '.join(uses_stages)}: the batch of B grows over {STAGES} equal "
@@ -220,7 +220,10 @@ def parse_args(argv):
 def model_args(args, model):
     """The arguments of one model's grid: `model` and its output folder."""
     values = {k: v for k, v in vars(args).items() if k not in ("parser", "models")}
-    values.update(model=model, out=os.path.join(args.out, model))
+    epochs = args.epochs
+    if epochs is None:
+        epochs = DATASETS[args.dataset][2] or MNIST1D_EPOCHS[model]
+    values.update(model=model, out=os.path.join(args.out, model), epochs=epochs)
     return argparse.Namespace(**values)
 
 
@@ -287,8 +290,10 @@ def _run_grid(args, todo, on_done):
         for future in concurrent.futures.as_completed(futures):
             on_done(futures[future], *future.result())
     finally:
-        # On an error or Ctrl-C: no new runs; the ones in progress are lost
-        # (never half-stored: runs are written atomically).
+        # On an error or Ctrl-C no new run starts. A run in progress either
+        # finishes and is stored whole (its worker did not get the signal) or
+        # stops with its worker (Ctrl-C in a terminal reaches them all) and
+        # leaves no file: runs are written atomically, never half.
         executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -318,10 +323,13 @@ def main(argv=None):
     durations = []
     t_start = time.perf_counter()
 
+    trained = {m: 0 for m in args.models}
+
     def on_done(item, final, seconds):
         margs, method, schedule, seed, _ = item
         durations.append(seconds)
         stats["trained"] += 1
+        trained[margs["model"]] += 1
         left = len(todo) - len(durations)
         eta = statistics.fmean(durations) * left / max(args.jobs, 1) / 60
         _progress(f"[{stats['trained'] + stats['skipped']}/{total}] {margs['model']} "
@@ -349,10 +357,16 @@ def main(argv=None):
                     record = None
                 if record is not None:
                     finished.append(record)
-            if finished:
-                report.write_report(margs, finished, report.header(
-                    margs, argv_used, total // len(per_model), wall_s))
-        report.write_summary(args.out, [per_model[m].out for m in args.models])
+            if not finished:
+                continue
+            head = report.header(margs, argv_used, total // len(per_model), wall_s,
+                                 trained[model])
+            kept = report.stored_header(margs.out, run_lib.run_config(margs))
+            if not trained[model] and kept is not None:
+                head.update(kept)  # nothing new: the header of the runs' invocation
+            report.write_report(margs, finished, head)
+        # Every model folder of the grid folder, also ones of other invocations.
+        report.write_summary(args.out, report.model_folders_with_reports(args.out))
     _progress(f"trained {stats['trained']}, skipped {stats['skipped']} of {total} "
               f"runs in {time.perf_counter() - t_start:.0f} s; results in {args.out}")
     return stats

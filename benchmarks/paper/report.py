@@ -116,12 +116,15 @@ def _interval(c, scale=1.0, digits=2):
 def verdict_markdown(results):
     """The claims table: one line per claim and one per comparison."""
     lines = [
-        "| claim | comparison (a vs b) | mean a | mean b | a − b | 95% CI | p | verdict |",
+        "| claim | comparison (a vs b) | mean a | mean b | a − b (ratio: geometric "
+        "mean of a/b) | 95% CI | p | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for v in results:
-        lines.append(f"| **{v['claim']}** | {len(v['comparisons'])} comparisons | | | | "
-                     f"| | **{v['verdict']}** |")
+        present = len(v["comparisons"])
+        count = f"{present} comparisons" + (
+            f" (of {v['total']}; the grid lacks the others)" if present < v["total"] else "")
+        lines.append(f"| **{v['claim']}** | {count} | | | | | | **{v['verdict']}** |")
         for c in v["comparisons"]:
             name = f"{' '.join(c['a'])} vs {' '.join(c['b'])}"
             if v["metric"] == "worst_case_sharpness":
@@ -135,6 +138,11 @@ def verdict_markdown(results):
                 ci = _interval(c, scale=100) + " pp" if c["ci"] else "—"
                 ma, mb = f"{100 * c['mean_a']:.2f}%", f"{100 * c['mean_b']:.2f}%"
             p = "—" if c["p"] is None else f"{c['p']:.2g}"
+            if c.get("left_out"):
+                name += f", {c['left_out']} seed(s) left out (not finite or 0)"
+            if c["n"] == 0:
+                lines.append(f"| | {name} (n=0) | — | — | — | — | — | {c['verdict']} |")
+                continue
             lines.append(f"| | {name} (n={c['n']}) | {ma} | {mb} | {diff} | {ci} | "
                          f"{p} | {c['verdict']} |")
     return "\n".join(lines) + "\n"
@@ -147,7 +155,7 @@ VERDICT_RULE = (
     "the ratio a/b; test error: in percentage points) and the paired t-test's "
     "two-sided p. A comparison is *reproduced* when the interval lies on the "
     "side the paper claims, *not reproduced* when it lies on the other side, "
-    "*not settled* when it contains no difference. A claim is reproduced "
+    "*not settled* when it contains 0 (no difference). A claim is reproduced "
     "when all its comparisons are, not reproduced when none is and at least "
     "one is on the other side, else not settled. Each line is its own 95% "
     "interval: among many lines, one may fall on a side by chance.")
@@ -215,8 +223,10 @@ def now():
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def header(args, argv_used, total, wall_s):
-    """What the report says about the invocation that made it."""
+def header(args, argv_used, total, wall_s, trained):
+    """What the report says about the invocation that made it: its command,
+    date, machine, versions, wall time and how many runs of this model it
+    trained (`trained`; the others were stored before)."""
     return {
         "command": COMMAND + (
             " " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else ""),
@@ -224,9 +234,23 @@ def header(args, argv_used, total, wall_s):
         "machine": machine_description(),
         "versions": versions(),
         "wall_s": wall_s,
+        "trained": trained,
         "grid": {"methods": list(args.methods), "schedules": list(args.schedules),
                  "seeds": list(args.seeds), "total": total},
     }
+
+
+HEADER_KEYS = ("command", "date", "machine", "versions", "wall_s", "trained")
+
+
+def stored_header(out, config):
+    """The header kept in `out/runs.json` when it was made with `config`
+    (else None): an invocation that trained nothing keeps the header of the
+    one that trained the runs."""
+    stored = run_lib.read_run(os.path.join(out, "runs.json"))
+    if isinstance(stored, dict) and stored.get("config") == config:
+        return {key: stored[key] for key in HEADER_KEYS + ("grid",) if key in stored}
+    return None
 
 
 def write_report(args, runs, head):
@@ -255,7 +279,9 @@ def write_report(args, runs, head):
         f"- machine: {head['machine']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- completed runs: {len(runs)} / {head['grid']['total']}"
-        + (f"; wall time of this invocation {wall_s:.0f} s" if wall_s is not None else ""),
+        + (f"; wall time of this invocation {wall_s:.0f} s" if wall_s is not None else "")
+        + (f" (it trained {head['trained']} of them; the wall time covers every "
+           "model of the invocation)" if head.get("trained") is not None else ""),
         f"- protocol: plain SGD (no momentum, no weight decay), lr {config['lr']}, "
         f"SAM/GSAM rho {config['rho']} (constant), GSAM alpha {config['alpha']}, "
         f"cross-entropy, last partial batch dropped; {args.epochs} epochs; "
@@ -292,7 +318,8 @@ def write_report(args, runs, head):
     summary = {
         "command": head["command"], "versions": v, "machine": head["machine"],
         "config": config,
-        "date": head["date"], "wall_s": wall_s, "grid": head["grid"],
+        "date": head["date"], "wall_s": wall_s, "trained": head.get("trained"),
+        "grid": head["grid"],
         "converged": converged,
         "verdicts": results,
         "runs": runs,
@@ -427,6 +454,12 @@ def write_verdict_plot(args, results):
     _saver(plt, args.out)(fig, "verdicts.png")
 
 
+def model_folders_with_reports(root):
+    """The subfolders of a grid folder that hold a model's report."""
+    return [os.path.join(root, d) for d in sorted(os.listdir(root))
+            if os.path.exists(os.path.join(root, d, "runs.json"))]
+
+
 def write_summary(out, model_dirs):
     """`<out>/summary.md` and `summary.json`: each claim's verdict for each
     model of the grid, from the model folders' `runs.json`."""
@@ -439,9 +472,12 @@ def write_summary(out, model_dirs):
         models.append((model, stored))
         for v in stored["verdicts"]:
             words = [c["verdict"] for c in v["comparisons"]]
+            total = v.get("total", len(words))
             by_claim.setdefault(v["claim"], {})[model] = (
                 f"{v['verdict']} ({sum(w == verdicts_lib.REPRODUCED for w in words)}"
-                f"/{len(words)} reproduced)")
+                f" of {len(words)} reproduced"
+                + (f"; {total - len(words)} not in the grid" if total > len(words) else "")
+                + ")")
     if not models:
         return None
     lines = ["| claim | " + " | ".join(m for m, _ in models) + " |",
@@ -453,9 +489,9 @@ def write_summary(out, model_dirs):
     text = "\n".join(lines) + (
         f"\n\nRuns meeting the convergence criterion: {conv}. Seeds per setting: "
         + ", ".join(f"{m}: {','.join(map(str, s['grid']['seeds']))}" for m, s in models)
-        + ". Details, the comparisons behind each cell and the plots: "
+        + ". The comparisons behind each cell, the tables and the plots: "
         + ", ".join(f"`{os.path.relpath(os.path.join(f, 'results.md'), out)}`"
-                    for f in model_dirs) + ".\n")
+                    for f in model_dirs) + " (beside this summary).\n")
     run_lib.write_atomic(os.path.join(out, "summary.md"), text)
     run_lib.write_atomic(os.path.join(out, "summary.json"), json.dumps(
         {"models": [m for m, _ in models], "verdicts": by_claim}, indent=1))
@@ -483,7 +519,11 @@ def _rerun_command(config, grid, out):
     if config["sharpness_every"]:
         argv += ["--sharpness-every", str(config["sharpness_every"])]
     argv += ["--out", os.path.dirname(os.path.normpath(out)) or "."]
-    return COMMAND + " " + " ".join(shlex.quote(a) for a in argv)
+    command = COMMAND + " " + " ".join(shlex.quote(a) for a in argv)
+    if os.path.basename(os.path.normpath(out)) != config["model"]:
+        command += (f" (the grid writes to <out>/{config['model']}; these runs "
+                    f"are in {out})")
+    return command
 
 
 def rebuild(out):
@@ -517,10 +557,9 @@ def rebuild(out):
             "wall_s": None, "grid": found}
     # The header of the invocation that made these runs, where runs.json
     # (older ones have no date, wall time or grid) belongs to them.
-    stored = run_lib.read_run(os.path.join(out, "runs.json"))
-    if isinstance(stored, dict) and stored.get("config") == config:
-        head.update({key: stored[key] for key in (
-            "command", "date", "machine", "versions", "wall_s") if key in stored})
+    stored = stored_header(out, config)
+    if stored is not None:
+        head.update({key: stored[key] for key in HEADER_KEYS if key in stored})
         grid = stored.get("grid")
         if (isinstance(grid, dict)
                 and {r["method"] for r in runs} <= set(grid.get("methods", ()))
@@ -564,9 +603,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     folders, root = model_folders(args.out)
     n = sum(rebuild(folder) for folder in folders)
-    siblings = [os.path.join(root, d) for d in sorted(os.listdir(root))
-                if os.path.exists(os.path.join(root, d, "runs.json"))]
-    write_summary(root, siblings)
+    write_summary(root, model_folders_with_reports(root))
     print(f"report of {n} stored runs written to {', '.join(folders)}; "
           f"summary in {root}", file=sys.stderr)
     return n

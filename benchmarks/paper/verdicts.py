@@ -114,23 +114,28 @@ def paired(a, b, log=False, level=LEVEL):
 
     Args:
         a, b: `{seed: value}` of the two settings; only the seeds in both count.
-        log: compare log(a) - log(b) (values must be > 0).
+        log: compare log(a) - log(b).
         level: confidence level of the interval.
 
     Returns:
-        A dict: `n` (pairs), `mean_a`, `mean_b`, `mean_difference` (mean of
+        A dict: `n` (pairs), `left_out` (shared seeds left out because a value
+        is not finite, or not > 0 with `log`: a diverged run or a sharpness
+        of exactly 0 counts as no evidence), `mean_a`, `mean_b`, `mean_difference` (mean of
         a - b, or of log a - log b), `ci` (its Student-t interval, None for
         fewer than 2 pairs), `p` (two-sided paired t-test, None likewise) and
         `ratio`/`ratio_ci` (exp of the log difference) when `log`.
     """
-    seeds = sorted(set(a) & set(b))
+    def usable(value):
+        return math.isfinite(value) and (value > 0 or not log)
+
+    shared = sorted(set(a) & set(b))
+    seeds = [s for s in shared if usable(a[s]) and usable(b[s])]
     xs, ys = [a[s] for s in seeds], [b[s] for s in seeds]
-    if log and any(v <= 0 for v in xs + ys):
-        raise ValueError("`log=True` needs values > 0")
     f = math.log if log else (lambda v: v)
     d = [f(x) - f(y) for x, y in zip(xs, ys)]
     n = len(d)
-    out = {"n": n, "mean_a": statistics.fmean(xs) if n else None,
+    out = {"n": n, "left_out": len(shared) - n,
+           "mean_a": statistics.fmean(xs) if n else None,
            "mean_b": statistics.fmean(ys) if n else None,
            "mean_difference": statistics.fmean(d) if n else None,
            "ci": None, "p": None}
@@ -220,8 +225,10 @@ def _values(runs, method, schedule, metric):
 
 
 def verdicts(runs):
-    """Every claim whose settings are all in `runs`: a list of
-    `{"claim", "metric", "direction", "verdict", "comparisons": [...]}`;
+    """Every claim with at least one comparison whose two settings are in
+    `runs` (a smaller grid leaves comparisons out; the claim's word is over
+    the ones present, and `total` says how many the claim has): a list of
+    `{"claim", "metric", "direction", "verdict", "total", "comparisons"}`;
     each comparison holds `a`, `b` (method, schedule), `paired(...)`'s
     fields and its `verdict`."""
     out = []
@@ -237,5 +244,5 @@ def verdicts(runs):
         if comparisons:
             out.append({"claim": claim, "metric": metric, "direction": direction,
                         "verdict": overall(c["verdict"] for c in comparisons),
-                        "comparisons": comparisons})
+                        "total": len(pairs), "comparisons": comparisons})
     return out
