@@ -104,7 +104,8 @@ def main():
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
     for name, render in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
+        # The block's old text, if any, between the two marker lines.
+        pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
         if not pattern.search(text):
             continue
         try:
@@ -112,7 +113,7 @@ def main():
         except FileNotFoundError as error:
             print(f"skipped {name}: {error.filename} is missing")
             continue
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
         print(f"updated {name}")
     with open(path + ".tmp", "w") as f:
         f.write(text)

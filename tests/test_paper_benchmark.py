@@ -25,6 +25,12 @@ def _table_rows(out):
     return rows
 
 
+def _runs(out):
+    """The whole stored run records of a model folder, by (method, schedule, seed)."""
+    return {(r["method"], r["schedule"], r["seed"]): r
+            for r in paper_run.stored_runs(os.path.join(out, "runs"))}
+
+
 def _row_keys(rows):
     return [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in rows]
 
@@ -68,8 +74,10 @@ def test_tiny_grid_files_and_table(tiny_root, tiny_out):
 def test_tiny_grid_records_follow_the_schedules(tiny_out):
     with open(os.path.join(tiny_out, "runs.json")) as f:
         summary = json.load(f)
-    runs = summary["runs"]
-    assert [(r["method"], r["schedule"]) for r in runs] == TINY_ROWS
+    assert [(r["method"], r["schedule"]) for r in summary["runs"]] == TINY_ROWS
+    assert all("epochs" not in r and r["epochs_trained"] == 5 for r in summary["runs"])
+    whole = _runs(tiny_out)
+    runs = [whole[(r["method"], r["schedule"], r["seed"])] for r in summary["runs"]]
     num_train = 400  # 80% of --tiny's 500 samples
     epochs = 5
     expected_batches = [16, 32, 64, 128, 256]  # one epoch per doubling stage
@@ -280,8 +288,7 @@ def test_cifar_tiny_run_with_mock_data(tmp_path):
     paper_data._DATA_CACHE.clear()
     assert stats == {"trained": 1, "skipped": 0}
     out = os.path.join(out, "tiny_cnn2d")
-    with open(os.path.join(out, "runs.json")) as f:
-        run = json.load(f)["runs"][0]
+    (run,) = _runs(out).values()
     assert [e["batch_size"] for e in run["epochs"]] == [2, 4, 8, 16, 32]
     assert [e["steps"] for e in run["epochs"]] == [32, 16, 8, 4, 2]
     assert len(run["normalization"]["mean"]) == 3
@@ -335,8 +342,7 @@ def test_grid_that_does_not_fit_memory_is_refused(monkeypatch, tmp_path):
 
 
 def _finals(root, model=MODEL):
-    with open(os.path.join(root, model, "runs.json")) as f:
-        runs = json.load(f)["runs"]
+    runs = _runs(os.path.join(root, model)).values()
     return {r["name"]: (r["final"]["test_error"], r["final"]["train_loss"],
                         r["final"]["worst_case_sharpness"], r["final"]["full_gradient_norm"],
                         [e["train_loss"] for e in r["epochs"]]) for r in runs}
@@ -390,8 +396,7 @@ def test_steps_matched_control_takes_as_many_steps_as_B(tmp_path):
     stats = paper.main(["--tiny", "--methods", "sgd", "--schedules", "B,constant,constant_steps",
                         "--out", out])
     assert stats["trained"] == 3
-    runs = {r["schedule"]: r for r in json.load(
-        open(os.path.join(out, MODEL, "runs.json")))["runs"]}
+    runs = {r["schedule"]: r for r in _runs(os.path.join(out, MODEL)).values()}
     # 400 examples: B takes 25 + 12 + 6 + 3 + 1 = 47 steps over 5 epochs; the
     # control 400 // 128 = 3 steps per epoch for ceil(47 / 3) = 16 epochs.
     assert sum(runs["B"]["steps_per_epoch"]) == 47
@@ -420,8 +425,10 @@ def test_report_verdicts_are_computed_from_the_runs(tiny_out):
     for v in stored["verdicts"]:
         assert f"| **{v['claim']}** |" in text and f"**{v['verdict']}** |" in text
     runs_md = open(os.path.join(tiny_out, "runs.md")).read()
-    for r in stored["runs"]:
+    for r in _runs(tiny_out).values():
         c = paper_verdicts.convergence([e["train_loss"] for e in r["epochs"]])
+        entry = next(x for x in stored["runs"] if x["name"] == r["name"])
+        assert entry["convergence"] == json.loads(json.dumps(c))
         line = next(x for x in runs_md.splitlines() if x.startswith(f"| {r['name']} |"))
         assert line.split("|")[8].strip() == ("yes" if c["converged"] else "**no**")
     summary = json.load(open(os.path.join(os.path.dirname(tiny_out), "summary.json")))
@@ -519,3 +526,72 @@ def test_failing_run_in_a_worker_stops_the_grid_with_its_error(tmp_path):
         paper.main(["--tiny", "--num-samples", "100", "--initial-batch", "32",
                     "--jobs", "2", "--threads", "1", "--out", out])
     assert os.listdir(os.path.join(out, MODEL, "runs")) == []
+
+
+def test_cifar_architectures_have_the_published_parameter_counts():
+    """ResNet-18 with the CIFAR stem (kuangliu/pytorch-cifar, the authors'
+    layout) and WRN-28-10 (Zagoruyko & Komodakis) for CIFAR-10: their
+    published trainable parameter counts; CIFAR-100 adds 90 x 513 to the
+    ResNet's last Dense layer."""
+    from benchmarks import architectures
+
+    def trainable(model):
+        return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+    cases = [(architectures.resnet18, 10, 11_173_962),
+             (architectures.resnet18, 100, 11_173_962 + 90 * 513),
+             (architectures.wide_resnet, 10, 36_479_194)]
+    for build, classes, count in cases:
+        model = build(classes=classes)
+        assert trainable(model) == count, model.name
+        assert tuple(model.input.shape) == (None, 32, 32, 3)
+        assert tuple(model.output.shape) == (None, classes)
+        keras.backend.clear_session()
+
+
+def test_runs_that_miss_the_criterion_are_named_and_left_out_in_a_second_view(
+        tiny_out, tmp_path):
+    from benchmarks.paper import verdicts as paper_verdicts
+
+    out = str(tmp_path / "grid" / MODEL)
+    _copy_with_seeds(tiny_out, out, [0, 1, 2], lambda seed: 1.0)
+    path = os.path.join(out, "runs", "sam_B_seed1.json")
+    r = json.load(open(path))
+    r["epochs"][-1]["train_loss"] = 10 * r["epochs"][-2]["train_loss"]  # a last-epoch spike
+    paper_run.store_run(path, r)
+    paper_report.main(["--out", out])
+    stored = json.load(open(os.path.join(out, "runs.json")))
+    whole = sorted(_runs(out).values(), key=lambda x: [y["name"] for y in stored["runs"]].index(
+        x["name"]))
+    expected = [x["name"] for x in whole
+                if not paper_verdicts.convergence([e["train_loss"] for e in x["epochs"]])["converged"]]
+    assert "sam_B_seed1" in expected and stored["unconverged"] == expected
+    kept = [x for x in whole if x["name"] not in expected]
+    assert stored["verdicts_converged"] == json.loads(json.dumps(paper_verdicts.verdicts(kept)))
+    text = open(os.path.join(out, "results.md")).read()
+    assert "## The claims without the runs that did not converge" in text
+    assert "| sam_B_seed1 |" in open(os.path.join(out, "runs.md")).read()
+    summary = open(os.path.join(os.path.dirname(out), "summary.md")).read()
+    assert f"{MODEL}, converged runs only" in summary and "sam_B_seed1" in summary
+
+
+def test_cifar_resnet18_gsam_run_with_mock_data(tmp_path):
+    """The paper's own setting end to end on mock CIFAR-10: ResNet-18, GSAM,
+    two steps, both measures."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    paper_data._DATA_CACHE.clear()
+    out = str(tmp_path / "cifar")
+    with tfds.testing.mock_data(num_examples=8):
+        stats = paper.main([
+            "--dataset", "cifar10", "--model", "resnet18", "--methods", "gsam",
+            "--schedules", "constant", "--seeds", "0", "--epochs", "1", "--batch", "4",
+            "--sharpness-examples", "4", "--sharpness-iterations", "1", "--jobs", "0",
+            "--out", out])
+    paper_data._DATA_CACHE.clear()
+    assert stats == {"trained": 1, "skipped": 0}
+    run = json.load(open(os.path.join(out, "resnet18", "runs", "gsam_constant_seed0.json")))
+    assert run["steps_per_epoch"] == [2] and run["epochs"][0]["iterations"] == 2
+    assert run["config"]["model"] == "resnet18" and run["config"]["epochs"] == 1
+    final = run["final"]
+    assert final["worst_case_sharpness"] >= 0 and final["full_gradient_norm"] > 0
+    assert math.isfinite(final["train_loss"])

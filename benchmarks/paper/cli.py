@@ -234,9 +234,6 @@ def _progress(text):
 # ---------------------------------------------------------------------------
 # Training one run, in this process or in a worker process.
 
-_WORKER_DATA = {}
-
-
 def _init_worker(threads):
     """Runs first in each worker process, before TensorFlow runs an op."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -252,11 +249,9 @@ def train_and_store(args, method, schedule, seed, path):
     `args` is one model's arguments (`model_args`) as a dict, so that it
     pickles into a worker process."""
     args = argparse.Namespace(**args)
-    key = (args.dataset, args.num_samples, args.data_seed)
-    if key not in _WORKER_DATA:
-        _WORKER_DATA[key] = data_lib.Data(*key)
+    data = data_lib.cached_data(args.dataset, args.num_samples, args.data_seed)
     t0 = time.perf_counter()
-    record = run_lib.train_one(args, _WORKER_DATA[key], method, schedule, seed)
+    record = run_lib.train_one(args, data, method, schedule, seed)
     record["run_time_s"] = time.perf_counter() - t0
     run_lib.store_run(path, record)
     return record["final"], record["run_time_s"]

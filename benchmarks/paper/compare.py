@@ -26,6 +26,21 @@ def _load(folder):
     return stored
 
 
+def _records(folder, stored):
+    """The grid's whole run records: `runs/<name>.json` beside `runs.json`
+    (whose entries have no per-epoch records), else the entries themselves
+    (reports written before they were split)."""
+    records = []
+    for entry in stored["runs"]:
+        record = run_lib.read_run(os.path.join(folder, "runs", entry["name"] + ".json"))
+        if record is None and "epochs" in entry:
+            record = entry
+        if record is None:
+            raise SystemExit(f"error: {folder}/runs/{entry['name']}.json is missing")
+        records.append(record)
+    return records
+
+
 def _cells(runs):
     cells = {}
     for r in runs:
@@ -77,7 +92,7 @@ def compare(before, after):
         raise SystemExit(f"error: the grids differ in their configuration: {diff}")
     _check_timed(a, before)
     _check_timed(b, after)
-    ca, cb = _cells(a["runs"]), _cells(b["runs"])
+    ca, cb = _cells(_records(before, a)), _cells(_records(after, b))
     keys = [k for k in ca if k in cb]
     lines = [
         "| | command (`--out` left out) | date | machine | runs | wall time s |",

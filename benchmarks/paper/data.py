@@ -126,6 +126,14 @@ class Data:
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def cached_data(dataset, num_samples, data_seed):
+    """`Data(...)`, built once per process (a worker trains many runs)."""
+    key = ("Data", dataset, num_samples, data_seed)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = Data(dataset, num_samples, data_seed)
+    return _DATA_CACHE[key]
+
+
 # ---------------------------------------------------------------------------
 # Memory check.
 

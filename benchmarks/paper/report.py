@@ -254,8 +254,10 @@ def stored_header(out, config):
 
 
 def write_report(args, runs, head):
-    """Writes `results.md`, `runs.json` and the plots of `runs` (finished
-    runs of one configuration) into `args.out`; `head` from `header`."""
+    """Writes `results.md`, `runs.md`, `runs.json` (the header, the verdicts
+    and each run without its per-epoch records, which stay in `runs/`) and
+    the plots of `runs` (finished runs of one configuration) into
+    `args.out`; `head` from `header`."""
     out = args.out
     config = runs[0]["config"]
     rows = summarize(args, runs)
@@ -270,6 +272,11 @@ def write_report(args, runs, head):
         r["seed"]))
     results = verdicts_lib.verdicts(runs)
     converged = sum(convergence(r)["converged"] for r in runs)
+    # With runs that missed the criterion: the verdicts once more without them
+    # (their seeds drop out of the comparisons they are in), beside the main ones.
+    unconverged = [r["name"] for r in runs if not convergence(r)["converged"]]
+    results_converged = (verdicts_lib.verdicts(
+        [r for r in runs if convergence(r)["converged"]]) if unconverged else None)
     threads = sorted({r.get("intra_op_threads") for r in runs} - {None})
     md = [
         f"# Paper benchmark: {args.dataset} / {args.model}",
@@ -311,6 +318,15 @@ def write_report(args, runs, head):
         "",
         verdict_markdown(results),
     ]
+    if unconverged:
+        md += [
+            "## The claims without the runs that did not converge",
+            "",
+            f"Left out: {', '.join(unconverged)} (see `runs.md`); the other seeds "
+            "of the comparisons they are in stay.",
+            "",
+            verdict_markdown(results_converged),
+        ]
     run_lib.write_atomic(os.path.join(out, "results.md"), "\n".join(md))
     run_lib.write_atomic(os.path.join(out, "runs.md"), "\n".join([
         f"# Runs of {args.dataset} / {args.model}", "", f"{CONVERGENCE_RULE}.", "",
@@ -322,7 +338,13 @@ def write_report(args, runs, head):
         "grid": head["grid"],
         "converged": converged,
         "verdicts": results,
-        "runs": runs,
+        "unconverged": unconverged,
+        "verdicts_converged": results_converged,
+        # Each run without its per-epoch records (those are in runs/<name>.json
+        # only), with its convergence test.
+        "runs": [dict({k: v for k, v in r.items() if k != "epochs"},
+                      epochs_trained=len(r["epochs"]), convergence=convergence(r))
+                 for r in runs],
     }
     run_lib.write_atomic(os.path.join(out, "runs.json"), json.dumps(summary, indent=1))
     write_plots(args, runs)
@@ -463,38 +485,51 @@ def model_folders_with_reports(root):
 def write_summary(out, model_dirs):
     """`<out>/summary.md` and `summary.json`: each claim's verdict for each
     model of the grid, from the model folders' `runs.json`."""
-    models, by_claim = [], {}
+    models, columns, by_claim = [], [], {}
+
+    def cell(v):
+        words = [c["verdict"] for c in v["comparisons"]]
+        total = v.get("total", len(words))
+        return (f"{v['verdict']} ({sum(w == verdicts_lib.REPRODUCED for w in words)}"
+                f" of {len(words)} reproduced"
+                + (f"; {total - len(words)} not in the grid" if total > len(words) else "")
+                + ")")
+
     for folder in model_dirs:
         stored = run_lib.read_run(os.path.join(folder, "runs.json"))
         if not isinstance(stored, dict) or "verdicts" not in stored:
             continue
         model = stored["config"]["model"]
         models.append((model, stored))
-        for v in stored["verdicts"]:
-            words = [c["verdict"] for c in v["comparisons"]]
-            total = v.get("total", len(words))
-            by_claim.setdefault(v["claim"], {})[model] = (
-                f"{v['verdict']} ({sum(w == verdicts_lib.REPRODUCED for w in words)}"
-                f" of {len(words)} reproduced"
-                + (f"; {total - len(words)} not in the grid" if total > len(words) else "")
-                + ")")
+        views = [(model, stored["verdicts"])]
+        if stored.get("verdicts_converged"):
+            views.append((f"{model}, converged runs only",
+                          stored["verdicts_converged"]))
+        for column, results in views:
+            columns.append(column)
+            for v in results:
+                by_claim.setdefault(v["claim"], {})[column] = cell(v)
     if not models:
         return None
-    lines = ["| claim | " + " | ".join(m for m, _ in models) + " |",
-             "|---|" + "---|" * len(models)]
+    lines = ["| claim | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for claim, cells in by_claim.items():
-        lines.append(f"| {claim} | " + " | ".join(cells.get(m, "—") for m, _ in models)
+        lines.append(f"| {claim} | " + " | ".join(cells.get(c, "—") for c in columns)
                      + " |")
-    conv = ", ".join(f"{m}: {s['converged']}/{len(s['runs'])}" for m, s in models)
+    conv = ", ".join(
+        f"{m}: {s['converged']}/{len(s['runs'])}"
+        + (f" (not: {', '.join(s['unconverged'])})" if s.get("unconverged") else "")
+        for m, s in models)
     text = "\n".join(lines) + (
         f"\n\nRuns meeting the convergence criterion: {conv}. Seeds per setting: "
         + ", ".join(f"{m}: {','.join(map(str, s['grid']['seeds']))}" for m, s in models)
         + ". The comparisons behind each cell, the tables and the plots: "
         + ", ".join(f"`{os.path.relpath(os.path.join(f, 'results.md'), out)}`"
-                    for f in model_dirs) + " (beside this summary).\n")
+                    for f in model_dirs) + ".\n")
     run_lib.write_atomic(os.path.join(out, "summary.md"), text)
     run_lib.write_atomic(os.path.join(out, "summary.json"), json.dumps(
-        {"models": [m for m, _ in models], "verdicts": by_claim}, indent=1))
+        {"models": [m for m, _ in models], "columns": columns, "verdicts": by_claim},
+        indent=1))
     return text
 
 
