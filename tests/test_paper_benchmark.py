@@ -595,3 +595,75 @@ def test_cifar_resnet18_gsam_run_with_mock_data(tmp_path):
     final = run["final"]
     assert final["worst_case_sharpness"] >= 0 and final["full_gradient_norm"] > 0
     assert math.isfinite(final["train_loss"])
+
+
+# ---------------------------------------------------------------------------
+# Training on until the loss stops moving.
+
+
+class _Log:
+    def __init__(self, losses):
+        self.epochs = [{"train_loss": x} for x in losses]
+
+
+def test_stop_when_converged_only_from_the_planned_epochs_on():
+    class FakeModel:
+        stop_training = False
+
+    losses = [2.0, 0.50, 0.49, 0.30, 0.20, 0.195, 0.195, 0.195]
+    stops = []
+    for n in range(1, len(losses) + 1):
+        cb = paper_run.StopWhenConverged(4, _Log(losses[:n]))
+        cb.set_model(FakeModel())
+        cb.on_epoch_end(n - 1)
+        stops.append(cb.model.stop_training)
+    # Epoch 3 (0.50 -> 0.49) meets the criterion but comes before the 4 planned
+    # epochs; epochs 4 and 5 (0.49 -> 0.30 -> 0.20) do not; epoch 6
+    # (0.20 -> 0.195, within 0.01) does.
+    assert stops == [False, False, False, False, False, True, True, True]
+
+
+def test_a_run_trains_on_past_its_epochs_only_while_its_loss_moves(tmp_path):
+    from benchmarks.paper import verdicts as paper_verdicts
+
+    common = ["--tiny", "--methods", "sgd", "--schedules", "B"]
+    plain, extended = str(tmp_path / "plain"), str(tmp_path / "extended")
+    paper.main([*common, "--out", plain])
+    paper.main([*common, "--extend-until-converged", "1", "--out", extended])
+    (a,), (b,) = _runs(os.path.join(plain, MODEL)).values(), _runs(
+        os.path.join(extended, MODEL)).values()
+    assert b["base_epochs"] == a["base_epochs"] == len(a["epochs"]) == 5
+    keys = ("train_loss", "test_error", "learning_rate", "iterations", "batch_size")
+    # The planned epochs are exactly the plain run's ...
+    assert [[e[k] for k in keys] for e in b["epochs"][:5]] == [
+        [e[k] for k in keys] for e in a["epochs"]]
+    # ... then it trains on at the last batch size, up to 5 more epochs, and
+    # stops at the first epoch at which the loss has stopped moving.
+    assert 5 <= len(b["epochs"]) <= 10
+    assert all(e["batch_size"] == 256 for e in b["epochs"][5:])
+    losses = [e["train_loss"] for e in b["epochs"]]
+    done = [paper_verdicts.convergence(losses[:n])["converged"]
+            for n in range(5, len(losses) + 1)]
+    assert not any(done[:-1])
+    assert done[-1] or len(losses) == 10
+    assert b["steps_per_epoch"] == [e["steps"] for e in b["epochs"]]
+    assert b["config"]["extend_until_converged"] == 1.0
+    assert "--extend-until-converged 1" in open(
+        os.path.join(extended, MODEL, "results.md")).read().split("\n")[2]
+
+
+def test_stored_run_of_another_extension_rule_counts_only_if_never_extended(
+        tiny_out, tmp_path):
+    path = str(tmp_path / "run.json")
+    record = json.load(open(os.path.join(tiny_out, "runs", "sgd_B_seed0.json")))
+    del record["config"]["extend_until_converged"]  # stored before the rule
+    config = dict(paper_run.normalized_config(record["config"]),
+                  extend_until_converged=0.2)
+    record["epochs"][-1]["train_loss"] = record["epochs"][-2]["train_loss"]  # converged
+    paper_run.store_run(path, record)
+    assert paper_run.load_run(path, config)["config"] == config
+    assert json.load(open(path))["config"] == config  # stored with this rule now
+    record["epochs"][-1]["train_loss"] = 2 * record["epochs"][-2]["train_loss"]  # moving
+    paper_run.store_run(path, record)
+    with pytest.raises(SystemExit, match="extend_until_converged"):
+        paper_run.load_run(path, config)

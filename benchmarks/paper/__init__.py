@@ -31,8 +31,10 @@ Run from the repository root:
 
 The CPU default (MNIST-1D, 4000 examples = 3200 train / 800 test; the CNN
 with BatchNorm for 100 epochs and the MLP without normalization for 200, so
-that every run's training loss stops moving; 5 seeds; 180 runs) takes about
-an hour on a 2-core CPU, two runs side by side with one thread each.
+that every run's training loss stops moving, and a run whose loss still
+moves then trains on at its final batch size and rate until it stops, for at
+most 20% more epochs; 5 seeds; 180 runs) takes about 45 minutes on a 2-core
+CPU, two runs side by side with one thread each.
 Outputs go to `--out` (default benchmarks/results/<dataset>), one folder per
 model: `results.md` (the table and the claims' verdicts), `runs.md` (each
 run's length and convergence), `runs.json`, PNG plots and

@@ -15,6 +15,7 @@ from benchmarks.paper import data as data_lib
 from benchmarks.paper import report
 from benchmarks.paper import run as run_lib
 from benchmarks.paper.protocol import DATASETS
+from benchmarks.paper.protocol import EXTEND_UNTIL_CONVERGED
 from benchmarks.paper.protocol import INPUT_KIND
 from benchmarks.paper.protocol import MNIST1D_EPOCHS
 from benchmarks.paper.protocol import MODEL_INPUT
@@ -28,6 +29,7 @@ from benchmarks.paper.protocol import STEPS_CONTROL
 
 TINY = {
     "model": "mnist1d_cnn",
+    "extend_until_converged": 0.0,
     "jobs": 0,
     "num_samples": 500,
     "epochs": 5,
@@ -89,6 +91,17 @@ def _nonnegative_int(text):
     return value
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 10.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction of the epochs between 0 and 10, got {text!r}")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.paper",
@@ -127,6 +140,12 @@ def build_parser():
     p.add_argument("--sharpness-every", type=int, default=0,
                    help="also measure sharpness/gradient norm every k epochs "
                    "(0: at the end only, default)")
+    p.add_argument("--extend-until-converged", type=_fraction, default=None,
+                   metavar="FRACTION",
+                   help="a run whose training loss still moves after its epochs "
+                   "trains on at its final batch size and rate until it has "
+                   "stopped, for at most FRACTION x its epochs more (default "
+                   f"{EXTEND_UNTIL_CONVERGED}; 0: never)")
     p.add_argument("--jobs", type=_nonnegative_int, default=None,
                    help="runs trained side by side, each in its own worker "
                    "process; default: one per CPU core without a GPU, 1 with "
@@ -180,6 +199,8 @@ def parse_args(argv):
         args.sharpness_examples = 1024
     if args.sharpness_iterations is None:
         args.sharpness_iterations = 20
+    if args.extend_until_converged is None:
+        args.extend_until_converged = EXTEND_UNTIL_CONVERGED
     if args.model is None:
         args.model = list(DATASETS[args.dataset][0])
     args.models = args.model

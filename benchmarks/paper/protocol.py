@@ -50,6 +50,11 @@ SCHEDULE_TEXT = {
                       "epochs; the steps-matched control)",
 }
 
+EXTEND_UNTIL_CONVERGED = 0.2
+"""A run whose training loss still moves after its epochs (the criterion
+below) trains on, one epoch at a time at its final batch size and rate,
+until it has stopped moving, for at most this fraction of its epochs more."""
+
 CONVERGENCE_WINDOW = 0.1
 CONVERGENCE_RELATIVE = 0.05
 CONVERGENCE_ABSOLUTE = 0.01

@@ -291,7 +291,11 @@ def write_report(args, runs, head):
            "model of the invocation)" if head.get("trained") is not None else ""),
         f"- protocol: plain SGD (no momentum, no weight decay), lr {config['lr']}, "
         f"SAM/GSAM rho {config['rho']} (constant), GSAM alpha {config['alpha']}, "
-        f"cross-entropy, last partial batch dropped; {args.epochs} epochs; "
+        f"cross-entropy, last partial batch dropped; {args.epochs} epochs"
+        + (f" (a run whose training loss still moves then trains on at its final "
+           f"batch size and rate until it stops, for at most "
+           f"{config.get('extend_until_converged', 0.0):.0%} more epochs)"
+           if config.get("extend_until_converged") else "") + "; "
         f"{'num_samples ' + str(args.num_samples) + ', ' if args.num_samples else ''}"
         f"seeds {','.join(map(str, args.seeds))}",
         "- schedules: " + "; ".join(
@@ -549,6 +553,7 @@ def _rerun_command(config, grid, out):
         argv += ["--num-samples", str(config["num_samples"])]
     if config["data_seed"] is not None:
         argv += ["--data-seed", str(config["data_seed"])]
+    argv += ["--extend-until-converged", f"{config.get('extend_until_converged', 0.0):g}"]
     argv += ["--sharpness-examples", str(config["sharpness_examples"]),
              "--sharpness-iterations", str(config["sharpness_iterations"])]
     if config["sharpness_every"]:

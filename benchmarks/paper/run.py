@@ -12,6 +12,7 @@ import time
 import keras
 
 import keras_sam
+from benchmarks.paper import verdicts as verdicts_lib
 from benchmarks.paper.protocol import ALPHA
 from benchmarks.paper.protocol import GRADIENT_NORM_BATCH
 from benchmarks.paper.protocol import INCREASING
@@ -59,9 +60,13 @@ def run_name(method, schedule, seed):
     return f"{method}_{schedule}_seed{seed}"
 
 
+EXTEND_KEY = "extend_until_converged"
+
+
 def run_config(args):
     """What a stored run must match to be reused."""
     return {
+        EXTEND_KEY: float(getattr(args, EXTEND_KEY, 0.0)),
         "dataset": args.dataset,
         "model": args.model,
         "epochs": args.epochs,
@@ -123,6 +128,22 @@ class EpochLog(keras.callbacks.Callback):
             record["sam_fraction"] = float(logs["sam_fraction"])
         self._last_iterations = iterations
         self.epochs.append(record)
+
+
+class StopWhenConverged(keras.callbacks.Callback):
+    """Ends `fit` at the first epoch from `epochs` on (1-based) at which the
+    training losses in `log` meet the convergence criterion; `fit` is given
+    the most epochs the run may take. Until `epochs`, training is exactly
+    that of `fit(epochs=epochs)`."""
+
+    def __init__(self, epochs, log):
+        super().__init__()
+        self.epochs, self.log = epochs, log
+
+    def on_epoch_end(self, epoch, logs=None):
+        losses = [e["train_loss"] for e in self.log.epochs]
+        if epoch + 1 >= self.epochs and verdicts_lib.convergence(losses)["converged"]:
+            self.model.stop_training = True
 
 
 class _Monitor(keras_sam.callbacks.SharpnessMonitor):
@@ -206,12 +227,16 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
     ]
     log = EpochLog(batch_size_at)
     fit_callbacks = ([scheduler] if scheduler else []) + [log]
+    # Past its epochs a run trains on only while its loss still moves.
+    most_epochs = epochs + int(getattr(args, EXTEND_KEY, 0.0) * epochs)
+    if most_epochs > epochs:
+        fit_callbacks.append(StopWhenConverged(epochs, log))
     if args.sharpness_every:
         fit_callbacks += monitors
     fit_callbacks += list(callbacks)
     train_ds = data.train_dataset(batch_size_at(0), seed)
     t0 = time.perf_counter()
-    model.fit(train_ds, epochs=epochs, validation_data=data.test_dataset(),
+    model.fit(train_ds, epochs=most_epochs, validation_data=data.test_dataset(),
               callbacks=fit_callbacks, verbose=0, shuffle=False)
     train_time = time.perf_counter() - t0
 
@@ -236,7 +261,8 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
         "schedule": schedule,
         "seed": seed,
         "config": run_config(args),
-        "steps_per_epoch": [int(s) for s in steps],
+        "steps_per_epoch": [int(e["steps"]) for e in log.epochs],
+        "base_epochs": int(epochs),
         "examples": int(sum(e["steps"] * e["batch_size"] for e in log.epochs)),
         "batch_schedule": {str(k): v for k, v in sizes.items()},
         "intra_op_threads": intra_op_threads(),
@@ -315,13 +341,40 @@ def load_run(path, config):
     record = read_run(path)
     if record is None:
         return None
-    if record.get("config") != config:
-        diff = {k: (record.get("config", {}).get(k), v) for k, v in config.items()
-                if record.get("config", {}).get(k) != v}
+    stored = normalized_config(record.get("config", {}))
+    if stored != config:
+        if _without_extension(stored) == _without_extension(config) and \
+                converged_at_its_epochs(record):
+            # Trained with another extension rule but never extended: the
+            # same run under this one. Stored again with this configuration.
+            record["config"] = dict(config)
+            store_run(path, record)
+            return record
+        diff = {k: (stored.get(k), v) for k, v in config.items() if stored.get(k) != v}
         raise SystemExit(
             f"error: {path} was made with another configuration "
             f"(stored vs requested: {diff}); use another --out or delete it")
+    record["config"] = stored
     return record
+
+
+def normalized_config(config):
+    """A stored configuration; runs stored before the extension rule existed
+    were never extended (`extend_until_converged` 0)."""
+    return {EXTEND_KEY: 0.0, **config}
+
+
+def _without_extension(config):
+    return {k: v for k, v in config.items() if k != EXTEND_KEY}
+
+
+def converged_at_its_epochs(record):
+    """Met the convergence criterion after exactly its planned epochs (so no
+    extension rule would have trained it on)."""
+    epochs = record["epochs"]
+    planned = record.get("base_epochs", len(epochs))
+    return len(epochs) == planned and verdicts_lib.convergence(
+        [e["train_loss"] for e in epochs])["converged"]
 
 
 def stored_runs(runs_dir):
@@ -333,5 +386,6 @@ def stored_runs(runs_dir):
         if name.endswith(".json"):
             record = read_run(os.path.join(runs_dir, name))
             if isinstance(record, dict) and "config" in record and "final" in record:
+                record["config"] = normalized_config(record["config"])
                 records.append(record)
     return records
