@@ -82,7 +82,7 @@ def summarize(args, runs):
 
 def convergence(record):
     """`verdicts.convergence` of a run's per-epoch training losses."""
-    return verdicts_lib.convergence([e["train_loss"] for e in record["epochs"]])
+    return verdicts_lib.convergence_of(record["epochs"])
 
 
 def _one(values):

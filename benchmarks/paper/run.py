@@ -141,8 +141,8 @@ class StopWhenConverged(keras.callbacks.Callback):
         self.epochs, self.log = epochs, log
 
     def on_epoch_end(self, epoch, logs=None):
-        losses = [e["train_loss"] for e in self.log.epochs]
-        if epoch + 1 >= self.epochs and verdicts_lib.convergence(losses)["converged"]:
+        if epoch + 1 >= self.epochs and verdicts_lib.convergence_of(
+                self.log.epochs)["converged"]:
             self.model.stop_training = True
 
 
@@ -373,8 +373,7 @@ def converged_at_its_epochs(record):
     extension rule would have trained it on)."""
     epochs = record["epochs"]
     planned = record.get("base_epochs", len(epochs))
-    return len(epochs) == planned and verdicts_lib.convergence(
-        [e["train_loss"] for e in epochs])["converged"]
+    return len(epochs) == planned and verdicts_lib.convergence_of(epochs)["converged"]
 
 
 def stored_runs(runs_dir):

@@ -58,6 +58,12 @@ def convergence(losses):
     }
 
 
+def convergence_of(epochs):
+    """`convergence` of per-epoch records (`train_loss` in each), e.g. a run
+    record's `epochs`."""
+    return convergence([e["train_loss"] for e in epochs])
+
+
 # ---------------------------------------------------------------------------
 # Student's t distribution (integer degrees of freedom, closed form).
 
