@@ -7,6 +7,8 @@ Public names:
   `sam_every=k` takes the second gradient every k-th step only;
 - `LookSAMModel`, `AESAMModel`: cheaper schedules of SAM's second gradient
   (LookSAM's reused direction, AE-SAM's adaptive switching);
+- `MSAMModel`, `MESAModel`: SAM's aim at one gradient per step
+  (Momentum-SAM's perturbation along the momentum, MESA's EMA teacher);
 - `keras_sam.rules`: the math of one step, backend-neutral;
 - `keras_sam.schedules`: epoch-aware learning-rate schedules;
 - `keras_sam.callbacks`: `BatchSizeScheduler`, `SharpnessMonitor`;
@@ -26,6 +28,7 @@ from keras_sam import sharpness
 from keras_sam.models import AESAMModel
 from keras_sam.models import GSAMModel
 from keras_sam.models import LookSAMModel
+from keras_sam.models import MSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
@@ -36,6 +39,7 @@ __all__ = [
     "GSAMModel",
     "LookSAMModel",
     "AESAMModel",
+    "MSAMModel",
     "BatchSchedule",
     "SharpnessAwareMinimization",
     "callbacks",

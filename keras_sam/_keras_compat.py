@@ -8,6 +8,8 @@ optimizer's `_learning_rate`, and the running `fit()`'s epoch iterator,
 after what it reads, so a Keras release that moves an attribute breaks here,
 in one place, with a message that says so.
 
+`MSAMModel` reads the optimizer's momentum buffers (`first_moments`).
+
 It is not the only such code: `keras_sam.models` (the SAM `train_step`, a
 `keras.Model` subclass) also relies on private members of Keras' `Trainer`,
 inherited from `keras.Model`:
@@ -66,6 +68,51 @@ def learning_rate_schedule(optimizer):
     """The optimizer's learning rate as given: a float, variable or schedule."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner._learning_rate
+
+
+MOMENTUM_OPTIMIZERS = ("SGD(momentum > 0)", "Adam", "AdamW", "Adamax", "Nadam")
+"""Optimizers whose first-moment buffer `MSAMModel` can perturb along."""
+
+
+def first_moment_sign(optimizer):
+    """`(inner optimizer, sign)`: `sign * buffer` points along the gradient.
+
+    Keras' SGD keeps `m = momentum * m - lr * g` (a descent direction, sign
+    -1); Adam, AdamW, Adamax and Nadam keep `m = beta_1 * m + (1 - beta_1) g`
+    (sign +1). A LossScaleOptimizer is looked through.
+
+    Raises:
+        ValueError: for SGD with `momentum=0` (it keeps no buffer) or an
+            optimizer not in `MOMENTUM_OPTIMIZERS`.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    optimizers = keras.optimizers
+    if isinstance(inner, optimizers.SGD):
+        if not inner.momentum:
+            raise ValueError(
+                "MSAMModel perturbs along the optimizer's momentum, and "
+                f"SGD(momentum={inner.momentum}) keeps none: pass an SGD with "
+                "`momentum` > 0 (e.g. keras.optimizers.SGD(0.1, momentum=0.9)) "
+                "or Adam / AdamW."
+            )
+        return inner, -1.0
+    if isinstance(inner, (optimizers.Adam, optimizers.Adamax, optimizers.Nadam)):
+        return inner, 1.0  # AdamW is an Adam
+    raise ValueError(
+        f"MSAMModel perturbs along the optimizer's first moment; "
+        f"{type(inner).__name__} is not supported. Use one of "
+        f"{', '.join(MOMENTUM_OPTIMIZERS)}."
+    )
+
+
+def first_moments(optimizer, variables):
+    """`(buffers, sign)`: the optimizer's momentum buffer of each variable
+    and the sign of `first_moment_sign`. Reads the private
+    `_get_variable_index` and Adam's `_momentums`; the optimizer must be
+    built (it is, inside `fit`)."""
+    inner, sign = first_moment_sign(optimizer)
+    buffers = inner.momentums if sign < 0 else inner._momentums
+    return [buffers[inner._get_variable_index(v)] for v in variables], sign
 
 
 # --------------------------------------------------------------------------

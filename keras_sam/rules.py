@@ -13,6 +13,9 @@ One SAM-family step is
     d   = gsam_descent(g, g_p, alpha)                  (GSAM)
     optimizer.apply(d) at w
 
+Momentum-SAM takes one gradient, at `w + msam_perturbation(v, rho)` with the
+optimizer's momentum `v`; MESA adds `mesa_kl` against an EMA teacher.
+
 Norms are ONE global L2 norm over all variables together, never per variable.
 """
 
@@ -45,6 +48,20 @@ def sam_perturbation(grads, rho):
     """
     scale = rho / (global_norm(grads) + EPSILON)
     return [g * ops.cast(scale, g.dtype) for g in grads]
+
+
+def msam_perturbation(momentum, rho):
+    """Momentum-SAM's step `e = -rho * v / ||v||` along the negative momentum.
+
+    Args:
+        momentum: list of the optimizer's momentum buffers `v`, pointing
+            along the gradient (PyTorch's `v <- mu v + g`).
+        rho: the step length.
+
+    Returns:
+        The list of perturbations `e` (zeros while `v = 0`, at the first step).
+    """
+    return [-e for e in sam_perturbation(momentum, rho)]
 
 
 def asam_scale(weights, eta, scaled):

@@ -34,6 +34,8 @@ Each backend module exports the same names:
 - `replica_loss(loss)`: a replica's share of the global mean loss (Keras'
   TensorFlow trainer divides by the replica count itself; JAX's `per_device`
   step does it here).
+- `keras_loss_share(value)`: a batch-mean term (MESA's distillation loss)
+  scaled as Keras' compiled loss is on this replica, to be added to it.
 - JAX only: `per_device_mesh()` and `per_device(fn, mesh, axis, replicated,
   sharded)`, the per-device step under `keras.distribution.DataParallel`.
 - `loop_over(n, body, carry)`: `carry, out = body(i, carry)` for `i < n`,

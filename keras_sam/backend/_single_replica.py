@@ -4,7 +4,7 @@ always known when the step is traced, so sub-batch loops are Python loops."""
 
 from keras_sam.backend._loops import python_loop as loop_over  # noqa: F401
 
-__all__ = ["num_replicas", "all_reduce", "loop_over", "replica_loss"]
+__all__ = ["num_replicas", "all_reduce", "loop_over", "replica_loss", "keras_loss_share"]
 
 
 def num_replicas():
@@ -19,3 +19,7 @@ def all_reduce(tensors, reduction):
 
 def replica_loss(loss):
     return loss
+
+
+def keras_loss_share(value):
+    return value

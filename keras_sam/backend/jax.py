@@ -26,6 +26,7 @@ __all__ = [
     "read_values",
     "no_grad",
     "replica_loss",
+    "keras_loss_share",
     "per_device_mesh",
     "per_device_count",
     "per_device",
@@ -127,3 +128,9 @@ def per_device(fn, mesh, axis, replicated, sharded):
 
         mapped = shard_map(body, check_rep=False, **specs)
     return mapped(replicated, sharded)
+
+
+def keras_loss_share(value):
+    """A batch-mean term as the compiled loss holds it (`replica_loss`
+    divides the total by the device count afterwards)."""
+    return value

@@ -24,6 +24,7 @@ __all__ = [
     "read_values",
     "no_grad",
     "replica_loss",
+    "keras_loss_share",
     "loop_over",
     "random_state",
     "set_random_state",
@@ -143,3 +144,9 @@ def loop_over(n, body, carry):
         out.set_shape([None] + list(t.shape[1:]))  # the concat loses the rank
         outs.append(out)
     return carry, tree.pack_sequence_as(first, outs)
+
+
+def keras_loss_share(value):
+    """A batch-mean term as Keras' compiled loss scales it on this replica:
+    divided by the replica count, as `scale_loss_for_distribution` does."""
+    return value / num_replicas()

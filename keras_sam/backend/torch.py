@@ -6,6 +6,7 @@ from keras import tree
 
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
 from keras_sam.backend._single_replica import loop_over  # noqa: F401
+from keras_sam.backend._single_replica import keras_loss_share  # noqa: F401
 from keras_sam.backend._single_replica import replica_loss  # noqa: F401
 from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 
@@ -19,6 +20,7 @@ __all__ = [
     "read_values",
     "no_grad",
     "replica_loss",
+    "keras_loss_share",
     "random_state",
     "set_random_state",
 ]

@@ -1,22 +1,26 @@
-"""SAMModel, GSAMModel and SharpnessAwareMinimization: any Keras model, trained
-with a sharpness-aware step through plain `model.fit`.
+"""SAMModel: any Keras model trained with SAM or ASAM through plain `fit`,
+and the step every wrapper of this package shares.
 
-The step (`_sam_step`) is written once, with `keras.ops` and the two gradient
-evaluations of `keras_sam.backend`; the math it calls lives in
+The step (`SAMModel._sam_step`) is written once, with `keras.ops` and the
+gradient evaluations of `keras_sam.backend`; the math it calls lives in
 `keras_sam.rules`. Both passes evaluate the model statelessly on the SAME batch
 with the SAME starting state (BatchNorm statistics, dropout seeds), in training
 mode; only the clean pass's state updates are kept, so BatchNorm moving
-statistics move once per step.
+statistics move once per step. The other wrappers change one hook each:
+`_descent` (GSAM), `_decide` / `_plain_descent` / `_after_sam` (every-k,
+LookSAM, AE-SAM), `current_rho` (GSAM's radius).
 """
 
 import keras
 from keras import ops
 from keras import tree
 
-from keras_sam import _keras_compat
 from keras_sam import _validation
 from keras_sam import backend as sam_backend
 from keras_sam import rules
+from keras_sam.models._batches import _batch_size
+from keras_sam.models._batches import _first_batch_size
+from keras_sam.models._batches import _static_batch_size
 
 ADAPTIVE_SCOPES = ("weights", "kernels", "all")
 """Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
@@ -43,68 +47,6 @@ def asam_scaled(variables, scope):
     if scope == "kernels":
         return [len(v.shape) >= 2 for v in variables]
     return [not (v.name in ("bias", "beta") or v.name.endswith("_bias")) for v in variables]
-
-
-def _batch_size(x):
-    first = next(t for t in tree.flatten(x) if t is not None)
-    return ops.shape(first)[0]
-
-
-def _static_batch_size(x):
-    first = next(t for t in tree.flatten(x) if t is not None)
-    size = first.shape[0]
-    return None if size is None else int(size)
-
-
-def _first_batch_size(x, batch_size):
-    """The global size of the first batch `fit` will draw from `x`.
-
-    Returns:
-        `(size, x)`: `size` is None when it cannot be told. Nothing is lost:
-        a Python generator is replaced by one that yields the peeked batch
-        first; datasets, `PyDataset`s and data loaders are read again by `fit`.
-    """
-    import types
-
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
-        first = tree.flatten(x.element_spec)[0]
-        if first.shape.rank and first.shape[0] is not None:
-            return int(first.shape[0]), x
-        return _rows(next(iter(x.take(1)), None)), x
-    if isinstance(x, keras.utils.PyDataset):
-        try:
-            batches = x.num_batches
-        except (NotImplementedError, TypeError):
-            batches = None
-        return (_rows(x[0]) if batches else None), x
-    if isinstance(x, types.GeneratorType):
-        first = next(x, None)
-        if first is None:
-            return None, x
-
-        def replay(first=first, rest=x):
-            yield first
-            yield from rest
-
-        return _rows(first), replay()
-    if type(x).__module__.startswith("torch.utils.data"):  # a DataLoader
-        return _rows(next(iter(x), None)), x
-    if hasattr(x, "shape") or isinstance(x, (list, tuple, dict)):
-        rows = _rows(x) or 0
-        size = 32 if batch_size is None else int(batch_size)
-        return (min(size, rows) if rows else size), x
-    return None, x
-
-
-def _rows(batch):
-    """Examples in a batch `(x, y, sample_weight)`, `(x, y)` or `x`."""
-    if batch is None:
-        return None
-    x = batch[0] if isinstance(batch, tuple) else batch
-    first = next(t for t in tree.flatten(x) if t is not None)
-    return int(first.shape[0])
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -235,15 +177,22 @@ class SAMModel(keras.Model):
         self.sam_every = _validation.integer("sam_every", sam_every, low=1)
         super().__init__(**kwargs)
         self.inner = model
-        self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
+        logged = self._logged_statistics
+        self._sharpness_tracker = self._rho_tracker = None
+        if "sharpness" in logged:
+            self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self._grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
-        self._rho_tracker = keras.metrics.Mean(name="rho")
+        if "rho" in logged:
+            self._rho_tracker = keras.metrics.Mean(name="rho")
         self._sam_fraction_tracker = None
         if self._switches_steps():
             self._sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         if model.built:
             self.built = True
             self._build_own_state()
+
+    _logged_statistics = ("sharpness", "grad_norm", "rho")
+    """The training statistics History gets besides the loss and metrics."""
 
     def _switches_steps(self):
         """Whether some steps are plain (then `sam_fraction` is logged)."""
@@ -389,8 +338,12 @@ class SAMModel(keras.Model):
         """How the two gradients combine; SAM takes the perturbed one."""
         return list(perturbed_grads)
 
-    def _loss_and_state(self, weights, state, metrics_state, x, y, sample_weight):
+    def _loss_and_state(self, weights, state, metrics_state, x, y, sample_weight,
+                        extra_loss=None):
         """One stateless forward pass in training mode at `weights`, `state`.
+
+        `extra_loss(y_pred)`, when given, is a batch-mean term added to the
+        compiled loss (MESA's distillation term).
 
         Returns `(scaled_loss, (loss, y_pred, new_state, new_metrics_state))`.
         """
@@ -402,6 +355,8 @@ class SAMModel(keras.Model):
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
+            if extra_loss is not None:
+                loss = loss + sam_backend.keras_loss_share(extra_loss(y_pred))
         loss = sam_backend.replica_loss(loss)
         new_state = [scope.get_current_value(v) for v in self.non_trainable_variables]
         # compute_loss updates the per-output loss metrics of a loss dict.
@@ -501,6 +456,11 @@ class SAMModel(keras.Model):
         """Own state after a SAM step."""
         return list(own)
 
+    def _after_apply(self, trainable, state):
+        """The non-trainable state after the optimizer moved the weights to
+        `trainable` (MESA's moving average); unchanged by default."""
+        return state
+
     def _plain_descent(self, grads, own):
         """The descent gradient of a plain step: the clean gradient."""
         return list(grads)
@@ -594,6 +554,7 @@ class SAMModel(keras.Model):
         )
         with sam_backend.no_grad():
             finite = self._apply(descent, trainable)
+            new_state = self._after_apply(sam_backend.read_values(trainable), new_state)
             if finite is not None:  # a skipped step changes no state
                 new_state = [ops.where(finite, n, o) for n, o in zip(new_state, state)]
             for v, value in zip(non_trainable, new_state):
@@ -621,6 +582,7 @@ class SAMModel(keras.Model):
         new_trainable, optimizer_vars = self.optimizer.stateless_apply(
             optimizer_vars, descent, trainable
         )
+        new_state = self._after_apply(new_trainable, new_state)
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             finite = rules.all_finite(descent)  # a skipped step changes no state
             new_state = [ops.where(finite, n, o) for n, o in zip(new_state, non_trainable)]
@@ -685,8 +647,12 @@ class SAMModel(keras.Model):
             stats["loss"] * replicas, sample_weight=_batch_size(x)
         )
         # sharpness and rho exist on SAM steps only.
-        self._sharpness_tracker.update_state(stats["sharpness"], sample_weight=stats["sam_step"])
-        self._rho_tracker.update_state(stats["rho"], sample_weight=stats["sam_step"])
+        if self._sharpness_tracker is not None:
+            self._sharpness_tracker.update_state(
+                stats["sharpness"], sample_weight=stats["sam_step"]
+            )
+        if self._rho_tracker is not None:
+            self._rho_tracker.update_state(stats["rho"], sample_weight=stats["sam_step"])
         self._grad_norm_tracker.update_state(stats["grad_norm"])
         if self._sam_fraction_tracker is not None:
             self._sam_fraction_tracker.update_state(stats["sam_step"])
@@ -696,337 +662,12 @@ def _without_training_statistics(logs):
     return {k: v for k, v in logs.items() if k not in TRAINING_STATISTICS}
 
 
-@keras.saving.register_keras_serializable(package="keras_sam")
-class GSAMModel(SAMModel):
-    """Wraps a Keras model so that `fit` trains it with GSAM.
-
-    GSAM (Zhuang et al., ICLR 2022) takes SAM's two gradients and descends
-    along `d = g_p - alpha * g_perp`, where `g_perp` is the part of the clean
-    gradient orthogonal to the perturbed gradient (see
-    `keras_sam.rules.gsam_descent`). `alpha=0` is SAM exactly.
-
-    The radius follows the rate the optimizer ACTUALLY uses at each step,
-    also when a callback (`LearningRateScheduler`, `ReduceLROnPlateau`)
-    changes it: `rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) /
-    (lr_max - lr_min)`, clipped to `[rho_min, rho]`. It is constant (`rho`)
-    when `rho_min` is None. The range `(lr_max, lr_min)`:
-
-    - passed `lr_max` and `lr_min`: those;
-    - a learning-rate schedule: its range (keras_sam schedules, Keras'
-      CosineDecay, ExponentialDecay, PolynomialDecay; other schedules need
-      `lr_max` and `lr_min`);
-    - a plain float rate: `lr_max` is the optimizer's rate when `fit` starts
-      and `lr_min` is 0 (or the `lr_min` passed), so `rho_t` shrinks in
-      proportion as callbacks lower the rate. Pass `lr_max` to fix the range
-      across several `fit` calls (for instance when resuming).
-
-    The range is read when `fit` starts, before the first step; a range that
-    cannot be told is a `ValueError` there.
-
-    Args:
-        model: the `keras.Model` to train, built.
-        rho: the radius at the largest learning rate (GSAM's rho_max).
-        alpha: weight of the orthogonal correction, `>= 0`.
-        rho_min: the radius at the smallest learning rate, in `[0, rho]`;
-            None keeps `rho` constant.
-        lr_max, lr_min: learning-rate range (see above).
-        **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
-            `sync_perturbation`, `num_batch_splits`, ...).
-
-    Example:
-
-    ```python
-    lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=200,
-                                             steps_per_epoch=390)
-    model = keras_sam.GSAMModel(inner, rho=0.05, alpha=0.02, rho_min=0.005)
-    model.compile(optimizer=keras.optimizers.SGD(lr), loss=...)
-    ```
-    """
-
-    def __init__(
-        self,
-        model,
-        rho=0.05,
-        alpha=0.02,
-        rho_min=None,
-        lr_max=None,
-        lr_min=None,
-        **kwargs,
-    ):
-        super().__init__(model, rho=rho, **kwargs)
-        self.alpha = _validation.real("alpha", alpha, low=0)
-        self.rho_min = _validation.real(
-            "rho_min", rho_min, low=0, high=self.rho, allow_none=True
-        )
-        self.lr_max = _validation.real("lr_max", lr_max, low=0, allow_none=True)
-        self.lr_min = _validation.real("lr_min", lr_min, low=0, allow_none=True)
-        if self.lr_max is not None and self.lr_min is None:
-            raise ValueError(
-                "`lr_max` needs `lr_min`: pass both, or only `lr_min` (then "
-                "`lr_max` is read from the optimizer when `fit` starts)."
-            )
-        if self.lr_max is not None and self.lr_min > self.lr_max:
-            raise ValueError(
-                f"`lr_min`={self.lr_min} must be <= `lr_max`={self.lr_max}."
-            )
-        self._lr_range = None
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            alpha=self.alpha, rho_min=self.rho_min, lr_max=self.lr_max, lr_min=self.lr_min
-        )
-        return config
-
-    def learning_rate_range(self):
-        """`(lr_max, lr_min)` of the radius rule, from the compiled optimizer.
-
-        Raises:
-            ValueError: when the range of the optimizer's schedule is unknown
-                and `lr_max` / `lr_min` were not passed.
-        """
-        if self.lr_max is not None:
-            return self.lr_max, self.lr_min
-        lr = _keras_compat.learning_rate_schedule(self.optimizer)
-        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-            top, bottom = _schedule_range(lr)
-        else:
-            top, bottom = float(ops.convert_to_numpy(self.optimizer.learning_rate)), 0.0
-        return top, bottom if self.lr_min is None else self.lr_min
-
-    def _before_fit(self):
-        if self.rho_min is None or self.optimizer is None:
-            return
-        lr_range = self.learning_rate_range()
-        if lr_range[1] > lr_range[0]:
-            raise ValueError(
-                f"GSAMModel: `lr_min`={lr_range[1]} is above the learning rate "
-                f"{lr_range[0]} read as `lr_max` when fit starts; pass `lr_max` "
-                "(the rate the radius `rho` belongs to) or a smaller `lr_min`."
-            )
-        if lr_range != self._lr_range:
-            # The range is a constant of the traced step: trace it anew.
-            self._lr_range = lr_range
-            self.train_function = None
-
-    def current_rho(self):
-        if self.rho_min is None:
-            return self.rho
-        if self._lr_range is None:  # a step outside `fit` (train_on_batch)
-            lr = _keras_compat.learning_rate_schedule(self.optimizer)
-            if self.lr_max is None and not isinstance(
-                lr, keras.optimizers.schedules.LearningRateSchedule
-            ):
-                raise RuntimeError(
-                    "GSAMModel with `rho_min` and a float learning rate reads "
-                    "`lr_max` from the optimizer when `fit` starts; outside "
-                    "`fit`, pass `lr_max` and `lr_min` to GSAMModel."
-                )
-            self._lr_range = self.learning_rate_range()
-        lr_max, lr_min = self._lr_range
-        return rules.gsam_rho(
-            self.optimizer.learning_rate, self.rho, self.rho_min, lr_max, lr_min
-        )
-
-    _descent_uses_clean_gradient = True
-
-    def _descent(self, grads, perturbed_grads):
-        return rules.gsam_descent(grads, perturbed_grads, self.alpha)
-
-
-def _schedule_range(lr):
-    """The (max, min) learning rate of a known schedule."""
-    schedules = keras.optimizers.schedules
-    if hasattr(lr, "max_learning_rate") and hasattr(lr, "min_learning_rate"):
-        return float(lr.max_learning_rate), float(lr.min_learning_rate)
-    if isinstance(lr, schedules.CosineDecay):
-        top = lr.warmup_target if lr.warmup_target is not None else lr.initial_learning_rate
-        return float(top), float(top * lr.alpha)
-    if isinstance(lr, (schedules.ExponentialDecay, schedules.PolynomialDecay)):
-        end = getattr(lr, "end_learning_rate", 0.0)
-        return float(max(lr.initial_learning_rate, end)), float(min(lr.initial_learning_rate, end))
-    raise ValueError(
-        f"GSAMModel cannot tell the learning-rate range of {type(lr).__name__}; "
-        "pass `lr_max` and `lr_min` to GSAMModel (the largest and smallest "
-        "learning rate of your schedule), or leave `rho_min=None` for a "
-        "constant rho."
-    )
-
-
 def _no_splits(cls_name, model):
     if model.num_batch_splits or model.sub_batch_size:
         raise ValueError(
             f"{cls_name} keeps one direction per step for the whole batch: "
             "`num_batch_splits` and `sub_batch_size` must be None."
         )
-
-
-@keras.saving.register_keras_serializable(package="keras_sam")
-class LookSAMModel(SAMModel):
-    """Wraps a Keras model so that `fit` trains it with LookSAM.
-
-    LookSAM (Liu et al., CVPR 2022) computes SAM's second gradient only every
-    `sam_every` steps. On such a refresh step it descends along `g_p` as SAM
-    does and stores `g_v`, the component of `g_p` orthogonal to the clean
-    gradient `g`; on the other steps it evaluates `g` only and descends along
-    `g + alpha * (||g|| / ||g_v||) * g_v`. `sam_every=1` is SAM exactly.
-    `g_v` is a set of non-trainable variables of the wrapper, so `model.save`
-    and `BackupAndRestore` keep it. Under `MirroredStrategy`, `g_v` and the
-    reuse step use the all-reduced gradients, so every replica holds the same
-    `g_v`. The refresh steps are those with `optimizer.iterations %
-    sam_every == 0`.
-
-    Args:
-        model: the `keras.Model` to train, built.
-        rho: SAM's radius.
-        sam_every: steps per refresh (LookSAM's k), `>= 1`.
-        alpha: weight of the reused direction, `>= 0` (LookSAM's 0.7).
-        **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
-            `sync_perturbation`); sub-batches are not supported.
-
-    Example:
-
-    ```python
-    model = keras_sam.LookSAMModel(inner, rho=0.05, sam_every=5, alpha=0.7)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=...)
-    model.fit(x, y, epochs=10)   # about 1.2x the cost of a plain step
-    ```
-    """
-
-    def __init__(self, model, rho=0.05, sam_every=5, alpha=0.7, **kwargs):
-        self.alpha = _validation.real("alpha", alpha, low=0)
-        self._g_v = {}
-        super().__init__(model, rho=rho, sam_every=sam_every, **kwargs)
-        _no_splits("LookSAMModel", self)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(alpha=self.alpha)
-        return config
-
-    def _build_own_state(self):
-        # One slot per trainable variable at build time, found by its path,
-        # so freezing a layer later leaves the other slots in place.
-        self._g_v = {
-            v.path: self.add_weight(
-                shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
-                autocast=False, name=f"looksam_direction_{i}",
-            )
-            for i, v in enumerate(self.inner.trainable_variables)
-        }
-
-    def _own_state_variables(self):
-        """The stored direction of each current trainable variable, in order."""
-        missing = [v.path for v in self.trainable_variables if v.path not in self._g_v]
-        if missing:
-            raise ValueError(
-                f"LookSAMModel keeps a direction for the variables that were "
-                f"trainable when it was built; {missing} became trainable later. "
-                "Wrap the model again after changing which layers train."
-            )
-        return [self._g_v[v.path] for v in self.trainable_variables]
-
-    def _after_sam(self, grads, perturbed, own):
-        g = sam_backend.all_reduce(grads, "sum")
-        return rules.looksam_direction(g, sam_backend.all_reduce(perturbed, "sum"))
-
-    def _plain_descent(self, grads, own):
-        replicas = sam_backend.num_replicas()
-        g = sam_backend.all_reduce(grads, "sum") if replicas > 1 else grads
-        extra = rules.looksam_reuse(g, own, self.alpha)
-        return [gi + (d - g_all) / replicas for gi, d, g_all in zip(grads, extra, g)]
-
-
-@keras.saving.register_keras_serializable(package="keras_sam")
-class AESAMModel(SAMModel):
-    """Wraps a Keras model so that `fit` takes SAM steps only where the loss
-    looks sharp: AE-SAM's adaptive policy.
-
-    AE-SAM (Jiang et al., ICLR 2023) tracks exponential moving averages of
-    the mean `mu` and variance `var` of the squared gradient norm
-    `s = ||g||^2` (decay `decay`) and takes a SAM step when
-    `s >= mu + c * sqrt(var)`, else a plain step with the clean gradient
-    (one gradient evaluation). `c` moves linearly from `threshold` to
-    `threshold_end` over `total_steps` steps (constant without them); a
-    larger `c` means fewer SAM steps: about `1 - Phi(c)` of the steps for a
-    normally distributed `s`, e.g. 24% at `c = 0.7`. `g` is the global
-    (all-reduced) gradient, so every replica decides alike; `mu` and `var` are
-    non-trainable variables of the wrapper, kept by `model.save` and
-    `BackupAndRestore`. History logs `sam_fraction`, the share of SAM steps.
-
-    Args:
-        model: the `keras.Model` to train, built.
-        rho: SAM's radius.
-        threshold: `c` at the first step.
-        threshold_end: `c` after `total_steps` steps (None: `threshold`).
-        total_steps: steps over which `c` moves (needed with `threshold_end`).
-        decay: decay of the moving averages, in `[0, 1)` (AE-SAM's 0.9).
-        **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
-            `sync_perturbation`); sub-batches are not supported.
-
-    Example:
-
-    ```python
-    model = keras_sam.AESAMModel(inner, rho=0.05, threshold=0.7)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=...)
-    history = model.fit(x, y, epochs=10)   # history.history["sam_fraction"]
-    ```
-    """
-
-    def __init__(self, model, rho=0.05, threshold=0.7, threshold_end=None,
-                 total_steps=None, decay=0.9, **kwargs):
-        self.threshold = _validation.real("threshold", threshold)
-        self.threshold_end = _validation.real("threshold_end", threshold_end, allow_none=True)
-        self.total_steps = _validation.integer("total_steps", total_steps, low=1, allow_none=True)
-        if (self.threshold_end is None) != (self.total_steps is None):
-            raise ValueError(
-                "`threshold_end` and `total_steps` go together: pass both "
-                "(c moves linearly from `threshold` to `threshold_end`), or neither."
-            )
-        self.decay = _validation.real("decay", decay, low=0, high=1, high_inclusive=False)
-        if kwargs.pop("sam_every", 1) != 1:
-            raise ValueError(
-                "AESAMModel decides at every step whether to take a SAM step; "
-                "`sam_every` must be 1 (use `threshold` to take fewer SAM steps)."
-            )
-        self._moments = []
-        super().__init__(model, rho=rho, **kwargs)
-        _no_splits("AESAMModel", self)
-
-    def get_config(self):
-        config = super().get_config()
-        config.pop("sam_every")
-        config.update(threshold=self.threshold, threshold_end=self.threshold_end,
-                      total_steps=self.total_steps, decay=self.decay)
-        return config
-
-    def _switches_steps(self):
-        return True
-
-    def _build_own_state(self):
-        self._moments = [
-            self.add_weight(shape=(), dtype="float32", initializer="zeros",
-                            trainable=False, autocast=False, name=name)
-            for name in ("aesam_mean", "aesam_variance")
-        ]
-
-    def _own_state_variables(self):
-        return list(self._moments)
-
-    def _decide(self, grads, own):
-        g = sam_backend.all_reduce(grads, "sum")
-        scale = self._loss_scale()
-        squared_norm = ops.square(rules.global_norm(g) / scale)
-        iteration = ops.cast(ops.convert_to_tensor(self.optimizer.iterations), "float32")
-        c = self.threshold
-        if self.total_steps is not None:
-            progress = ops.minimum(iteration / self.total_steps, 1.0)
-            c = c + (self.threshold_end - c) * progress
-        mean, variance, do_sam = rules.aesam_decision(
-            squared_norm, own[0], own[1], self.decay, c
-        )
-        return do_sam, [mean, variance]
-
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class SharpnessAwareMinimization(SAMModel):

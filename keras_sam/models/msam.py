@@ -1,0 +1,116 @@
+"""MSAMModel: Momentum-SAM, SAM's flatness at one gradient per step.
+
+Momentum-SAM (Becker, Altrock, Risse 2024, arXiv 2401.12033) needs no ascent
+gradient: the optimizer's momentum `v` already points along the recent
+gradients, so the step's ONE gradient is taken at `w - rho * v / ||v||`
+(`keras_sam.rules.msam_perturbation`) and applied at `w` as the optimizer
+would apply a plain gradient.
+"""
+
+import keras
+from keras import ops
+
+from keras_sam import _keras_compat
+from keras_sam import backend as sam_backend
+from keras_sam import rules
+from keras_sam.models.sam import SAMModel
+
+_SAM_ONLY = (
+    "adaptive", "eta", "adaptive_scope", "sync_perturbation",
+    "num_batch_splits", "sub_batch_size", "sam_every",
+)
+"""SAMModel keywords that have no meaning for Momentum-SAM."""
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class MSAMModel(SAMModel):
+    """Wraps a Keras model so that `fit` trains it with Momentum-SAM.
+
+    Each step evaluates ONE gradient, at the point one normalized step of
+    length `rho` down the optimizer's momentum,
+    `g = grad f_B(w - rho * v / ||v||)`, and hands `g` to the compiled
+    optimizer, which applies it at `w` (updating its momentum with it). `v`
+    is the momentum before this step's update, in PyTorch's convention
+    `v <- mu v + g` (Keras' SGD keeps `-lr v`, the same direction at a
+    constant rate); `||.||` is one global norm. At the first step `v = 0`,
+    so the gradient is taken at `w`. This is the update of the paper's code,
+    written at the unperturbed weights: the model's variables always hold
+    `w`, so `evaluate`, `predict`, `save` and `export` see the weights the
+    paper evaluates, with nothing to undo after training.
+
+    Optimizers: SGD with `momentum > 0` (plain or Nesterov) perturbs along
+    Keras' velocity; Adam, AdamW, Adamax and Nadam along their first moment
+    `m` (the paper's AdamW-MSAM). SGD with `momentum=0`, or another
+    optimizer, is a `ValueError` when `fit` starts, before any step.
+
+    The paper's weight decay for SGD is an L2 term at the perturbed point:
+    here kernel regularizers are (they are part of the loss, evaluated at
+    `w - rho v/||v||`); an optimizer's own `weight_decay` acts on `w`, as
+    AdamW-MSAM's decoupled decay does.
+
+    What is logged: `loss` and the metrics of the one pass, at the perturbed
+    point (Momentum-SAM computes no loss at `w`), `grad_norm` (its gradient,
+    of the replica's own batch) and `rho`. BatchNorm moving statistics move
+    once per step, from that pass (the paper's code then recomputes them at
+    `w` after training; pass the training data once through the model in
+    training mode to do the same). Under `MirroredStrategy` and JAX
+    `DataParallel` every replica holds the same momentum, so the
+    perturbation is the same on all of them. `rho=0` is plain training with
+    the compiled optimizer, exactly.
+
+    Args:
+        model: the `keras.Model` to train, built.
+        rho: the length of the step along the momentum, `>= 0`. The paper
+            uses larger values than SAM's: 0.3 (its code's default) to 3
+            (CIFAR-100 and ImageNet with SGD), 1 to 10 with AdamW.
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Example:
+
+    ```python
+    model = keras_sam.MSAMModel(inner, rho=0.3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=...)
+    model.fit(x, y, epochs=10)   # one gradient per step, like plain SGD
+    ```
+    """
+
+    _logged_statistics = ("grad_norm", "rho")
+
+    def __init__(self, model, rho=0.3, **kwargs):
+        unknown = sorted(set(kwargs) & set(_SAM_ONLY))
+        if unknown:
+            raise ValueError(
+                f"MSAMModel does not take {', '.join(f'`{k}`' for k in unknown)}: "
+                "it perturbs along the optimizer's momentum with one gradient "
+                "per step. Pass `rho` (and keras.Model keywords such as `name`)."
+            )
+        super().__init__(model, rho=rho, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in _SAM_ONLY:
+            config.pop(key)
+        return config
+
+    def _before_fit(self):
+        if self.optimizer is not None:
+            _keras_compat.first_moment_sign(self.optimizer)  # a clear error now
+
+    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
+        if not self.optimizer.built:  # as `apply` would, on its first call
+            self.optimizer.build(self.trainable_variables)
+        moments, sign = _keras_compat.first_moments(self.optimizer, self.trainable_variables)
+        e = rules.msam_perturbation([sign * m.value for m in moments], self.rho)
+        (_, (loss, y_pred, new_state, new_metrics)), grads = sam_backend.value_and_grad(
+            self._loss_and_state
+        )([w + ei for w, ei in zip(weights, e)], state, metrics_state, x, y, sample_weight)
+        zero = ops.zeros((), "float32")
+        grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
+        stats = dict(
+            loss=ops.cast(loss, "float32"),
+            sharpness=zero,
+            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
+            rho=ops.convert_to_tensor(self.rho, "float32"),
+            sam_step=ops.ones((), "float32"),
+        )
+        return list(grads), new_state, new_metrics, stats, y_pred
