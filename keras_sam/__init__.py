@@ -28,6 +28,7 @@ from keras_sam import sharpness
 from keras_sam.models import AESAMModel
 from keras_sam.models import GSAMModel
 from keras_sam.models import LookSAMModel
+from keras_sam.models import MESAModel
 from keras_sam.models import MSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
@@ -40,6 +41,7 @@ __all__ = [
     "LookSAMModel",
     "AESAMModel",
     "MSAMModel",
+    "MESAModel",
     "BatchSchedule",
     "SharpnessAwareMinimization",
     "callbacks",

@@ -172,3 +172,32 @@ def aesam_decision(squared_norm, mean, variance, decay, threshold):
     mean = decay * mean + (1 - decay) * squared_norm
     variance = decay * variance + (1 - decay) * ops.square(squared_norm - mean)
     return mean, variance, squared_norm >= mean + threshold * ops.sqrt(variance)
+
+
+def mesa_kl(student_logits, teacher_logits, temperature):
+    """MESA's distillation term `tau^2 KL(p_teacher || p_student)`.
+
+    `p = softmax(logits / tau)` over the last axis for both; the KL is summed
+    over classes and averaged over the batch (and any other axes), then
+    multiplied by `tau^2`, as in the official SAF / MESA code. The teacher's
+    logits carry no gradient.
+
+    Args:
+        student_logits: the trained model's logits, `(batch, ..., classes)`.
+        teacher_logits: the teacher's logits, same shape.
+        temperature: `tau > 0`.
+
+    Returns:
+        A scalar tensor.
+    """
+    teacher = ops.stop_gradient(ops.cast(teacher_logits, "float32")) / temperature
+    student = ops.cast(student_logits, "float32") / temperature
+    log_p_teacher = ops.log_softmax(teacher, axis=-1)
+    log_p_student = ops.log_softmax(student, axis=-1)
+    kl = ops.sum(ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+    return ops.mean(kl) * temperature**2
+
+
+def ema_update(average, value, decay):
+    """One step of an exponential moving average, `decay * a + (1 - decay) v`."""
+    return [decay * a + (1 - decay) * v for a, v in zip(average, value)]

@@ -14,6 +14,7 @@ One family per module; the step they share is `SAMModel`'s (`sam.py`):
 from keras_sam.models.aesam import AESAMModel
 from keras_sam.models.gsam import GSAMModel
 from keras_sam.models.looksam import LookSAMModel
+from keras_sam.models.mesa import MESAModel
 from keras_sam.models.msam import MSAMModel
 from keras_sam.models.sam import ADAPTIVE_SCOPES
 from keras_sam.models.sam import TRAINING_STATISTICS
@@ -27,6 +28,7 @@ __all__ = [
     "AESAMModel",
     "GSAMModel",
     "LookSAMModel",
+    "MESAModel",
     "MSAMModel",
     "SAMModel",
     "SharpnessAwareMinimization",

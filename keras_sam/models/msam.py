@@ -13,13 +13,9 @@ from keras import ops
 from keras_sam import _keras_compat
 from keras_sam import backend as sam_backend
 from keras_sam import rules
+from keras_sam.models.sam import SAM_ONLY_KEYWORDS
 from keras_sam.models.sam import SAMModel
-
-_SAM_ONLY = (
-    "adaptive", "eta", "adaptive_scope", "sync_perturbation",
-    "num_batch_splits", "sub_batch_size", "sam_every",
-)
-"""SAMModel keywords that have no meaning for Momentum-SAM."""
+from keras_sam.models.sam import _refuse_sam_keywords
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -77,18 +73,15 @@ class MSAMModel(SAMModel):
     _logged_statistics = ("grad_norm", "rho")
 
     def __init__(self, model, rho=0.3, **kwargs):
-        unknown = sorted(set(kwargs) & set(_SAM_ONLY))
-        if unknown:
-            raise ValueError(
-                f"MSAMModel does not take {', '.join(f'`{k}`' for k in unknown)}: "
-                "it perturbs along the optimizer's momentum with one gradient "
-                "per step. Pass `rho` (and keras.Model keywords such as `name`)."
-            )
+        _refuse_sam_keywords(
+            "MSAMModel", kwargs, "it perturbs along the optimizer's momentum with "
+            "one gradient per step. Pass `rho` (and keras.Model keywords such as `name`).",
+        )
         super().__init__(model, rho=rho, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        for key in _SAM_ONLY:
+        for key in SAM_ONLY_KEYWORDS:
             config.pop(key)
         return config
 

@@ -25,7 +25,7 @@ from keras_sam.models._batches import _static_batch_size
 ADAPTIVE_SCOPES = ("weights", "kernels", "all")
 """Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
 
-TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho", "sam_fraction")
+TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho", "sam_fraction", "kl")
 """Logged by the training step only; `evaluate` and validation omit them."""
 
 
@@ -660,6 +660,22 @@ class SAMModel(keras.Model):
 
 def _without_training_statistics(logs):
     return {k: v for k, v in logs.items() if k not in TRAINING_STATISTICS}
+
+
+SAM_ONLY_KEYWORDS = (
+    "adaptive", "eta", "adaptive_scope", "sync_perturbation",
+    "num_batch_splits", "sub_batch_size", "sam_every",
+)
+"""SAMModel keywords that mean nothing to a one-gradient method (MSAM, MESA)."""
+
+
+def _refuse_sam_keywords(cls_name, kwargs, what):
+    unknown = sorted(set(kwargs) & set(SAM_ONLY_KEYWORDS))
+    if unknown:
+        raise ValueError(
+            f"{cls_name} does not take {', '.join(f'`{k}`' for k in unknown)}: "
+            f"{what}"
+        )
 
 
 def _no_splits(cls_name, model):

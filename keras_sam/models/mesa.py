@@ -1,0 +1,294 @@
+"""MESAModel: sharpness-aware training for (almost) free, by distillation from
+an exponential moving average of the weights.
+
+MESA (Du, Zhou, Feng, Tan, Zhou, "Sharpness-Aware Training for Free",
+NeurIPS 2022, arXiv 2205.14083; the memory-efficient form of SAF) replaces
+SAM's second gradient by a trajectory term: the KL divergence between the
+softened outputs of an EMA "teacher" of the weights and those of the model,
+`loss = L(w) + lambda * tau^2 * KL(p_ema || p_w)` (`keras_sam.rules.mesa_kl`),
+at the cost of one forward pass of the teacher per step.
+"""
+
+import inspect
+
+import keras
+from keras import ops
+
+from keras_sam import _validation
+from keras_sam import backend as sam_backend
+from keras_sam import rules
+from keras_sam.models.sam import SAM_ONLY_KEYWORDS
+from keras_sam.models.sam import SAMModel
+from keras_sam.models.sam import _refuse_sam_keywords
+
+_PROBABILITY_LOSSES = (
+    "sparse_categorical_crossentropy", "categorical_crossentropy",
+)
+"""Loss names whose model outputs are probabilities (`from_logits=False`)."""
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class MESAModel(SAMModel):
+    """Wraps a classifier so that `fit` trains it with MESA.
+
+    Each step evaluates ONE gradient, of the compiled loss plus
+    `kl_weight * temperature^2 * KL(p_teacher || p_model)`, where
+    `p = softmax(logits / temperature)` and the teacher is the model at an
+    exponential moving average of its weights (BatchNorm statistics
+    included), run in inference mode, without gradient. After each optimizer
+    step the average moves: `w_ema <- ema_decay * w_ema + (1 - ema_decay) * w`.
+    It starts from the weights of the first training step (so weights loaded
+    into the model after wrapping count). The term is on in the epochs `e`
+    with `kl_start_epoch < e < kl_end_epoch` (0-based, as in the official
+    code); before that the step is plain training, and the average still
+    moves. `kl_weight=0` is plain Keras training exactly (no teacher pass).
+
+    The average is a set of non-trainable variables of the wrapper, so
+    `model.save`, `ModelCheckpoint` and `BackupAndRestore` keep it; so is the
+    epoch counter that switches the term on. `ema_weights()` returns the
+    average (the paper reports the EMA model's accuracy too).
+
+    Logits: the KL needs the model's logits. With `from_logits=None` (the
+    default) it is read from the compiled loss: a `Loss` object with
+    `from_logits` (e.g. `SparseCategoricalCrossentropy(from_logits=True)`)
+    says so; the names `"sparse_categorical_crossentropy"` and
+    `"categorical_crossentropy"` mean probabilities, whose logarithms are
+    then the logits (softmax of `log p / tau` is `p^(1/tau)` normalized, the
+    same distribution). Other losses need `from_logits` passed. A model with
+    several outputs needs `kl_output`, the name of the classification output
+    the term applies to. The term is a plain batch mean (no `sample_weight`).
+
+    What is logged: `loss` (the compiled loss plus the term, the objective
+    the gradient is of), the metrics, `grad_norm` and `kl` (the term
+    without `kl_weight`).
+
+    Args:
+        model: the `keras.Model` to train, built.
+        kl_weight: the paper's lambda (`--reinforce` in its code), `>= 0`;
+            0.8 in its ImageNet recipe (its code's default is 0.3).
+        temperature: tau, `> 0` (5 throughout the paper).
+        ema_decay: the teacher's decay beta, in `[0, 1)` (0.9998 for
+            ImageNet's 5,000 steps per epoch; fewer steps per epoch want a
+            smaller decay, e.g. 0.99 for a few hundred).
+        kl_start_epoch: the term is on after this epoch (the paper's
+            E_start, 5; about 30% of training is its rule of thumb).
+        kl_end_epoch: the term is off from this epoch on (None: never).
+        from_logits: whether the model outputs logits (None: from the loss).
+        kl_output: the output the term applies to, for a model with several.
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Example:
+
+    ```python
+    model = keras_sam.MESAModel(inner, kl_weight=0.8, temperature=5.0,
+                                ema_decay=0.99, kl_start_epoch=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=20)   # history: loss, kl, grad_norm
+    ```
+    """
+
+    _logged_statistics = ("grad_norm",)
+
+    def __init__(self, model, kl_weight=0.8, temperature=5.0, ema_decay=0.9998,
+                 kl_start_epoch=5, kl_end_epoch=None, from_logits=None,
+                 kl_output=None, **kwargs):
+        _refuse_sam_keywords(
+            "MESAModel", kwargs, "it takes one gradient per step, of the loss "
+            "plus the distillation term. Pass `kl_weight`, `temperature`, "
+            "`ema_decay`, `kl_start_epoch` (and keras.Model keywords such as `name`).",
+        )
+        kwargs.pop("rho", None)  # a SAMModel config key, meaningless here
+        self.kl_weight = _validation.real("kl_weight", kl_weight, low=0)
+        self.temperature = _validation.real("temperature", temperature, low=0, low_inclusive=False)
+        self.ema_decay = _validation.real("ema_decay", ema_decay, low=0, high=1,
+                                          high_inclusive=False)
+        self.kl_start_epoch = _validation.integer("kl_start_epoch", kl_start_epoch, low=-1)
+        self.kl_end_epoch = _validation.integer("kl_end_epoch", kl_end_epoch, low=0,
+                                                allow_none=True)
+        if from_logits is not None and not isinstance(from_logits, bool):
+            raise ValueError(
+                f"`from_logits` must be True, False or None; received: {from_logits!r}."
+            )
+        self.from_logits = from_logits
+        if kl_output is not None and not isinstance(kl_output, str):
+            raise ValueError(
+                f"`kl_output` must be an output name (str) or None; received: {kl_output!r}."
+            )
+        self.kl_output = kl_output
+        self._ema = {}
+        self._counters = []
+        super().__init__(model, rho=0.0, **kwargs)
+        self._kl_tracker = keras.metrics.Mean(name="kl")
+
+    def get_config(self):
+        config = super().get_config()
+        for key in SAM_ONLY_KEYWORDS + ("rho",):
+            config.pop(key)
+        config.update(
+            kl_weight=self.kl_weight, temperature=self.temperature,
+            ema_decay=self.ema_decay, kl_start_epoch=self.kl_start_epoch,
+            kl_end_epoch=self.kl_end_epoch, from_logits=self.from_logits,
+            kl_output=self.kl_output,
+        )
+        return config
+
+    # ------------------------------------------------------------ own state
+    def _build_own_state(self):
+        # One average per floating-point variable of the model, found by its
+        # path (freezing a layer later leaves the others in place).
+        self._ema = {
+            v.path: self.add_weight(
+                shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
+                autocast=False, name=f"mesa_ema_{i}",
+            )
+            for i, v in enumerate(self.inner.variables)
+            if keras.backend.is_float_dtype(v.dtype)
+        }
+        # [the average holds weights (0 / 1), the epoch fit is in]
+        self._counters = [
+            self.add_weight(shape=(), dtype="float32", initializer="zeros",
+                            trainable=False, autocast=False, name=name)
+            for name in ("mesa_ema_started", "mesa_epoch")
+        ]
+
+    def _averaged(self):
+        """The model's variables that are averaged, in a fixed order."""
+        return [v for v in self.inner.variables if v.path in self._ema]
+
+    def _own_state_variables(self):
+        return [self._ema[v.path] for v in self._averaged()] + list(self._counters)
+
+    def ema_weights(self):
+        """The moving average of the weights, as NumPy arrays in the order of
+        `model.weights` (variables that are not floats: their current value)."""
+        return [
+            ops.convert_to_numpy((self._ema[v.path] if v.path in self._ema else v).value)
+            for v in self.inner.weights
+        ]
+
+    # ------------------------------------------------------------ fit hooks
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, with the epoch counter that switches the
+        distillation term on kept up to date."""
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        extra = arguments.pop("kwargs", {})
+        arguments.pop("self")
+        callbacks = list(arguments.get("callbacks") or [])
+        arguments["callbacks"] = callbacks + [_EpochCounter(self._counters[1])]
+        return super().fit(**arguments, **extra)
+
+    def _logits_of(self, outputs):
+        """The classification output the term applies to, as logits."""
+        if isinstance(outputs, dict) or isinstance(outputs, (list, tuple)):
+            if self.kl_output is None:
+                raise ValueError(
+                    "MESAModel: this model has several outputs; pass `kl_output`, "
+                    "the name of the classification output the distillation "
+                    f"term applies to (one of {self.output_names})."
+                )
+            if isinstance(outputs, dict):
+                outputs = outputs[self.kl_output]
+            else:
+                outputs = outputs[list(self.output_names).index(self.kl_output)]
+        if self._outputs_are_logits():
+            return outputs
+        return ops.log(ops.maximum(ops.cast(outputs, "float32"), 1e-12))
+
+    def _outputs_are_logits(self):
+        if self.from_logits is not None:
+            return self.from_logits
+        loss = self.loss
+        if isinstance(loss, dict) and self.kl_output is not None:
+            loss = loss.get(self.kl_output)
+        if isinstance(loss, keras.losses.Loss):
+            config = loss.get_config()
+            if "from_logits" in config:
+                return bool(config["from_logits"])
+        if isinstance(loss, str) and loss in _PROBABILITY_LOSSES:
+            return False
+        raise ValueError(
+            f"MESAModel cannot tell from the compiled loss ({loss!r}) whether the "
+            "model outputs logits or probabilities; pass `from_logits=True` or "
+            "`from_logits=False` to MESAModel."
+        )
+
+    # ------------------------------------------------------------- the step
+    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
+        positions = self._own_state_positions()
+        own = [state[i] for i in positions]
+        ema, (started, epoch) = own[:-2], own[-2:]
+        # The average starts from the weights of the first step.
+        index = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        index.update({id(v): ("state", i) for i, v in enumerate(self.non_trainable_variables)})
+
+        def current(v):
+            i = index[id(v)]
+            return state[i[1]] if isinstance(i, tuple) else weights[i]
+
+        ema = [ops.where(started > 0, a, current(v)) for a, v in zip(ema, self._averaged())]
+        extra = None
+        if self.kl_weight:
+            teacher = dict(zip((v.path for v in self._averaged()), ema))
+            teacher_outputs, _ = self.inner.stateless_call(
+                [teacher[v.path] for v in self.inner.trainable_variables],
+                [teacher.get(v.path, current(v)) for v in self.inner.non_trainable_variables],
+                x, training=False,
+            )
+            teacher_logits = ops.stop_gradient(self._logits_of(teacher_outputs))
+            on = epoch > self.kl_start_epoch
+            if self.kl_end_epoch is not None:
+                on = ops.logical_and(on, epoch < self.kl_end_epoch)
+            weight = self.kl_weight * ops.cast(on, "float32")
+
+            def extra(y_pred):
+                kl = rules.mesa_kl(self._logits_of(y_pred), teacher_logits, self.temperature)
+                return ops.cast(weight * kl, "float32")
+
+        (_, (loss, y_pred, new_state, new_metrics)), grads = sam_backend.value_and_grad(
+            self._loss_and_state
+        )(weights, state, metrics_state, x, y, sample_weight, extra_loss=extra)
+        zero = ops.zeros((), "float32")
+        kl = zero
+        if extra is not None:
+            kl = rules.mesa_kl(self._logits_of(y_pred), teacher_logits, self.temperature)
+        for i, value in zip(positions, ema + [started, epoch]):
+            new_state[i] = value
+        grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
+        stats = dict(
+            loss=ops.cast(loss, "float32"), sharpness=zero,
+            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
+            rho=zero, sam_step=zero, kl=kl,
+        )
+        return list(grads), new_state, new_metrics, stats, y_pred
+
+    def _after_apply(self, trainable, state):
+        """The average moves toward the weights (and statistics) after the step."""
+        state = list(state)
+        positions = self._own_state_positions()
+        index = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        slots = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        averaged = self._averaged()
+        new = [trainable[index[id(v)]] if id(v) in index else state[slots[id(v)]]
+               for v in averaged]
+        old = [state[i] for i in positions[:len(averaged)]]
+        for i, value in zip(positions, rules.ema_update(old, new, self.ema_decay)):
+            state[i] = value
+        state[positions[-2]] = ops.ones_like(state[positions[-2]])  # started
+        return state
+
+    def _track(self, x, stats):
+        super()._track(x, stats)
+        self._kl_tracker.update_state(stats["kl"])
+
+
+class _EpochCounter(keras.callbacks.Callback):
+    """Writes the epoch `fit` is in into MESA's counter before each epoch."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self._counter = counter
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._counter.assign(float(epoch))
