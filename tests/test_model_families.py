@@ -653,3 +653,112 @@ def test_both_passes_see_the_same_dropout_mask_without_a_seed():
     history = model.fit(x, y, batch_size=N, epochs=3, verbose=0)
     grad_norm = max(history.history["grad_norm"])
     assert max(abs(s) for s in history.history["sharpness"]) <= 2e-6 * grad_norm + 1e-6
+
+
+# ------------------------- 5. one-gradient methods: Momentum-SAM and MESA
+MSAM_RHO, MOMENTUM, MESA_WEIGHT, MESA_TAU = 0.3, 0.9, 0.8, 2.0
+
+
+def _kl_output(name):
+    return "out_b" if name == "multi_io" else None
+
+
+ONE_GRADIENT = {
+    "msam": lambda inner, name, zero=False: keras_sam.MSAMModel(
+        inner, rho=0.0 if zero else MSAM_RHO),
+    "mesa": lambda inner, name, zero=False: keras_sam.MESAModel(
+        inner, kl_weight=0.0 if zero else MESA_WEIGHT, temperature=MESA_TAU,
+        ema_decay=0.5, kl_start_epoch=-1, kl_output=_kl_output(name)),
+}
+
+
+def _momentum():
+    return keras.optimizers.SGD(LR, momentum=MOMENTUM)
+
+
+@pytest.mark.parametrize("variant", list(ONE_GRADIENT))
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_one_gradient_methods_at_zero_equal_plain_keras(name, variant):
+    """rho=0 (MSAM) and kl_weight=0 (MESA): plain Keras with the same
+    optimizer, every variable and every History key."""
+    family = FAMILIES[name]
+    start, plain = twins(family)
+    plain.compile(**family.compile_kwargs(_momentum()))
+    x, y = family.data()
+    want = fit(plain, family, x, y).history
+    inner = family.build(0)
+    copy_state(start, inner)
+    model = ONE_GRADIENT[variant](inner, name, zero=True)
+    model.compile(**family.compile_kwargs(_momentum()))
+    got = fit(model, family, x, y).history
+    assert_weights_close(values(inner.variables), values(plain.variables), rtol=1e-6,
+                         atol=1e-6, names=[v.path for v in inner.variables])
+    assert_logs_equal(got, want)
+
+
+def _hand_kl(family, name, teacher_pred):
+    """The MESA term written out with keras.ops: the families output
+    probabilities, whose logarithms are the logits."""
+    def pick(pred):
+        return pred[1] if name == "multi_io" else pred
+
+    q = ops.softmax(ops.log(pick(teacher_pred)) / MESA_TAU)
+
+    def kl(y_pred):
+        log_p = ops.log_softmax(ops.log(pick(y_pred)) / MESA_TAU)
+        return MESA_WEIGHT * MESA_TAU**2 * ops.mean(
+            ops.sum(q * (ops.log(q) - log_p), axis=-1))
+    return kl
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "mobilenet"])
+def test_msam_second_step_equals_hand_written_step(name):
+    """Step 1 at w0 (no momentum yet); step 2 takes its gradient at
+    w1 - rho v/||v|| with v = g0, then v = mu v + g1, w2 = w1 - lr v."""
+    family = FAMILIES[name]
+    inner = family.build(0)
+    x, y = family.data()
+    tv, ntv = values(inner.trainable_variables), values(inner.non_trainable_variables)
+    _, g0, s1 = loss_and_grad(inner, family, tv, ntv, x, y)
+    w1 = [w.astype(np.float64) - LR * g for w, g in zip(tv, g0)]
+    adv = [(w - MSAM_RHO * g / _norm(g0)).astype(np.float32) for w, g in zip(w1, g0)]
+    _, g1, s2 = loss_and_grad(inner, family, adv, s1, x, y)
+    want = [w - LR * (MOMENTUM * a + b) for w, a, b in zip(w1, g0, g1)]
+    model = ONE_GRADIENT["msam"](inner, name)
+    model.compile(**family.compile_kwargs(_momentum()))
+    fit(model, family, x, y, epochs=2, batch_size=N)
+    assert_weights_close(values(inner.trainable_variables), want, rtol=1e-4, atol=1e-5,
+                         names=[v.path for v in inner.trainable_variables])
+    assert_weights_close(values(inner.non_trainable_variables), s2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "mobilenet"])
+def test_mesa_step_equals_hand_written_step(name):
+    """One step of the loss plus the KL to the teacher, the starting model
+    in inference mode; the average then moves halfway to the new weights."""
+    family = FAMILIES[name]
+    inner = family.build(0)
+    x, y = family.data()
+    tv, ntv = values(inner.trainable_variables), values(inner.non_trainable_variables)
+    teacher_pred, _ = inner.stateless_call(
+        [ops.convert_to_tensor(w) for w in tv], [ops.convert_to_tensor(s) for s in ntv],
+        _tensors(x), training=False)
+    extra = _hand_kl(family, name, teacher_pred)
+    plain_loss = family.hand_loss
+    family.hand_loss = lambda y_, p: plain_loss(y_, p) + extra(p)
+    try:
+        _, g, state = loss_and_grad(inner, family, tv, ntv, x, y)
+    finally:
+        family.hand_loss = plain_loss
+    want = [w.astype(np.float64) - LR * gi for w, gi in zip(tv, g)]
+    model = ONE_GRADIENT["mesa"](inner, name)
+    model.compile(**family.compile_kwargs())
+    fit(model, family, x, y, batch_size=N)
+    names = [v.path for v in inner.trainable_variables]
+    assert_weights_close(values(inner.trainable_variables), want, rtol=1e-5, atol=1e-6,
+                         names=names)
+    ema = dict(zip([v.path for v in inner.weights], model.ema_weights()))
+    start = dict(zip([v.path for v in inner.trainable_variables], tv))
+    assert_weights_close([ema[p] for p in names],
+                         [0.5 * start[p] + 0.5 * w for p, w in zip(names, want)],
+                         rtol=1e-5, atol=1e-6, names=names)
