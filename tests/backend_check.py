@@ -54,6 +54,21 @@ def mlp(seed=0):
     )
 
 
+def mlp_classifier(seed=0):
+    keras.utils.set_random_seed(seed)
+    return same_weights(
+        keras.Sequential(
+            [
+                keras.Input((D,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.BatchNormalization(),
+                keras.layers.Dense(3),
+            ]
+        ),
+        seed,
+    )
+
+
 def oracle_linear_sam(w, b, x, y, rho, alpha):
     """SAM / GSAM on least squares in float64: grad = 2/n X^T (Xw + b - y)."""
     w, b = w.astype(np.float64), b.astype(np.float64)
@@ -113,6 +128,9 @@ def main(out, jit, data_parallel=False, core_only=False):
         "mlp_every": lambda m: keras_sam.SAMModel(m, rho=0.05, sam_every=3),
         "mlp_looksam": lambda m: keras_sam.LookSAMModel(m, rho=0.05, sam_every=3, alpha=0.7),
         "mlp_aesam": lambda m: keras_sam.AESAMModel(m, rho=0.05, threshold=0.0),
+        # One gradient per step: along the momentum, and (below, on a
+        # classifier) MESA's distillation from the moving average.
+        "mlp_msam": lambda m: keras_sam.MSAMModel(m, rho=0.3),
     }
     cases.update(cheaper)
     if core_only:  # torch.compile takes minutes per model on a CPU
@@ -124,13 +142,40 @@ def main(out, jit, data_parallel=False, core_only=False):
             model.sync_perturbation = True
         lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=2, steps_per_epoch=steps)
         per_execution = 2 if name in cheaper and keras.backend.backend() != "torch" else 1
-        model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse", jit_compile=jit,
-                      steps_per_execution=per_execution)
+        momentum = 0.9 if name == "mlp_msam" else 0.0
+        model.compile(optimizer=keras.optimizers.SGD(lr, momentum=momentum), loss="mse",
+                      jit_compile=jit, steps_per_execution=per_execution)
         history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         results[name] = np.concatenate([t.ravel() for t in weights_of(inner)])
         results[name + "_logs"] = np.array(
-            [history.history[k][-1] for k in ("loss", "sharpness", "grad_norm", "rho")]
+            [history.history[k][-1] for k in ("loss", "sharpness", "grad_norm", "rho")
+             if k in history.history]  # MSAM logs no sharpness
         )
+
+    # MESA on a classifier with BatchNorm: the teacher, its average and the
+    # epoch at which the term switches on.
+    labels = (np.abs(y[:, 0] * 3).astype("int64") % 3)
+    if jit and keras.backend.backend() == "torch":
+        # torch 2.13's dynamo, recompiling the train-step code that the
+        # models above compiled, crashes while it works out why it recompiles
+        # (IndexError in guards.py, recompilation_reason_for_no_tensor_aliasing_guard);
+        # a fresh dynamo cache, as in a process that trains one model, avoids it.
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    inner = mlp_classifier()
+    model = keras_sam.MESAModel(inner, kl_weight=0.8, temperature=2.0, ema_decay=0.5,
+                                kl_start_epoch=0)
+    if data_parallel:
+        model.sync_perturbation = True  # the global batch's BatchNorm statistics
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, labels, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    results["cls_mesa"] = np.concatenate([t.ravel() for t in weights_of(inner)]
+                                         + [t.ravel() for t in model.ema_weights()])
+    results["cls_mesa_logs"] = np.array(
+        [history.history[k][-1] for k in ("loss", "kl", "grad_norm")]
+    )
 
     if core_only:
         np.savez(out, **results)

@@ -75,10 +75,11 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
         assert int(got["scheduler_iterations"]) == 14
         np.testing.assert_allclose(got["worst_case_sharpness"],
                                    reference["worst_case_sharpness"], rtol=1e-4)
-    # torch.compile: GSAM, and AE-SAM for the conditional second pass and
-    # the wrapper's own state.
-    names = ["mlp_gsam", "mlp_aesam"] if core_only else [
-        "mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split", "mlp_every", "mlp_looksam", "mlp_aesam"
+    # torch.compile: GSAM, AE-SAM for the conditional second pass and the
+    # wrapper's own state, MESA for the teacher pass and its average.
+    names = ["mlp_gsam", "mlp_aesam", "cls_mesa"] if core_only else [
+        "mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split", "mlp_every", "mlp_looksam", "mlp_aesam",
+        "mlp_msam", "cls_mesa",
     ]
     for name in names:
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6,

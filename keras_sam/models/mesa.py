@@ -253,7 +253,7 @@ class MESAModel(SAMModel):
         kl = zero
         if extra is not None:
             kl = rules.mesa_kl(self._logits_of(y_pred), teacher_logits, self.temperature)
-        for i, value in zip(positions, ema + [started, epoch]):
+        for i, value in zip(positions, ema):  # the counters: see _after_apply
             new_state[i] = value
         grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
         stats = dict(
