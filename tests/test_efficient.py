@@ -106,14 +106,25 @@ def _norm(xs):
     return np.sqrt(sum(np.sum(t * t) for t in xs))
 
 
-def looksam_reference(x, y, rho, k, alpha):
+def _sam_gradient(model, xb, yb, w, rho, replicas=1):
+    """float64 SAM descent gradient, each of `replicas` equal slices of the
+    batch perturbed along its own gradient, averaged (m-sharpness: what
+    replicas that do not synchronize the perturbation sum up)."""
+    parts = []
+    for xs, ys in zip(np.split(xb, replicas), np.split(yb, replicas)):
+        g = _grads(model, xs, ys, w)
+        parts.append(_grads(model, xs, ys, [a + rho * b / _norm(g) for a, b in zip(w, g)]))
+    return [np.mean(p, axis=0) for p in zip(*parts)]
+
+
+def looksam_reference(x, y, rho, k, alpha, replicas=1):
     model = make_inner(bn=False)
     w = [v.numpy().astype(np.float64) for v in model.trainable_variables]
     g_v = None
     for i, (xb, yb) in enumerate(batches(x, y)):
         g = _grads(model, xb, yb, w)
         if i % k == 0:
-            gp = _grads(model, xb, yb, [a + rho * b / _norm(g) for a, b in zip(w, g)])
+            gp = _sam_gradient(model, xb, yb, w, rho, replicas)
             coef = sum(np.sum(a * b) for a, b in zip(gp, g)) / _norm(g) ** 2
             g_v = [b - coef * a for a, b in zip(g, gp)]
             d = gp
@@ -170,6 +181,24 @@ def test_aesam_decides_by_the_moving_moments_of_the_squared_gradient_norm():
     assert_same_variables(model.inner, reference)
     np.testing.assert_allclose([v.numpy() for v in model._own_state_variables()],
                                [mean, variance], rtol=1e-4)
+
+
+def aesam_reference(x, y, rho, threshold, decay, replicas=1):
+    """float64 AE-SAM: the decision from the whole batch's gradient, a SAM
+    step (`_sam_gradient`) or a plain one. Returns weights, decisions, moments."""
+    model = make_inner(bn=False)
+    w = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    mean = variance = 0.0
+    decisions = []
+    for xb, yb in batches(x, y):
+        g = _grads(model, xb, yb, w)
+        s = _norm(g) ** 2
+        mean = decay * mean + (1 - decay) * s
+        variance = decay * variance + (1 - decay) * (s - mean) ** 2
+        decisions.append(s >= mean + threshold * np.sqrt(variance))
+        d = _sam_gradient(model, xb, yb, w, rho, replicas) if decisions[-1] else g
+        w = [a - LR * b for a, b in zip(w, d)]
+    return w, decisions, [mean, variance]
 
 
 def test_aesam_threshold_moves_linearly_over_total_steps():
@@ -287,3 +316,72 @@ def test_looksam_after_freezing_a_layer_keeps_the_other_directions():
     slots = model._own_state_variables()
     assert [s.shape for s in slots] == [v.shape for v in model.trainable_variables]
     assert all(np.any(s.numpy() != 0) for s in slots)
+
+
+@pytest.mark.parametrize("name", ["looksam", "aesam"])
+def test_replicas_perturbing_apart_match_the_float64_reference(name):
+    """2 replicas, `sync_perturbation=False`: each perturbs along its own half
+    of the batch, while LookSAM's direction and reuse step and AE-SAM's
+    decision use the global clean gradient, all-reduced once per step."""
+    x, y = make_data(steps=6)
+    with mirrored(2).scope():
+        if name == "looksam":
+            model = keras_sam.LookSAMModel(make_inner(bn=False), rho=0.2, sam_every=3, alpha=0.7)
+        else:
+            model = keras_sam.AESAMModel(make_inner(bn=False), rho=0.2, threshold=0.3, decay=0.5)
+        compiled(model)
+    history = model.fit(dataset(x, y), epochs=1, verbose=0, shuffle=False)
+    if name == "looksam":
+        w, own = looksam_reference(x, y, rho=0.2, k=3, alpha=0.7, replicas=2)
+    else:
+        w, decisions, own = aesam_reference(x, y, rho=0.2, threshold=0.3, decay=0.5, replicas=2)
+        assert 0 < sum(decisions) < len(decisions), decisions  # both kinds occur
+        np.testing.assert_allclose(history.history["sam_fraction"][0], np.mean(decisions), rtol=1e-6)
+    for v, ref in zip(model.inner.trainable_variables, w):
+        np.testing.assert_allclose(v.numpy(), ref, rtol=1e-6, atol=1e-6, err_msg=v.path)
+    for v, ref in zip(model._own_state_variables(), own):
+        np.testing.assert_allclose(v.numpy(), ref, rtol=1e-4, atol=1e-6, err_msg=v.path)
+
+
+def collective_reductions(model):
+    """All-reduce ops in `model.train_step` traced under its strategy: every
+    replica's copy, inside conditionals (library functions) too."""
+    strategy = model.distribute_strategy
+    step = tf.function(lambda x, y: strategy.run(model.train_step, args=((x, y),)))
+    graph = step.get_concrete_function(
+        tf.TensorSpec((BATCH // 2, D)), tf.TensorSpec((BATCH // 2, 2))
+    ).graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return sum("CollectiveReduce" in n.op or "AllReduce" in n.op for n in nodes)
+
+
+REDUCING = {
+    "sam": lambda m: keras_sam.SAMModel(m, rho=0.1),
+    "gsam": lambda m: keras_sam.GSAMModel(m, rho=0.1),
+    "looksam": lambda m: keras_sam.LookSAMModel(m, rho=0.1, sam_every=3),
+    "aesam": lambda m: keras_sam.AESAMModel(m, rho=0.1, threshold=0.0),
+}
+
+
+@pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize("name", list(REDUCING))
+def test_the_clean_gradient_is_all_reduced_at_most_once_per_step(name, sync):
+    """One collective per replica and `all_reduce` call (MirroredStrategy
+    packs a call's list into one, as apply() does with every variable's
+    gradient). Per replica: apply()'s sum of the descent; with
+    `sync_perturbation` the clean gradient before perturbing, which is then
+    the one every hook shares; GSAM's global `g_p` for its combination;
+    LookSAM's `g` and `g_p` in one call (only `g_p` when `g` is the synced
+    one), which the reuse step shares; AE-SAM's `g` for its decision unless
+    synced. (Before sharing: LookSAM 4 and 5, AE-SAM 2 and 3.)"""
+    x, y = make_data(steps=2)
+    strategy = mirrored(2)
+    with strategy.scope():
+        model = REDUCING[name](make_inner(bn=False))
+        model.sync_perturbation = sync
+        compiled(model)
+    model.fit(dataset(x, y), epochs=1, verbose=0)
+    per_replica = 1 + sync + {
+        "sam": 0, "gsam": sync, "looksam": 1, "aesam": 1 - sync,
+    }[name]
+    assert collective_reductions(model) == strategy.num_replicas_in_sync * per_replica

@@ -6,7 +6,6 @@ import keras
 from keras import ops
 
 from keras_sam import _validation
-from keras_sam import backend as sam_backend
 from keras_sam import rules
 from keras_sam.models.sam import SAMModel
 from keras_sam.models.sam import _no_splits
@@ -88,8 +87,8 @@ class AESAMModel(SAMModel):
     def _own_state_variables(self):
         return list(self._moments)
 
-    def _decide(self, grads, own):
-        g = sam_backend.all_reduce(grads, "sum")
+    def _decide(self, grads, own, summed):
+        (g,) = summed("clean")
         scale = self._loss_scale()
         squared_norm = ops.square(rules.global_norm(g) / scale)
         iteration = ops.cast(ops.convert_to_tensor(self.optimizer.iterations), "float32")

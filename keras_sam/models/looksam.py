@@ -75,12 +75,11 @@ class LookSAMModel(SAMModel):
             )
         return [self._g_v[v.path] for v in self.trainable_variables]
 
-    def _after_sam(self, grads, perturbed, own):
-        g = sam_backend.all_reduce(grads, "sum")
-        return rules.looksam_direction(g, sam_backend.all_reduce(perturbed, "sum"))
+    def _after_sam(self, grads, perturbed, own, summed):
+        return rules.looksam_direction(*summed("clean", "perturbed"))
 
-    def _plain_descent(self, grads, own):
+    def _plain_descent(self, grads, own, summed):
         replicas = sam_backend.num_replicas()
-        g = sam_backend.all_reduce(grads, "sum") if replicas > 1 else grads
+        (g,) = summed("clean")  # reduced with `perturbed` in `_after_sam`
         extra = rules.looksam_reuse(g, own, self.alpha)
         return [gi + (d - g_all) / replicas for gi, d, g_all in zip(grads, extra, g)]

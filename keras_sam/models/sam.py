@@ -370,6 +370,13 @@ class SAMModel(keras.Model):
         The clean pass always runs; the perturbed pass only on the steps
         where `_decide` says so (every step by default), inside one compiled
         conditional, so a plain step costs one gradient evaluation.
+
+        The hooks get `summed(*names)`: this step's `"clean"` and/or
+        `"perturbed"` gradients summed over the replicas, one list per name.
+        Each is all-reduced at most once per step (the clean one is `ascent`
+        with `sync_perturbation=True`), those not reduced yet in one
+        collective; `"perturbed"` exists once the second pass has run, i.e.
+        in `_after_sam` and `_plain_descent`.
         """
         grad_fn = sam_backend.value_and_grad(self._loss_and_state)
         replicas = sam_backend.num_replicas()
@@ -378,12 +385,22 @@ class SAMModel(keras.Model):
         (_, (loss, y_pred, new_state, new_metrics)), grads = grad_fn(
             weights, state, metrics_state, x, y, sample_weight
         )
+        local, reduced = {"clean": grads}, {}
         ascent = grads
         if self.sync_perturbation and replicas > 1:
-            ascent = sam_backend.all_reduce(grads, "sum")
+            ascent = reduced["clean"] = sam_backend.all_reduce(grads, "sum")
+
+        def summed(*names):
+            missing = [n for n in names if n not in reduced]
+            if missing:
+                flat = sam_backend.all_reduce([g for n in missing for g in local[n]], "sum")
+                for n in missing:
+                    reduced[n], flat = flat[:len(local[n])], flat[len(local[n]):]
+            return [reduced[n] for n in names]
+
         positions = self._own_state_positions()
         own = [state[i] for i in positions]
-        do_sam, own = self._decide(grads, own)
+        do_sam, own = self._decide(grads, own, summed)
 
         # Only the second gradient evaluation is conditional: collectives
         # (all-reduce under MirroredStrategy) cannot run inside a branch.
@@ -406,18 +423,19 @@ class SAMModel(keras.Model):
             perturbed, sharpness, rho = second_pass()
         else:
             perturbed, sharpness, rho = ops.cond(do_sam, second_pass, no_second_pass)
+        local["perturbed"] = perturbed
         if self.sync_perturbation and replicas > 1 and self._descent_uses_clean_gradient:
             # The combination needs the global gradients; every replica
             # computes the same global direction and hands apply() its share.
-            gp_all = sam_backend.all_reduce(perturbed, "sum")
+            (gp_all,) = summed("perturbed")
             descent = [d / replicas for d in self._descent(ascent, gp_all)]
         else:
             descent = self._descent(grads, perturbed)
-        sam_own = self._after_sam(grads, perturbed, own)
+        sam_own = self._after_sam(grads, perturbed, own, summed)
         if do_sam is True:
             own = sam_own
         else:
-            plain = self._plain_descent(grads, own)
+            plain = self._plain_descent(grads, own, summed)
             descent = [ops.where(do_sam, d, p) for d, p in zip(descent, plain)]
             own = [ops.where(do_sam, n, o) for n, o in zip(sam_own, own)]
         for i, value in zip(positions, own):
@@ -444,16 +462,17 @@ class SAMModel(keras.Model):
         index = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
         return [index[id(v)] for v in self._own_state_variables()]
 
-    def _decide(self, grads, own):
+    def _decide(self, grads, own, summed):
         """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
-        scalar tensor, the same on every replica) and the updated own state."""
+        scalar tensor, the same on every replica) and the updated own state.
+        `summed("clean")` is the global clean gradient (see `_sam_step`)."""
         if self.sam_every == 1:
             return True, own
         iteration = ops.convert_to_tensor(self.optimizer.iterations)
         return ops.equal(ops.mod(iteration, self.sam_every), 0), own
 
-    def _after_sam(self, grads, perturbed, own):
-        """Own state after a SAM step."""
+    def _after_sam(self, grads, perturbed, own, summed):
+        """Own state after a SAM step (`summed`: see `_sam_step`)."""
         return list(own)
 
     def _after_apply(self, trainable, state):
@@ -461,8 +480,9 @@ class SAMModel(keras.Model):
         `trainable` (MESA's moving average); unchanged by default."""
         return state
 
-    def _plain_descent(self, grads, own):
-        """The descent gradient of a plain step: the clean gradient."""
+    def _plain_descent(self, grads, own, summed):
+        """The descent gradient of a plain step: the clean gradient
+        (`summed`: see `_sam_step`)."""
         return list(grads)
 
     def _loss_scale(self):
