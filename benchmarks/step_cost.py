@@ -15,6 +15,22 @@ varies from step to step).
 
     python benchmarks/step_cost.py            # CPU defaults, ~3 minutes
     python benchmarks/step_cost.py --jit      # with XLA
+    python benchmarks/step_cost.py --fit-calls   # whole fit calls, 5 fresh processes
+
+`--fit-calls` measures the cost as a user who times epochs sees it: in each
+of `--processes` fresh processes, every method's model makes `--calls`
+timed `fit` calls of `--fit-steps` steps (after one untimed call that
+traces), interleaved; each call's ratio is its time over the plain model's
+call of the same round. It reports the median ratio, the per-process medians
+and the range over single calls, and how many calls of each model (plain
+Keras included) spent more than 0.1 s in `fit`'s teardown, after the last
+callback: that is where the slow calls are. TensorFlow's tf.data autotuning
+runs a background thread per iterator, and ending the epoch's iterator waits
+for it; a call that ends just after it woke waits up to the next wake-up
+(about 0.4-0.6 s here, so call times snap to ~1.3 s or ~2.6 s on this
+machine). It hits plain Keras models alike and disappears with autotuning off
+(`--no-autotune`: `tf.data.Options().autotune.enabled = False` on the
+dataset), which is the workaround for anyone timing short `fit` calls.
 """
 
 import argparse
@@ -49,6 +65,10 @@ METHODS = {
                  lambda m: keras_sam.LookSAMModel(m, rho=0.05, sam_every=SAM_EVERY,
                                                   alpha=0.7)),
     "aesam": ("AE-SAM", lambda m: keras_sam.AESAMModel(m, rho=0.05, threshold=0.7)),
+    "msam": ("Momentum-SAM", lambda m: keras_sam.MSAMModel(m, rho=0.3)),
+    # kl_start_epoch=-1: the teacher's pass runs from the first step.
+    "mesa": ("MESA", lambda m: keras_sam.MESAModel(m, kl_weight=0.8, kl_start_epoch=-1,
+                                                   ema_decay=0.99)),
 }
 
 
@@ -88,7 +108,28 @@ def main(argv=None):
                         + " (plain is always timed)")
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--fit-calls", action="store_true",
+                        help="time whole `fit` calls in fresh processes instead")
+    parser.add_argument("--processes", type=int, default=5,
+                        help="fresh processes of --fit-calls (default 5)")
+    parser.add_argument("--calls", type=int, default=7,
+                        help="timed fit calls per method and process (default 7)")
+    parser.add_argument("--fit-steps", type=int, default=20,
+                        help="steps per fit call, a multiple of 5 (default 20)")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="with --fit-calls: a tf.data pipeline with autotuning off "
+                        "instead of NumPy arrays")
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("processes", "calls", "fit_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.fit_steps % SAM_EVERY:
+        parser.error(f"--fit-steps must be a multiple of {SAM_EVERY}")
+    if args.child_out:
+        return _fit_calls_in_this_process(args)
+    if args.fit_calls:
+        return fit_calls(args)
     for name in ("batch", "image", "steps", "rounds", "batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -147,10 +188,160 @@ def main(argv=None):
     return result
 
 
-def _timed(model, args):
+# ---------------------------------------------------------------------------
+# Whole fit calls, as a user who times epochs sees the cost.
+
+
+def _fit_calls_in_this_process(args):
+    """One process: every method's model, one untimed fit call (tracing),
+    then `--calls` rounds of one timed `fit` call per method, interleaved.
+    Writes `{method: [seconds per call]}` to `--child-out`."""
+    rng = np.random.default_rng(0)
+    n = args.batch * args.fit_steps
+    x = rng.normal(size=(n, args.image, args.image, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(n,))
+    models = {name: _compile(METHODS[name][1](conv_net(args.image)), jit_compile=args.jit)
+              for name in args.methods}
+    if args.no_autotune:
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        data = dict(x=tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch)
+                    .with_options(options), shuffle=False)
+    else:  # NumPy arrays, as most users pass them
+        data = dict(x=x, y=y, batch_size=args.batch, shuffle=False)
+    end = _TrainEnd()
+
+    def one_call(model):
+        start = time.perf_counter()
+        model.fit(epochs=1, verbose=0, callbacks=[end], **data)
+        done = time.perf_counter()
+        return done - start, done - end.time
+
+    for model in models.values():
+        one_call(model)
+    times = {name: [] for name in models}
+    tails = {name: [] for name in models}
+    for _ in range(args.calls):
+        for name, model in models.items():
+            call, tail = one_call(model)
+            times[name].append(call)
+            tails[name].append(tail)
+    with open(args.child_out, "w") as f:
+        json.dump({"times": times, "tails": tails}, f)
+    return times
+
+
+class _TrainEnd(keras.callbacks.Callback):
+    """When `fit` ran its last callback (what follows is fit's teardown)."""
+
+    def on_train_end(self, logs=None):
+        self.time = time.perf_counter()
+
+
+SLOW_TEARDOWN_S = 0.1
+"""A fit call whose teardown (after `on_train_end`) takes longer waited on
+tf.data's autotuning thread (see the module docstring)."""
+
+
+def _call(process, name, i, without_teardown):
+    call = process["times"][name][i]
+    return call - process["tails"][name][i] if without_teardown else call
+
+
+def fit_calls(args):
+    """`--processes` fresh processes of `_fit_calls_in_this_process`; the
+    ratio of a call is its time over the plain call of the same round."""
+    import subprocess
+    import tempfile
+
+    per_process = []
+    with tempfile.TemporaryDirectory() as folder:
+        for p in range(args.processes):
+            out = os.path.join(folder, f"process{p}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-out", out,
+                   "--methods", ",".join(args.methods), "--batch", str(args.batch),
+                   "--image", str(args.image), "--calls", str(args.calls),
+                   "--fit-steps", str(args.fit_steps)]
+            cmd += ["--jit"] if args.jit else []
+            cmd += ["--no-autotune"] if args.no_autotune else []
+            subprocess.run(cmd, check=True, timeout=3600)
+            with open(out) as f:
+                per_process.append(json.load(f))
+            print(f"\rprocess {p + 1}/{args.processes}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    summary = {}
+    for name in args.methods:
+        tails = [t for p in per_process for t in p["tails"][name]]
+        summary[name] = {
+            # Calls whose teardown after the last callback took over 0.1 s.
+            "calls_with_slow_teardown": sum(t > SLOW_TEARDOWN_S for t in tails),
+            "calls": len(tails),
+        }
+        if name == "plain":
+            continue
+        for key, strip in (("", False), ("without_teardown_", True)):
+            ratios = [[_call(p, name, i, strip) / _call(p, "plain", i, strip)
+                       for i in range(args.calls)] for p in per_process]
+            medians = [statistics.median(r) for r in ratios]
+            summary[name].update({
+                key + "median": statistics.median(medians),
+                key + "process_medians": medians,
+                key + "calls_min": min(min(r) for r in ratios),
+                key + "calls_max": max(max(r) for r in ratios),
+            })
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "batch": args.batch,
+        "image": args.image,
+        "jit": args.jit,
+        "steps_per_fit_call": args.fit_steps,
+        "processes": args.processes,
+        "calls_per_process": args.calls,
+        "methods": {k: METHODS[k][0] for k in args.methods},
+        "autotune": not args.no_autotune,
+        "plain_seconds_per_call": [statistics.median(p["times"]["plain"]) for p in per_process],
+        "ratio": summary,
+        "seconds_per_call": per_process,
+    }
+    print(f"whole fit calls of {args.fit_steps} steps, {args.processes} processes x "
+          f"{args.calls} calls, backend {result['backend']}, batch {args.batch}, "
+          f"tf.data autotune {'on' if result['autotune'] else 'off'}, {result['machine']}")
+    for name, r in summary.items():
+        slow = f"slow teardowns {r['calls_with_slow_teardown']}/{r['calls']}"
+        if name == "plain":
+            print(f"{METHODS[name][0]:>17}: {slow}")
+            continue
+        print(f"{METHODS[name][0]:>17}: median {r['median']:.3f}x plain; per process "
+              f"{min(r['process_medians']):.3f}-{max(r['process_medians']):.3f}; "
+              f"single calls {r['calls_min']:.3f}-{r['calls_max']:.3f}; {slow}; "
+              f"without teardown: per process "
+              f"{min(r['without_teardown_process_medians']):.3f}-"
+              f"{max(r['without_teardown_process_medians']):.3f}")
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+    return result
+
+
+def _compile(model, **kwargs):
+    """SGD with momentum (Momentum-SAM needs a momentum buffer), logits."""
     model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kwargs,
+    )
+    return model
+
+
+def _timed(model, args):
+    _compile(
+        model,
         steps_per_execution=args.steps,
         jit_compile=args.jit,
     )

@@ -56,6 +56,37 @@ def step_cost_cpu():
             f"batch {r['batch']}, {r['image']}x{r['image']}x3, jit={r['jit']}{rounds})")
 
 
+FIT_CALLS = (("on (NumPy arrays)", "step_cost_fit_calls_cpu.json"),
+             ("off", "step_cost_fit_calls_no_autotune_cpu.json"))
+"""The two `step_cost.py --fit-calls` results: tf.data autotuning on and off."""
+
+
+def step_cost_fit_calls():
+    rows = ["| tf.data autotune | method | median ratio to plain | per-process medians | "
+            "single calls | calls with a slow teardown | per-process medians without "
+            "the teardown |", "|---|---|---|---|---|---|---|"]
+    first = None
+    for mode, name in FIT_CALLS:
+        r = json.load(open(os.path.join(RESULTS, name)))
+        first = first or r
+        for key, v in r["ratio"].items():
+            slow = f"{v['calls_with_slow_teardown']} / {v['calls']}"
+            if key == "plain":
+                rows.append(f"| {mode} | plain | 1 | | | {slow} | |")
+                continue
+            rows.append(
+                f"| {mode} | {r['methods'][key]} | {v['median']:.2f} | "
+                f"{min(v['process_medians']):.2f}-{max(v['process_medians']):.2f} | "
+                f"{v['calls_min']:.2f}-{v['calls_max']:.2f} | {slow} | "
+                f"{min(v['without_teardown_process_medians']):.2f}-"
+                f"{max(v['without_teardown_process_medians']):.2f} |")
+    r = first
+    return ("\n".join(rows) + f"\n\n({r['machine']}, {r['backend']}, Keras {r['keras']}, "
+            f"batch {r['batch']}, {r['image']}x{r['image']}x3, {r['processes']} fresh "
+            f"processes x {r['calls_per_process']} fit calls of {r['steps_per_fit_call']} "
+            "steps per method)")
+
+
 def efficient():
     r = json.load(open(os.path.join(RESULTS, "efficient", "summary.json")))
     return (f"`{r['command']}` ({r['machine']}; {r['versions']['backend']}, "
@@ -89,6 +120,7 @@ def paper_summary():
 BLOCKS = {
     "gpu_step_cost": gpu_step_cost,
     "step_cost_cpu": step_cost_cpu,
+    "step_cost_fit_calls": step_cost_fit_calls,
     "batch_switch": from_markdown("batch_switch.md"),
     "paper_verdicts": paper_summary,
     "paper_mnist1d_cnn": from_markdown(

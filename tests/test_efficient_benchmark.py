@@ -126,6 +126,61 @@ def test_step_cost_reports_the_cheaper_schedules(tmp_path, monkeypatch):
     assert "share of SAM steps" in block
 
 
+def test_one_gradient_methods_and_the_looksam_alphas_run_with_their_optimizers(tmp_path):
+    import keras
+
+    methods = ["sgdm", "msam", "mesa", "looksam5_alpha0.3"]
+    out = str(tmp_path / "one_gradient")
+    tiny = [a if a != ",".join(METHODS) else ",".join(methods) for a in TINY]
+    assert efficient.main(tiny + ["--out", out]) == {"trained": 4, "skipped": 0}
+    runs = _runs(out)
+    for m in ("sgdm", "msam", "mesa"):
+        assert runs[m][0]["sam_fraction"] == 0.0  # one gradient per step
+    assert runs["looksam5_alpha0.3"][0]["sam_fraction"] == pytest.approx(1 / 5)
+    # Momentum methods: SGD momentum 0.9 at a tenth of the paper's rate.
+    for method in ("sgdm", "msam"):
+        optimizer = efficient.optimizer_of(method)(0.1)
+        assert optimizer.momentum == 0.9
+        assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(0.01)
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+        scaled = efficient.optimizer_of(method)(schedule)._learning_rate
+        for step in (0, 7, 30):
+            assert float(scaled(step)) == pytest.approx(0.1 * float(schedule(step)))
+    assert efficient.optimizer_of("sam") is efficient.paper_run.plain_sgd
+
+
+def test_step_cost_fit_calls_in_fresh_processes(tmp_path, monkeypatch):
+    path = str(tmp_path / "fit_calls.json")
+    result = step_cost.main(["--fit-calls", "--processes", "2", "--calls", "2",
+                             "--fit-steps", "5", "--batch", "4", "--image", "8",
+                             "--methods", "sam_every5,msam", "--json", path])
+    assert json.load(open(path)) == result
+    assert len(result["seconds_per_call"]) == 2  # one record per process
+    for process in result["seconds_per_call"]:
+        assert sorted(process["times"]) == ["msam", "plain", "sam_every5"]
+        assert all(len(v) == 2 for v in process["times"].values())
+        for name, tails in process["tails"].items():
+            assert all(0 <= t <= c for t, c in zip(tails, process["times"][name]))
+    for name in ("sam_every5", "msam"):
+        r = result["ratio"][name]
+        ratios = [p["times"][name][i] / p["times"]["plain"][i]
+                  for p in result["seconds_per_call"] for i in range(2)]
+        assert r["calls_min"] == pytest.approx(min(ratios))
+        assert r["calls_max"] == pytest.approx(max(ratios))
+        assert r["calls"] == 4 and 0 <= r["calls_with_slow_teardown"] <= 4
+        assert len(r["process_medians"]) == 2
+
+    # The README block renders from both modes' files.
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for _, name in update_readme.FIT_CALLS:
+        shutil.copy(path, folder / name)
+    monkeypatch.setattr(update_readme, "RESULTS", str(folder))
+    block = update_readme.step_cost_fit_calls()
+    for mode, _ in update_readme.FIT_CALLS:
+        assert f"| {mode} | SAM every 5 | {result['ratio']['sam_every5']['median']:.2f} |" in block
+
+
 def test_step_cost_needs_whole_periods():
     with pytest.raises(SystemExit):
         step_cost.main(["--steps", "3"])

@@ -173,11 +173,19 @@ WRAPPERS = {
 }
 
 
-def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
+def plain_sgd(learning_rate):
+    """The paper's optimizer: SGD without momentum."""
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.0)
+
+
+def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
+              optimizer=plain_sgd):
     """Trains one grid point; returns its record (a JSON-able dict).
 
     `wrappers` maps method names to functions that wrap the network
-    (default `WRAPPERS`); `callbacks` are added to `fit`'s."""
+    (default `WRAPPERS`); `callbacks` are added to `fit`'s; `optimizer(lr)`
+    makes the optimizer from the schedule's learning rate (default the
+    paper's plain SGD)."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     epochs = schedule_epochs(args, schedule, data.num_train)
@@ -209,7 +217,7 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=()):
     # Several steps per call of the compiled function: the same steps in the
     # same order (bitwise equal results, tested), less Python per step.
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.0),
+        optimizer=optimizer(lr),
         loss=loss, metrics=["accuracy"],
         steps_per_execution=getattr(args, "steps_per_execution", 1))
 
