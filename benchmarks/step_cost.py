@@ -156,12 +156,7 @@ def main(argv=None):
     print(file=sys.stderr)
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "backend": keras.backend.backend(),
-        "keras": keras.__version__,
-        "batch": args.batch,
-        "image": args.image,
-        "jit": args.jit,
+        **_setting(args),
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "sam_every": SAM_EVERY,
@@ -292,12 +287,7 @@ def fit_calls(args):
                 key + "calls_max": max(max(r) for r in ratios),
             })
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "backend": keras.backend.backend(),
-        "keras": keras.__version__,
-        "batch": args.batch,
-        "image": args.image,
-        "jit": args.jit,
+        **_setting(args),
         "steps_per_fit_call": args.fit_steps,
         "processes": args.processes,
         "calls_per_process": args.calls,
@@ -327,6 +317,18 @@ def fit_calls(args):
             json.dump(result, f, indent=2)
         os.replace(tmp, args.json)
     return result
+
+
+def _setting(args):
+    """The machine and the settings every result file records."""
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "batch": args.batch,
+        "image": args.image,
+        "jit": args.jit,
+    }
 
 
 def _compile(model, **kwargs):

@@ -39,7 +39,7 @@ def linear(seed=0):
     return same_weights(keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)]), seed)
 
 
-def mlp(seed=0):
+def mlp(seed=0, outputs=1):
     keras.utils.set_random_seed(seed)
     return same_weights(
         keras.Sequential(
@@ -47,7 +47,7 @@ def mlp(seed=0):
                 keras.Input((D,)),
                 keras.layers.Dense(8, activation="tanh"),
                 keras.layers.BatchNormalization(),
-                keras.layers.Dense(1),
+                keras.layers.Dense(outputs),
             ]
         ),
         seed,
@@ -55,18 +55,8 @@ def mlp(seed=0):
 
 
 def mlp_classifier(seed=0):
-    keras.utils.set_random_seed(seed)
-    return same_weights(
-        keras.Sequential(
-            [
-                keras.Input((D,)),
-                keras.layers.Dense(8, activation="tanh"),
-                keras.layers.BatchNormalization(),
-                keras.layers.Dense(3),
-            ]
-        ),
-        seed,
-    )
+    """The MLP with three logits, for MESA."""
+    return mlp(seed, outputs=3)
 
 
 def oracle_linear_sam(w, b, x, y, rho, alpha):
