@@ -1,38 +1,44 @@
-"""Cheaper SAM on MNIST-1D: how much of SAM's flatness each cheaper schedule
-keeps, and at what cost per step.
+"""Cheaper SAM on MNIST-1D: does a cheaper schedule keep 90% of SAM's
+flatness at <= 1.25x SGD's step cost without costing accuracy?
 
-Trains the MNIST-1D conv net of `benchmarks.paper` with plain SGD, SAM,
-GSAM, SAM with its second gradient every k-th step only (`sam_every` 2, 5,
-10), LookSAM (`sam_every=5`, `alpha` 0.7, 0.3 and 0.1), MESA, Momentum-SAM
-with its own baseline (SGD with momentum, which it needs) and AE-SAM (threshold
-`AESAM_THRESHOLD`, about a fifth to a quarter of the steps are SAM steps), all with the
-same data, epochs, batch size, learning-rate schedule and radius. After each
-run: worst-case sharpness and full-gradient norm (the paper benchmark's
-measures, from `benchmarks.paper.run.train_one`) and the test error.
+Trains both MNIST-1D networks of `benchmarks.paper` (the CNN with BatchNorm,
+the MLP without normalization) with plain SGD, SAM, GSAM, SAM with its second
+gradient every k-th step only (`sam_every` 2, 5, 10), LookSAM (`sam_every=5`,
+`alpha` 0.7, 0.3 and 0.1), AE-SAM (threshold `AESAM_THRESHOLD`, about a fifth
+to a quarter of the steps are SAM steps), MESA, and Momentum-SAM with its own
+baseline (SGD with momentum, which it needs), all with the same data, epochs,
+batch size, learning-rate schedule and radius, over five seeds. A run whose
+training loss still moves after its epochs trains on until it stops (the
+paper benchmark's convergence criterion, reported per run in `runs.md`).
+After each run: worst-case sharpness and full-gradient norm (the paper
+benchmark's measures, from `benchmarks.paper.run.train_one`) and the test error.
 
-The cost of a method is its training step time relative to SGD's: each run
-times its steps from `on_train_batch_begin` to `on_train_batch_end`, leaving
-out the first epoch (tracing); a run's time per step is the mean over the
-other epochs (a mean, since the cost of `sam_every` is periodic), and a
-method's is the median over seeds. "Fraction kept" is the share of SAM's
-sharpness reduction a method keeps:
-`(sharp_SGD - sharp_method) / (sharp_SGD - sharp_SAM)`, from the means over
-seeds (1 for SAM itself, 0 for SGD).
+The cost of a method is its time per step as a user timing epochs sees it:
+each epoch's wall time from its first step to the end of its last over its
+steps, the median over the epochs after the first (tracing), divided by
+SGD's of the same seed; the median over seeds. "Fraction kept" is the share
+of SAM's sharpness reduction a method keeps,
+`(sharp_SGD - sharp_method) / (sharp_SGD - sharp_SAM)`, from the means and
+seed by seed (same initialization and data order) with a Student-t 95%
+interval; the test error is compared with SGD's and SAM's seed by seed likewise.
+`verdict` turns the intervals into yes / no / not settled.
 
 Run from the repository root:
 
-    python -m benchmarks.efficient                 # all methods, 3 seeds, ~10 min on 2 cores
+    python -m benchmarks.efficient                 # 130 runs, ~25 min on 2 cores
     python -m benchmarks.efficient --methods sgd,sam,looksam5 --seeds 0 --epochs 2
 
 Outputs (in `--out`, default benchmarks/results/efficient): `results.md`,
-`summary.json`, `sharpness_vs_cost.png` and `runs/<method>_<schedule>_seed<k>.json`
-(one per finished run, written atomically; rerunning the same command skips
-them, and a stored run made with another configuration is an error).
+`runs.md`, `summary.json`, `sharpness_vs_cost.png` and
+`runs/<model>/<method>_<schedule>_seed<k>.json` (one per finished run,
+written atomically; rerunning the same command skips them, and a stored run
+made with another configuration is an error).
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import statistics
@@ -49,6 +55,7 @@ from benchmarks.paper import data as paper_data  # noqa: E402
 from benchmarks.paper import protocol  # noqa: E402
 from benchmarks.paper import report as paper_report  # noqa: E402
 from benchmarks.paper import run as paper_run  # noqa: E402
+from benchmarks.paper import verdicts  # noqa: E402
 
 COMMAND = "python -m benchmarks.efficient"
 """How this benchmark is run (from the repository root); reports quote it."""
@@ -85,8 +92,10 @@ METHODS = {
     "gsam": "GSAM",
     **{f"sam_every{k}": f"SAM every {k}" for k in SAM_EVERY},
     f"looksam{LOOKSAM_EVERY}": f"LookSAM every {LOOKSAM_EVERY}",
-    **{f"looksam{LOOKSAM_EVERY}_alpha{a:g}": f"LookSAM every {LOOKSAM_EVERY} alpha {a:g}"
-       for a in LOOKSAM_ALPHAS},
+    **{
+        f"looksam{LOOKSAM_EVERY}_alpha{a:g}": f"LookSAM every {LOOKSAM_EVERY} alpha {a:g}"
+        for a in LOOKSAM_ALPHAS
+    },
     "aesam": "AE-SAM",
     "mesa": "MESA",
     "sgdm": "SGD momentum",
@@ -99,17 +108,27 @@ def wrappers(args):
     rho = protocol.RHO
     return {
         **paper_run.WRAPPERS,  # sgd, sam, gsam
-        **{f"sam_every{k}": lambda inner, k=k: keras_sam.SAMModel(
-            inner, rho=rho, sam_every=k) for k in SAM_EVERY},
+        **{
+            f"sam_every{k}": lambda inner, k=k: keras_sam.SAMModel(inner, rho=rho, sam_every=k)
+            for k in SAM_EVERY
+        },
         f"looksam{LOOKSAM_EVERY}": lambda inner: keras_sam.LookSAMModel(
-            inner, rho=rho, sam_every=LOOKSAM_EVERY, alpha=LOOKSAM_ALPHA),
-        **{f"looksam{LOOKSAM_EVERY}_alpha{a:g}": lambda inner, a=a: keras_sam.LookSAMModel(
-            inner, rho=rho, sam_every=LOOKSAM_EVERY, alpha=a) for a in LOOKSAM_ALPHAS},
-        "aesam": lambda inner: keras_sam.AESAMModel(
-            inner, rho=rho, threshold=args.aesam_threshold),
+            inner, rho=rho, sam_every=LOOKSAM_EVERY, alpha=LOOKSAM_ALPHA
+        ),
+        **{
+            f"looksam{LOOKSAM_EVERY}_alpha{a:g}": lambda inner, a=a: keras_sam.LookSAMModel(
+                inner, rho=rho, sam_every=LOOKSAM_EVERY, alpha=a
+            )
+            for a in LOOKSAM_ALPHAS
+        },
+        "aesam": lambda inner: keras_sam.AESAMModel(inner, rho=rho, threshold=args.aesam_threshold),
         "mesa": lambda inner: keras_sam.MESAModel(
-            inner, kl_weight=MESA_KL_WEIGHT, temperature=MESA_TEMPERATURE,
-            ema_decay=MESA_EMA_DECAY, kl_start_epoch=int(0.3 * args.epochs)),
+            inner,
+            kl_weight=MESA_KL_WEIGHT,
+            temperature=MESA_TEMPERATURE,
+            ema_decay=MESA_EMA_DECAY,
+            kl_start_epoch=int(0.3 * args.epochs),
+        ),
         "sgdm": lambda inner: inner,
         "msam": lambda inner: keras_sam.MSAMModel(inner, rho=MSAM_RHO),
     }
@@ -150,7 +169,13 @@ def label(method, args):
 
 
 SCHEDULES = ("C", "constant", "linear")
-
+ARCHITECTURES = ("mnist1d_cnn", "mnist1d_mlp")
+"""The paper benchmark's two MNIST-1D networks: a CNN with BatchNorm, an MLP
+without normalization."""
+EPOCHS = {"mnist1d_cnn": 30, "mnist1d_mlp": 200}
+"""Default epochs: the CNN's loss has stopped moving after 30 (its test error
+near its best); the MLP learns slowly at lr 0.1 and gets the paper grid's
+200 (at 30 its test error is still above 50%)."""
 
 
 # ---------------------------------------------------------------------------
@@ -161,22 +186,61 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog=COMMAND,
         description="SGD, SAM, GSAM and cheaper SAM schedules on MNIST-1D: "
-        "sharpness, test error and cost per step.")
-    p.add_argument("--methods", type=paper_cli._csv_choice("method", tuple(METHODS)),
-                   default=list(METHODS), help="comma separated, from "
-                   + ",".join(METHODS) + " (default all)")
-    p.add_argument("--seeds", type=paper_cli._seeds, default=[0, 1, 2], help="default 0,1,2")
-    p.add_argument("--epochs", type=paper_cli._positive_int, default=20, help="default 20")
-    p.add_argument("--schedule", choices=SCHEDULES, default="C",
-                   help="learning-rate schedule of benchmarks.paper (default C: cosine "
-                   "0.1 -> 0.001 per step, where SAM is clearly flatter than SGD)")
+        "sharpness, test error, cost per step and a verdict per method.",
+    )
+    p.add_argument(
+        "--methods",
+        type=paper_cli._csv_choice("method", tuple(METHODS)),
+        default=list(METHODS),
+        help="comma separated, from " + ",".join(METHODS) + " (default all)",
+    )
+    p.add_argument(
+        "--models",
+        type=paper_cli._csv_choice("model", ARCHITECTURES),
+        default=list(ARCHITECTURES),
+        help="comma separated, from " + ",".join(ARCHITECTURES) + " (default both)",
+    )
+    p.add_argument(
+        "--seeds", type=paper_cli._seeds, default=[0, 1, 2, 3, 4], help="default 0,1,2,3,4"
+    )
+    p.add_argument(
+        "--epochs",
+        type=paper_cli._positive_int,
+        default=None,
+        help="epochs of every run (default per architecture: "
+        + ", ".join(f"{m} {e}" for m, e in EPOCHS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--extend-until-converged",
+        type=paper_cli._fraction,
+        default=protocol.EXTEND_UNTIL_CONVERGED,
+        help="a run whose training loss still moves after its epochs trains on "
+        "until it stops, for at most this fraction of its epochs more "
+        f"(default {protocol.EXTEND_UNTIL_CONVERGED}; 0: never)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="C",
+        help="learning-rate schedule of benchmarks.paper (default C: cosine "
+        "0.1 -> 0.001 per step, where SAM is clearly flatter than SGD)",
+    )
     p.add_argument("--batch", type=paper_cli._positive_int, default=128, help="default 128")
-    p.add_argument("--num-samples", type=paper_cli._positive_int, default=4000,
-                   help="MNIST-1D examples in total, 80%% train (default 4000)")
+    p.add_argument(
+        "--num-samples",
+        type=paper_cli._positive_int,
+        default=4000,
+        help="MNIST-1D examples in total, 80%% train (default 4000)",
+    )
     p.add_argument("--sharpness-examples", type=paper_cli._positive_int, default=1024)
     p.add_argument("--sharpness-iterations", type=paper_cli._positive_int, default=20)
-    p.add_argument("--aesam-threshold", type=float, default=AESAM_THRESHOLD,
-                   help=f"AE-SAM's c (default {AESAM_THRESHOLD})")
+    p.add_argument(
+        "--aesam-threshold",
+        type=float,
+        default=AESAM_THRESHOLD,
+        help=f"AE-SAM's c (default {AESAM_THRESHOLD})",
+    )
     p.add_argument("--out", default=os.path.join(protocol.RESULTS, "efficient"))
     return p
 
@@ -187,15 +251,24 @@ def parse_args(argv):
     if args.num_samples < 50:
         parser.error("--num-samples must be >= 50")
     # The fields paper_run.train_one and paper_run.run_config read.
-    args.dataset, args.model, args.data_seed = "mnist1d", "mnist1d_cnn", 0
+    args.dataset, args.model, args.data_seed = "mnist1d", args.models[0], 0
     args.initial_batch, args.sharpness_every = args.batch, 0
     return args
 
 
+def for_model(args, model):
+    """`args` for the runs of one architecture (its epochs)."""
+    return argparse.Namespace(**dict(vars(args), model=model, epochs=args.epochs or EPOCHS[model]))
+
+
 def run_config(args):
-    """What a stored run must match to be reused."""
-    return dict(paper_run.run_config(args), schedule=args.schedule,
-                looksam_alpha=LOOKSAM_ALPHA, aesam_threshold=args.aesam_threshold)
+    """What a stored run must match to be reused (`args.model`'s runs)."""
+    return dict(
+        paper_run.run_config(args),
+        schedule=args.schedule,
+        looksam_alpha=LOOKSAM_ALPHA,
+        aesam_threshold=args.aesam_threshold,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -208,21 +281,31 @@ holds whole periods of the periodic schedules."""
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training step, per epoch."""
+    """Wall time of every training step and of every epoch's steps."""
 
     def __init__(self):
         super().__init__()
         self.epochs = []
-        self._start = None
+        self.spans = []  # per epoch: first step's begin to last step's end
+        self._start = self._epoch_start = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append([])
+        self._epoch_start = None
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
+        if self._epoch_start is None:
+            self._epoch_start = self._start
 
     def on_train_batch_end(self, batch, logs=None):
-        self.epochs[-1].append(time.perf_counter() - self._start)
+        end = time.perf_counter()
+        self.epochs[-1].append(end - self._start)
+        span = end - self._epoch_start
+        if len(self.spans) < len(self.epochs):
+            self.spans.append(span)
+        else:
+            self.spans[-1] = span
 
     def ms_per_step(self):
         """Step time (ms) without the first epoch (it traces the step): the
@@ -230,66 +313,58 @@ class StepTimer(keras.callbacks.Callback):
         (robust to bursts of load from other processes); the plain mean when
         there are fewer steps than one block."""
         steps = [t for epoch in self.epochs[1:] or self.epochs for t in epoch]
-        blocks = [steps[i:i + BLOCK_STEPS]
-                  for i in range(0, len(steps) - BLOCK_STEPS + 1, BLOCK_STEPS)]
+        blocks = [
+            steps[i : i + BLOCK_STEPS] for i in range(0, len(steps) - BLOCK_STEPS + 1, BLOCK_STEPS)
+        ]
         if not blocks:
             return 1e3 * statistics.fmean(steps)
         return 1e3 * statistics.median(statistics.fmean(b) for b in blocks)
 
+    def epoch_ms_per_step(self):
+        """Time per step as a user timing epochs sees it (ms): each epoch's
+        wall time from its first step's start to its last step's end (the
+        Python and input pipeline between steps included) over its steps;
+        the median over the epochs after the first (which traces)."""
+        pairs = list(zip(self.spans, self.epochs))
+        pairs = pairs[1:] or pairs
+        return 1e3 * statistics.median(span / len(steps) for span, steps in pairs)
+
 
 def train_one(args, data, method, seed):
+    """One run of `args.model` (see `for_model`); its record."""
     timer = StepTimer()
-    record = paper_run.train_one(args, data, method, args.schedule, seed,
-                                 wrappers=wrappers(args), callbacks=[timer],
-                                 optimizer=optimizer_of(method))
+    record = paper_run.train_one(
+        args,
+        data,
+        method,
+        args.schedule,
+        seed,
+        wrappers=wrappers(args),
+        callbacks=[timer],
+        optimizer=optimizer_of(method),
+    )
     record["config"] = run_config(args)
     record["final"]["ms_per_step"] = timer.ms_per_step()
+    record["final"]["epoch_ms_per_step"] = timer.epoch_ms_per_step()
     record["step_ms_per_epoch"] = [1e3 * statistics.fmean(e) for e in timer.epochs if e]
     fractions = [e["sam_fraction"] for e in record["epochs"] if "sam_fraction" in e]
     # Epochs have equal step counts, so the mean of the epoch means is the share.
     record["final"]["sam_fraction"] = (
-        statistics.fmean(fractions) if fractions
-        else 0.0 if method in ONE_GRADIENT else 1.0)
+        statistics.fmean(fractions) if fractions else 0.0 if method in ONE_GRADIENT else 1.0
+    )
     return record
 
 
 # ---------------------------------------------------------------------------
-# Summary.
+# Summary: intervals and verdicts.
 
-
-def summarize(args, runs):
-    """One row per method with runs: means ± std over seeds, median cost,
-    fraction of SAM's sharpness reduction kept."""
-    rows = []
-    for method in args.methods:
-        finals = [r["final"] for r in runs if r["method"] == method]
-        if not finals:
-            continue
-        rows.append({
-            "method": method,
-            "label": label(method, args),
-            "runs": len(finals),
-            "ms_per_step": statistics.median(f["ms_per_step"] for f in finals),
-            "sam_fraction": statistics.fmean(f["sam_fraction"] for f in finals),
-            "sharpness": paper_report._mean_std([f["worst_case_sharpness"] for f in finals]),
-            "grad_norm": paper_report._mean_std([f["full_gradient_norm"] for f in finals]),
-            "test_error": paper_report._mean_std([f["test_error"] for f in finals]),
-            "train_loss": paper_report._mean_std([f["train_loss"] for f in finals]),
-        })
-    by = {r["method"]: r for r in rows}
-    sgd, sam = by.get("sgd"), by.get("sam")
-    sharp = {(r["method"], r["seed"]): r["final"]["worst_case_sharpness"] for r in runs}
-    for r in rows:
-        r["cost"] = r["ms_per_step"] / sgd["ms_per_step"] if sgd else None
-        r["fraction_kept"] = fraction_kept(
-            sgd["sharpness"][0], sam["sharpness"][0], r["sharpness"][0]
-        ) if sgd and sam else None
-        # The same formula seed by seed (same initialization and data order).
-        paired = [fraction_kept(sharp[("sgd", s)], sharp[("sam", s)], sharp[(r["method"], s)])
-                  for s in args.seeds
-                  if all((m, s) in sharp for m in ("sgd", "sam", r["method"]))]
-        r["fraction_kept_paired"] = paper_report._mean_std([f for f in paired if f is not None])
-    return rows
+KEEP = 0.9
+COST = 1.25
+"""The question: does a method keep >= 90% of SAM's sharpness reduction at
+<= 1.25x SGD's step cost without costing accuracy?"""
+YES, NO, NOT_SETTLED = "yes", "no", "not settled"
+REFERENCES = ("sgd", "sam")
+"""The two ends of "fraction kept" (0 and 1 by definition): no verdict."""
 
 
 def fraction_kept(sharp_sgd, sharp_sam, sharp_method):
@@ -300,112 +375,289 @@ def fraction_kept(sharp_sgd, sharp_sam, sharp_method):
     return (sharp_sgd - sharp_method) / (sharp_sgd - sharp_sam) + 0.0  # no -0.0
 
 
+def mean_ci(values, level=verdicts.LEVEL):
+    """`(mean, (low, high))`: the mean and its Student-t interval (None for
+    fewer than two values); `(None, None)` without values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    half = (
+        verdicts.t_quantile(0.5 + level / 2, len(values) - 1)
+        * statistics.stdev(values)
+        / math.sqrt(len(values))
+    )
+    return mean, (mean - half, mean + half)
+
+
+def costs_accuracy(error_vs_sgd_ci, error_vs_sam_ci):
+    """A method costs accuracy when its test error is significantly above
+    both SGD's and SAM's (each paired 95% interval lies above 0): matching
+    SAM's test error is what a cheaper SAM aims at, also where SAM's is above
+    SGD's."""
+    return all(ci is not None and ci[0] > 0 for ci in (error_vs_sgd_ci, error_vs_sam_ci))
+
+
+def _pct(fraction):
+    """A fraction as a whole percentage, never "-0%"."""
+    return f"{round(100 * fraction) + 0:d}%"
+
+
+def verdict(cost, kept_ci, error_vs_sgd_ci, error_vs_sam_ci, all_converged=True):
+    """`(word, reason)` for "keeps >= KEEP of SAM's reduction at <= COST
+    without costing accuracy".
+
+    no: the median cost is above COST, or the 95% interval of the fraction
+    kept lies below KEEP, or the method costs accuracy (`costs_accuracy`);
+    yes: the cost is within COST, the fraction's interval lies at or above
+    KEEP, the method does not cost accuracy, and every run converged; not
+    settled: anything else (an interval across KEEP, too few seeds, a run
+    that did not converge)."""
+    if cost is None:
+        return NOT_SETTLED, "no paired SGD run"
+    if cost > COST:
+        return NO, f"cost {cost:.2f}x > {COST}x"
+    if kept_ci is None or error_vs_sgd_ci is None or error_vs_sam_ci is None:
+        return NOT_SETTLED, "fewer than 2 seeds"
+    if kept_ci[1] < KEEP:
+        return NO, f"keeps < {KEEP:.0%} (interval up to {_pct(kept_ci[1])})"
+    if costs_accuracy(error_vs_sgd_ci, error_vs_sam_ci):
+        return NO, "test error above both SGD's and SAM's"
+    if kept_ci[0] < KEEP:
+        return NOT_SETTLED, (
+            f"interval {kept_ci[0] + 0.0:.0%}-{kept_ci[1] + 0.0:.0%} spans {KEEP:.0%}"
+        )
+    if not all_converged:
+        return NOT_SETTLED, "not every run converged"
+    return YES, f"keeps {_pct(kept_ci[0])}-{_pct(kept_ci[1])} at {cost:.2f}x"
+
+
+def overall(words):
+    """One word over the architectures: no if any says no, yes if all say yes."""
+    words = list(words)
+    if NO in words:
+        return NO
+    return YES if words and all(w == YES for w in words) else NOT_SETTLED
+
+
+def summarize(args, runs):
+    """`{model: rows}`, one row per method with runs: means ± std over seeds,
+    the paired (same seed) cost, fraction kept and test-error difference to
+    SGD with 95% intervals, convergence and the verdict."""
+    out = {}
+    for model in args.models:
+        by = {(r["method"], r["seed"]): r for r in runs if r["config"]["model"] == model}
+        rows = []
+        for method in args.methods:
+            mine = {s: by[(method, s)] for s in args.seeds if (method, s) in by}
+            if not mine:
+                continue
+            finals = [r["final"] for r in mine.values()]
+
+            def of(m, key, by=by):
+                return {s: by[(m, s)]["final"][key] for s in args.seeds if (m, s) in by}
+
+            sgd_ms = of("sgd", "epoch_ms_per_step")
+            costs = [
+                f["epoch_ms_per_step"] / sgd_ms[s]
+                for s, f in ((s, r["final"]) for s, r in mine.items())
+                if s in sgd_ms
+            ]
+            sharp, sgd_sharp, sam_sharp = (
+                of(m, "worst_case_sharpness") for m in (method, "sgd", "sam")
+            )
+            kept = [
+                fraction_kept(sgd_sharp[s], sam_sharp[s], sharp[s])
+                for s in sharp
+                if s in sgd_sharp and s in sam_sharp
+            ]
+            error = verdicts.paired(of(method, "test_error"), of("sgd", "test_error"))
+            error_sam = verdicts.paired(of(method, "test_error"), of("sam", "test_error"))
+            convergence = [verdicts.convergence_of(r["epochs"])["converged"] for r in mine.values()]
+            row = {
+                "method": method,
+                "label": label(method, args),
+                "runs": len(finals),
+                "converged": sum(convergence),
+                "epochs": [len(r["epochs"]) for r in mine.values()],
+                "cost": statistics.median(costs) if costs else None,
+                "cost_range": (min(costs), max(costs)) if costs else None,
+                "ms_per_step": statistics.median(f["epoch_ms_per_step"] for f in finals),
+                "sam_fraction": statistics.fmean(f["sam_fraction"] for f in finals),
+                "sharpness": paper_report._mean_std([f["worst_case_sharpness"] for f in finals]),
+                "grad_norm": paper_report._mean_std([f["full_gradient_norm"] for f in finals]),
+                "test_error": paper_report._mean_std([f["test_error"] for f in finals]),
+                "train_loss": paper_report._mean_std([f["train_loss"] for f in finals]),
+                "kept_by_seed": mean_ci(kept),
+                "error_vs_sgd": (error["mean_difference"], error["ci"]),
+                "error_vs_sam": (error_sam["mean_difference"], error_sam["ci"]),
+            }
+            rows.append(row)
+        by_row = {r["method"]: r for r in rows}
+        for r in rows:
+            sgd, sam = by_row.get("sgd"), by_row.get("sam")
+            r["fraction_kept"] = (
+                fraction_kept(sgd["sharpness"][0], sam["sharpness"][0], r["sharpness"][0])
+                if sgd and sam
+                else None
+            )
+            if r["method"] in REFERENCES:
+                r["verdict"], r["reason"] = "—", "reference"
+            else:
+                r["verdict"], r["reason"] = verdict(
+                    r["cost"],
+                    r["kept_by_seed"][1],
+                    r["error_vs_sgd"][1],
+                    r["error_vs_sam"][1],
+                    r["converged"] == r["runs"],
+                )
+        out[model] = rows
+    return out
+
+
+def verdict_rows(args, tables):
+    """`[{"method", "label", model: word..., "overall"}]` for the methods
+    with a verdict on some architecture."""
+    rows = []
+    for method in args.methods:
+        if method in REFERENCES:
+            continue
+        words = {
+            m: next((r["verdict"] for r in rows_ if r["method"] == method), None)
+            for m, rows_ in tables.items()
+        }
+        if not any(words.values()):
+            continue
+        rows.append(
+            {
+                "method": method,
+                "label": label(method, args),
+                **words,
+                "overall": overall(w for w in words.values() if w)
+                if all(words.values())
+                else NOT_SETTLED,
+            }
+        )
+    return rows
+
+
 def _num(value, fmt):
     return "—" if value is None else format(value, fmt)
 
 
+def _ci(mean_and_ci, scale=100.0, unit="%"):
+    """`mean [low, high]` in whole percent, or in signed points (`unit` "points")."""
+    mean, ci = mean_and_ci
+    if mean is None:
+        return "—"
+
+    def fmt(value):
+        if unit == "%":
+            return f"{round(scale * value) + 0:d}"
+        return f"{round(scale * value, 2) + 0.0:+.2f}"
+
+    text = fmt(mean) + ("%" if unit == "%" else "")
+    return text if ci is None else f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
 def table_markdown(rows):
     lines = [
-        "| method | runs | cost per step / SGD | SAM steps | worst-case sharpness | "
-        "fraction kept | fraction kept by seed | full-gradient norm | final train loss | "
-        "test error % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | runs | converged | cost per step / SGD | cost by seed | SAM steps | "
+        "worst-case sharpness | fraction kept | fraction kept by seed [95% CI] | "
+        "test error % | vs SGD, points [95% CI] | vs SAM, points [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        lo_hi = r["cost_range"]
         lines.append(
-            f"| {r['label']} | {r['runs']} | {_num(r['cost'], '.2f')} | "
+            f"| {r['label']} | {r['runs']} | {r['converged']}/{r['runs']} | "
+            f"{_num(r['cost'], '.2f')} | "
+            + ("—" if lo_hi is None else f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}")
+            + " | "
             f"{r['sam_fraction']:.2f} | {paper_report._fmt_sci(*r['sharpness'])} | "
-            f"{_num(r['fraction_kept'], '.2f')} | {paper_report._fmt(*r['fraction_kept_paired'])} | "
-            f"{paper_report._fmt_sci(*r['grad_norm'])} | "
-            f"{paper_report._fmt(*r['train_loss'], digits=3)} | "
-            f"{paper_report._fmt(*r['test_error'], scale=100)} |")
+            f"{_num(r['fraction_kept'], '.2f')} | {_ci(r['kept_by_seed'])} | "
+            f"{paper_report._fmt(*r['test_error'], scale=100)} | "
+            f"{_ci(r['error_vs_sgd'], unit='points')} | "
+            f"{_ci(r['error_vs_sam'], unit='points')} | "
+            + (r["verdict"] if r["verdict"] == "—" else f"{r['verdict']} ({r['reason']})")
+            + " |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def verdict_markdown(args, tables):
+    models = list(tables)
+    lines = ["| method | " + " | ".join(models) + " | both |", "|---" * (len(models) + 2) + "|"]
+    for r in verdict_rows(args, tables):
+        lines.append(
+            f"| {r['label']} | "
+            + " | ".join(r[m] or "—" for m in models)
+            + f" | **{r['overall']}** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def not_costing_accuracy(r):
+    """`costs_accuracy` is false for the row."""
+    return not costs_accuracy(r["error_vs_sgd"][1], r["error_vs_sam"][1])
 
 
 def pareto_front(rows):
     """Rows no other row beats on both cost and mean sharpness (by cost)."""
     rows = [r for r in rows if r["cost"] is not None]
-    front = [r for r in rows if not any(
-        o["cost"] <= r["cost"] and o["sharpness"][0] <= r["sharpness"][0]
-        and (o["cost"] < r["cost"] or o["sharpness"][0] < r["sharpness"][0])
-        for o in rows)]
+    front = [
+        r
+        for r in rows
+        if not any(
+            o["cost"] <= r["cost"]
+            and o["sharpness"][0] <= r["sharpness"][0]
+            and (o["cost"] < r["cost"] or o["sharpness"][0] < r["sharpness"][0])
+            for o in rows
+        )
+    ]
     return sorted(front, key=lambda r: r["cost"])
-
-
-def _paired(r):
-    mean, std = r["fraction_kept_paired"]
-    return "by seed: —" if mean is None else f"by seed {100 * mean:.0f} ± {100 * std:.0f}%"
-
-
-def costs_accuracy_of(r, sgd, sam):
-    """A method "costs accuracy" when its mean test error is above both SGD's
-    and SAM's by more than twice the largest seed-to-seed std involved."""
-    margin = 2 * max(r["test_error"][1], sgd["test_error"][1], sam["test_error"][1])
-    return r["test_error"][0] > max(sgd["test_error"][0], sam["test_error"][0]) + margin
 
 
 def accurate_front(rows):
     """The Pareto front of the methods that do not cost accuracy."""
-    by = {r["method"]: r for r in rows}
-    if "sgd" in by and "sam" in by:
-        rows = [r for r in rows if not costs_accuracy_of(r, by["sgd"], by["sam"])]
-    return pareto_front(rows)
+    return pareto_front([r for r in rows if not_costing_accuracy(r)])
 
 
-def guidance(rows):
-    """Sentences read off the table (so the README types no figure)."""
-    by = {r["method"]: r for r in rows}
-    if not ("sgd" in by and "sam" in by) or by["sam"]["fraction_kept"] is None:
-        return ["(needs SGD and SAM runs)"]
-    sgd, sam = by["sgd"], by["sam"]
-    if sam["sharpness"][0] >= sgd["sharpness"][0]:
-        return ["SAM was not flatter than SGD in these runs, so the fraction "
-                "kept is not meaningful here."]
-    lines = [f"SAM lowers the worst-case sharpness from {sgd['sharpness'][0]:.3g} "
-             f"(SGD) to {sam['sharpness'][0]:.3g} at {sam['cost']:.2f}x SGD's "
-             "step cost."]
-    def costs_accuracy(r):
-        return costs_accuracy_of(r, sgd, sam)
-
-    cheap = [r for r in rows if r["method"] not in ("sgd", "sam", "gsam", "sgdm")]
-    for r in cheap:
-        if costs_accuracy(r):
+def guidance(args, tables):
+    """Sentences read off the tables (so the README types no figure)."""
+    lines = []
+    for model, rows in tables.items():
+        by = {r["method"]: r for r in rows}
+        if not ("sgd" in by and "sam" in by):
+            lines.append(f"{model}: needs SGD and SAM runs.")
+            continue
+        sgd, sam = by["sgd"], by["sam"]
+        if sam["sharpness"][0] >= sgd["sharpness"][0]:
             lines.append(
-                f"{r['label']} keeps {100 * r['fraction_kept']:.0f}% of the reduction "
-                f"at {r['cost']:.2f}x, but its test error ({100 * r['test_error'][0]:.1f}%) "
-                f"is well above SGD's ({100 * sgd['test_error'][0]:.1f}%) and SAM's "
-                f"({100 * sam['test_error'][0]:.1f}%), and its final training loss "
-                f"({r['train_loss'][0]:.3f}, SGD {sgd['train_loss'][0]:.3f}) shows it "
-                "fits less at these settings.")
-    cheap = [r for r in cheap if not costs_accuracy(r)]
-    half = sorted((r for r in cheap if r["fraction_kept"] >= 0.5), key=lambda r: r["cost"])
-    if half:
-        r = half[0]
-        lines.append(f"Cheapest schedule keeping at least half of that reduction "
-                     f"(without costing accuracy): {r['label']}, "
-                     f"{100 * r['fraction_kept']:.0f}% of it ({_paired(r)}) at "
-                     f"{r['cost']:.2f}x SGD's step cost.")
-    else:
-        lines.append("No cheaper schedule kept half of SAM's sharpness reduction "
-                     "without costing accuracy.")
-    for r in sorted(cheap, key=lambda r: r["cost"]):
-        lines.append(f"{r['label']}: {100 * r['fraction_kept']:.0f}% of the reduction "
-                     f"({_paired(r)}) at {r['cost']:.2f}x ({100 * r['sam_fraction']:.0f}% SAM steps), "
-                     f"test error {100 * r['test_error'][0]:.1f}%.")
-    front = accurate_front(rows)
-    lines.append("Pareto front of the methods that do not cost accuracy (none of "
-                 "them both cheaper and flatter): "
-                 + ", ".join(f"{r['label']} ({r['cost']:.2f}x)" for r in front) + ".")
-    errors = sorted((r for r in rows if not costs_accuracy(r)),
-                    key=lambda r: r["test_error"][0])
-    spread = errors[-1]["test_error"][0] - errors[0]["test_error"][0]
-    typical_std = statistics.median(r["test_error"][1] for r in rows)
-    lines.append(
-        f"Test error of the methods that do not cost accuracy: lowest {errors[0]['label']} ({100 * errors[0]['test_error'][0]:.2f}%), "
-        f"highest {errors[-1]['label']} ({100 * errors[-1]['test_error'][0]:.2f}%); "
-        f"the spread of the means ({100 * spread:.2f} points) is "
-        + ("within" if spread <= 2 * typical_std else "larger than")
-        + f" twice the median seed-to-seed std ({100 * typical_std:.2f} points).")
+                f"{model}: SAM was not flatter than SGD, so the fraction kept is not meaningful."
+            )
+            continue
+        lines.append(
+            f"{model}: SAM lowers the worst-case sharpness from {sgd['sharpness'][0]:.3g} "
+            f"(SGD) to {sam['sharpness'][0]:.3g} at {_num(sam['cost'], '.2f')}x SGD's step "
+            f"cost; test error SGD {100 * sgd['test_error'][0]:.1f}%, SAM "
+            f"{100 * sam['test_error'][0]:.1f}%. Pareto front of the methods whose test "
+            "error is not significantly above both SGD's and SAM's: "
+            + ", ".join(f"{r['label']} ({_num(r['cost'], '.2f')}x)" for r in accurate_front(rows))
+            + "."
+        )
+    verdict_of = verdict_rows(args, tables)
+    where = "both architectures" if len(tables) > 1 else "this architecture"
+    for word, text in ((YES, "Keep"), (NOT_SETTLED, "Not settled whether they keep")):
+        names = [r["label"] for r in verdict_of if r["overall"] == word]
+        lines.append(
+            f"{text} {KEEP:.0%} of SAM's sharpness reduction at <= {COST}x SGD's step "
+            f"cost without costing accuracy on {where}: "
+            + (", ".join(names) if names else "none")
+            + "."
+        )
     return lines
 
 
@@ -413,7 +665,7 @@ def guidance(rows):
 # Files.
 
 
-def write_plot(args, runs, rows):
+def write_plot(args, runs, tables):
     import io
 
     import matplotlib
@@ -421,37 +673,69 @@ def write_plot(args, runs, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["cost"] is not None]
-    if not rows:
+    tables = {m: [r for r in rows if r["cost"] is not None] for m, rows in tables.items()}
+    tables = {m: rows for m, rows in tables.items() if rows}
+    if not tables:
         return
-    sgd_ms = next(r["ms_per_step"] for r in rows if r["method"] == "sgd")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, scale, label in (
-            (axes[0], "sharpness", 1.0, "worst-case sharpness"),
-            (axes[1], "test_error", 100.0, "test error %")):
-        for r in rows:
-            costs = [x["final"]["ms_per_step"] / sgd_ms
-                     for x in runs if x["method"] == r["method"]]
-            mean, std = r[key]
-            ax.errorbar(r["cost"], mean * scale, yerr=std * scale,
-                        xerr=[[r["cost"] - min(costs)], [max(costs) - r["cost"]]],
-                        fmt="o", capsize=3)
-            ax.annotate(r["label"], (r["cost"], mean * scale), fontsize=8,
-                        xytext=(5, 4), textcoords="offset points")
-        ax.set_xlabel("cost per step / SGD (median over seeds; bars: range)")
-        ax.set_ylabel(f"{label} (mean ± std over seeds)")
-        ax.grid(alpha=0.3)
-    front = accurate_front(rows)
-    axes[0].plot([r["cost"] for r in front], [r["sharpness"][0] for r in front],
-                 "k--", alpha=0.5, label="Pareto front (methods that do not cost accuracy)")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("sharpness against cost")
-    axes[1].set_title("test error against cost")
+    fig, axes = plt.subplots(len(tables), 2, figsize=(13, 5 * len(tables)), squeeze=False)
+    for (model, rows), row_axes in zip(tables.items(), axes):
+        for ax, key, scale, name in (
+            (row_axes[0], "sharpness", 1.0, "worst-case sharpness"),
+            (row_axes[1], "test_error", 100.0, "test error %"),
+        ):
+            for r in rows:
+                mean, std = r[key]
+                lo, hi = r["cost_range"]
+                ax.errorbar(
+                    r["cost"],
+                    mean * scale,
+                    yerr=std * scale,
+                    xerr=[[r["cost"] - lo], [hi - r["cost"]]],
+                    fmt="o",
+                    capsize=3,
+                    color="C2"
+                    if r["verdict"] == YES
+                    else "C0"
+                    if r["verdict"] in (NOT_SETTLED, "—")
+                    else "C3",
+                )
+                ax.annotate(
+                    r["label"],
+                    (r["cost"], mean * scale),
+                    fontsize=7,
+                    xytext=(5, 4),
+                    textcoords="offset points",
+                )
+            ax.axvline(COST, color="grey", ls=":", lw=1)
+            ax.set_xlabel("cost per step / SGD (median over seeds; bars: range)")
+            ax.set_ylabel(f"{name} (mean ± std over seeds)")
+            ax.set_title(f"{model}: {name} against cost", fontsize=10)
+            ax.grid(alpha=0.3)
+        front = accurate_front(rows)
+        row_axes[0].plot(
+            [r["cost"] for r in front],
+            [r["sharpness"][0] for r in front],
+            "k--",
+            alpha=0.5,
+            label="Pareto front (test error not above both SGD's and SAM's)",
+        )
+        by = {r["method"]: r for r in rows}
+        if "sgd" in by and "sam" in by:
+            target = by["sgd"]["sharpness"][0] - KEEP * (
+                by["sgd"]["sharpness"][0] - by["sam"]["sharpness"][0]
+            )
+            row_axes[0].axhline(
+                target, color="C2", ls=":", lw=1, label=f"{KEEP:.0%} of SAM's reduction"
+            )
+        row_axes[0].legend(fontsize=7)
     seeds = ",".join(map(str, args.seeds))
-    fig.suptitle(f"MNIST-1D, schedule {args.schedule}, {args.epochs} epochs, seeds {seeds}",
-                 fontsize=10)
+    fig.suptitle(
+        f"MNIST-1D, schedule {args.schedule}, {_epochs_text(args)}, seeds {seeds}; "
+        "green: yes, red: no, blue: not settled or reference",
+        fontsize=10,
+    )
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     paper_run.write_atomic(os.path.join(args.out, "sharpness_vs_cost.png"), buf.getvalue())
 
@@ -461,59 +745,117 @@ def _load_range(runs):
     return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
 
 
-def write_report(args, runs, argv_used, total, wall_s):
-    rows = summarize(args, runs)
-    cmd = COMMAND + (
-        " " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else "")
-    machine = paper_report.machine_description()
-    table = table_markdown(rows)
-    notes = guidance(rows)
-    run_s = sum(r.get("run_time_s", 0.0) for r in runs)
-    md = [
-        "# Cheaper SAM on MNIST-1D (`benchmarks/efficient.py`)",
+def runs_markdown(runs):
+    """One line per run: its length and the convergence test."""
+    lines = [
+        paper_report.CONVERGENCE_RULE + ".",
         "",
-        f"- command: `{cmd}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {machine}; load average (1 min) at the end of the runs "
-        f"{_load_range(runs)} (above the core count, other processes shared the CPU)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in paper_report.versions().items()),
-        f"- completed runs: {len(runs)} / {total}; wall time of this invocation "
-        f"{wall_s:.0f} s; all completed runs (training + measures) {run_s:.0f} s",
-        f"- protocol: mnist1d_cnn, plain SGD (no momentum), lr schedule "
+        "| model | method | seed | epochs | final train loss | change over the last "
+        "10% | tolerance | converged | test error % | worst-case sharpness | "
+        "ms per step (epochs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        c = verdicts.convergence_of(r["epochs"])
+        f = r["final"]
+        lines.append(
+            f"| {r['config']['model']} | {r['method']} | {r['seed']} | {len(r['epochs'])} | "
+            f"{r['epochs'][-1]['train_loss']:.4f} | {c['change']:.4f} | {c['tolerance']:.4f} | "
+            f"{'yes' if c['converged'] else '**no**'} | {100 * f['test_error']:.2f} | "
+            f"{f['worst_case_sharpness']:.3g} | {f['epoch_ms_per_step']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _epochs_text(args):
+    return ", ".join(f"{for_model(args, m).epochs} epochs ({m})" for m in args.models)
+
+
+def write_report(args, runs, argv_used, total, wall_s):
+    tables = summarize(args, runs)
+    cmd = COMMAND + (" " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else "")
+    machine = paper_report.machine_description()
+    markdown = {m: table_markdown(rows) for m, rows in tables.items()}
+    verdict_table = verdict_markdown(args, tables)
+    notes = guidance(args, tables)
+    run_s = sum(r.get("run_time_s", 0.0) for r in runs)
+    converged = sum(verdicts.convergence_of(r["epochs"])["converged"] for r in runs)
+    protocol_text = (
+        f"{', '.join(args.models)}, plain SGD (no momentum), lr schedule "
         f"{args.schedule} ({protocol.SCHEDULE_TEXT[args.schedule].format(batch=args.batch)}), "
         f"rho {protocol.RHO} for every SAM variant, GSAM alpha {protocol.ALPHA}, "
         f"LookSAM alpha {LOOKSAM_ALPHA} (and {', '.join(map(str, LOOKSAM_ALPHAS))} where named), "
         f"AE-SAM threshold c {args.aesam_threshold:g} (decay 0.9); MESA lambda "
         f"{MESA_KL_WEIGHT:g}, tau {MESA_TEMPERATURE:g}, EMA decay {MESA_EMA_DECAY:g}, "
-        f"the term after epoch {int(0.3 * args.epochs)}; SGD momentum and Momentum-SAM "
+        "the term after 30% of the epochs; SGD momentum and Momentum-SAM "
         f"(rho {MSAM_RHO:g}): SGD momentum {MOMENTUM:g} at {1 - MOMENTUM:g}x the rate; "
-        f"{args.epochs} epochs, num_samples {args.num_samples}, "
-        f"seeds {','.join(map(str, args.seeds))}",
-        "- cost per step / SGD: step time from `on_train_batch_begin` to "
-        "`on_train_batch_end`, leaving out the first epoch (tracing); per run "
-        f"the median over blocks of {BLOCK_STEPS} consecutive steps (whole "
-        "periods of every `sam_every`) of the block's mean; median over seeds, "
-        "divided by SGD's. SAM steps: the measured share of "
-        "two-gradient steps. Worst-case sharpness (L-inf Auto-PGD, rho "
-        f"{protocol.SHARPNESS_RHO}, {args.sharpness_iterations} iterations, first "
-        f"{args.sharpness_examples} training examples) and full-gradient norm: "
-        "as benchmarks.paper, after the last epoch; mean ± std over seeds. "
-        "Fraction kept: (sharp_SGD - sharp_method) / (sharp_SGD - sharp_SAM), "
-        "from the means.",
+        f"{_epochs_text(args)} (up to {args.extend_until_converged:.0%} more while the "
+        f"training loss still moves), num_samples {args.num_samples}, "
+        f"seeds {','.join(map(str, args.seeds))}"
+    )
+    md = [
+        "# Cheaper SAM on MNIST-1D (`benchmarks/efficient.py`)",
         "",
-        table,
+        f"- command: `{cmd}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {machine}; load average (1 min) at the end of the runs {_load_range(runs)}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in paper_report.versions().items()),
+        f"- completed runs: {len(runs)} / {total}, {converged} converged (`runs.md`); wall "
+        f"time of this invocation {wall_s:.0f} s; all completed runs (training + measures) "
+        f"{run_s:.0f} s",
+        f"- protocol: {protocol_text}",
+        "- cost per step / SGD: each epoch's wall time from its first step's start to its "
+        "last step's end over its steps (what a user timing epochs sees), the median over "
+        "the epochs after the first (tracing); divided by SGD's of the same seed; the "
+        "median and the range over seeds. SAM steps: the measured share of two-gradient "
+        "steps. Worst-case sharpness (L-inf Auto-PGD, rho "
+        f"{protocol.SHARPNESS_RHO}, {args.sharpness_iterations} iterations, first "
+        f"{args.sharpness_examples} training examples) and full-gradient norm: as "
+        "benchmarks.paper, after the last epoch; mean ± std over seeds.",
+        "- fraction kept: (sharp_SGD - sharp_method) / (sharp_SGD - sharp_SAM), from the "
+        "means; by seed: the same with the runs of one seed (same initialization and data "
+        "order), mean and Student-t 95% interval over seeds. vs SGD, vs SAM: test error "
+        "minus SGD's (SAM's), paired by seed, mean and 95% interval in percentage points; "
+        "a method costs accuracy when both intervals lie above 0.",
+        f'- verdict, "keeps >= {KEEP:.0%} at <= {COST}x without costing accuracy": '
+        f"**no** when the median cost is above {COST}x, the fraction's interval lies below "
+        f"{KEEP:.0%} or the method costs accuracy; **yes** when the cost is within {COST}x, "
+        f"the fraction's interval lies at or above {KEEP:.0%}, the method does not cost "
+        "accuracy and every run converged; **not settled** otherwise.",
+        "",
+        "## Verdicts",
+        "",
+        verdict_table,
         *[f"- {line}" for line in notes],
         "",
         "![sharpness and test error against cost](sharpness_vs_cost.png)",
         "",
     ]
+    for model, text in markdown.items():
+        md += [f"## {model}", "", text]
     paper_run.write_atomic(os.path.join(args.out, "results.md"), "\n".join(md))
-    summary = {"command": cmd, "machine": machine, "versions": paper_report.versions(),
-               "config": run_config(args), "wall_s": wall_s, "runs_s": run_s,
-               "rows": rows, "table": table, "guidance": notes}
-    paper_run.write_atomic(os.path.join(args.out, "summary.json"),
-                       json.dumps(summary, indent=1))
-    write_plot(args, runs, rows)
+    paper_run.write_atomic(
+        os.path.join(args.out, "runs.md"),
+        "# Runs of `benchmarks/efficient.py`\n\n" + runs_markdown(runs),
+    )
+    summary = {
+        "command": cmd,
+        "machine": machine,
+        "versions": paper_report.versions(),
+        "config": {m: run_config(for_model(args, m)) for m in args.models},
+        "wall_s": wall_s,
+        "runs_s": run_s,
+        "runs": len(runs),
+        "converged": converged,
+        "protocol": protocol_text,
+        "tables": tables,
+        "markdown": markdown,
+        "verdicts": verdict_rows(args, tables),
+        "verdict_table": verdict_table,
+        "guidance": notes,
+    }
+    paper_run.write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
+    write_plot(args, runs, tables)
 
 
 # ---------------------------------------------------------------------------
@@ -524,54 +866,63 @@ def main(argv=None):
     argv_used = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv_used)
     runs_dir = os.path.join(args.out, "runs")
-    os.makedirs(runs_dir, exist_ok=True)
-    config = run_config(args)
-    # Seeds outermost, methods interleaved: machine drift hits all methods alike.
-    grid = [(m, s) for s in args.seeds for m in args.methods]
+    per_model = {m: for_model(args, m) for m in args.models}
+    configs = {m: run_config(a) for m, a in per_model.items()}
+    # Seeds outermost, then architectures, methods interleaved: machine drift
+    # hits all methods alike.
+    grid = [(model, m, s) for s in args.seeds for model in args.models for m in args.methods]
 
-    def path_of(method, seed):
-        return os.path.join(runs_dir, paper_run.run_name(method, args.schedule, seed) + ".json")
+    def path_of(model, method, seed):
+        return os.path.join(
+            runs_dir, model, paper_run.run_name(method, args.schedule, seed) + ".json"
+        )
 
+    for model in args.models:
+        os.makedirs(os.path.join(runs_dir, model), exist_ok=True)
     data = None
     stats = {"trained": 0, "skipped": 0}
     t_start = time.perf_counter()
     try:
-        for i, (method, seed) in enumerate(grid, 1):
-            head = f"[{i}/{len(grid)}] {label(method, args)} seed={seed}"
-            if paper_run.load_run(path_of(method, seed), config) is not None:
+        for i, (model, method, seed) in enumerate(grid, 1):
+            head = f"[{i}/{len(grid)}] {model} {label(method, args)} seed={seed}"
+            if paper_run.load_run(path_of(model, method, seed), configs[model]) is not None:
                 stats["skipped"] += 1
                 paper_cli._progress(f"{head}: done before, skipped")
                 continue
             if data is None:
                 data = paper_data.Data("mnist1d", args.num_samples, args.data_seed)
             t0 = time.perf_counter()
-            record = train_one(args, data, method, seed)
+            record = train_one(per_model[model], data, method, seed)
             record["run_time_s"] = time.perf_counter() - t0
             record["load_average"] = os.getloadavg()[0]  # 1 min, at the end of the run
-            paper_run.write_atomic(path_of(method, seed), json.dumps(record, indent=1))
+            paper_run.write_atomic(path_of(model, method, seed), json.dumps(record, indent=1))
             stats["trained"] += 1
             f = record["final"]
+            c = verdicts.convergence_of(record["epochs"])
             paper_cli._progress(
                 f"{head}: test error {100 * f['test_error']:.2f}%, sharpness "
-                f"{f['worst_case_sharpness']:.3g}, grad norm {f['full_gradient_norm']:.3g}, "
-                f"{f['ms_per_step']:.1f} ms/step, SAM steps {f['sam_fraction']:.2f}, "
-                f"{record['run_time_s']:.0f} s, load average {record['load_average']:.1f}")
+                f"{f['worst_case_sharpness']:.3g}, {f['epoch_ms_per_step']:.1f} ms/step, "
+                f"SAM steps {f['sam_fraction']:.2f}, {len(record['epochs'])} epochs, "
+                f"converged {'yes' if c['converged'] else 'no'}, "
+                f"{record['run_time_s']:.0f} s, load average {record['load_average']:.1f}"
+            )
     finally:
         # The report covers the finished runs on disk; a run in progress never counts.
         finished = []
-        for method, seed in grid:
+        for model, method, seed in grid:
             try:
-                record = paper_run.load_run(path_of(method, seed), config)
+                record = paper_run.load_run(path_of(model, method, seed), configs[model])
             except SystemExit:
                 record = None
             if record is not None:
                 finished.append(record)
         if finished:
-            write_report(args, finished, argv_used, len(grid),
-                         time.perf_counter() - t_start)
-    paper_cli._progress(f"trained {stats['trained']}, skipped {stats['skipped']} of "
-                    f"{len(grid)} runs in {time.perf_counter() - t_start:.0f} s; "
-                    f"results in {args.out}")
+            write_report(args, finished, argv_used, len(grid), time.perf_counter() - t_start)
+    paper_cli._progress(
+        f"trained {stats['trained']}, skipped {stats['skipped']} of "
+        f"{len(grid)} runs in {time.perf_counter() - t_start:.0f} s; "
+        f"results in {args.out}"
+    )
     return stats
 
 

@@ -16,8 +16,9 @@ _BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
-                                                  os.path.join(_BENCH, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_benchmark", os.path.join(_BENCH, f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -27,70 +28,185 @@ step_cost = _load("step_cost")
 update_readme = _load("update_readme")
 
 METHODS = ["sgd", "sam", "sam_every2"]
-TINY = ["--epochs", "1", "--seeds", "0", "--num-samples", "200", "--batch", "32",
-        "--methods", ",".join(METHODS), "--sharpness-examples", "64",
-        "--sharpness-iterations", "2"]
+MODELS = list(efficient.ARCHITECTURES)
+SEEDS = [0, 1]
+TINY = [
+    "--epochs",
+    "2",
+    "--seeds",
+    "0,1",
+    "--num-samples",
+    "200",
+    "--batch",
+    "32",
+    "--methods",
+    ",".join(METHODS),
+    "--sharpness-examples",
+    "64",
+    "--sharpness-iterations",
+    "2",
+]
 
 
-def _table(out):
-    """The results table as a list of {column: cell} dicts."""
-    lines = [line for line in open(os.path.join(out, "results.md")).read().splitlines()
-             if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
-            for line in lines[1:]]
+def _tables(out):
+    """`{section heading: [{column: cell}]}` of results.md's tables."""
+    tables, heading = {}, None
+    for line in open(os.path.join(out, "results.md")).read().splitlines():
+        if line.startswith("## "):
+            heading, header = line[3:], None
+        elif line.startswith("| ") and heading:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if header is None:
+                header = cells
+                tables[heading] = []
+            else:
+                tables[heading].append(dict(zip(header, cells)))
+    return tables
 
 
 def _runs(out):
+    """`{model: {method: {seed: final}}}` read from the stored run files."""
     runs = {}
-    for name in os.listdir(os.path.join(out, "runs")):
-        with open(os.path.join(out, "runs", name)) as f:
-            record = json.load(f)
-        runs.setdefault(record["method"], []).append(record["final"])
+    for root, _, names in os.walk(os.path.join(out, "runs")):
+        for name in names:
+            with open(os.path.join(root, name)) as f:
+                record = json.load(f)
+            runs.setdefault(record["config"]["model"], {}).setdefault(record["method"], {})[
+                record["seed"]
+            ] = record["final"]
     return runs
 
 
 @pytest.fixture(scope="module")
 def tiny_out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("efficient"))
-    assert efficient.main(TINY + ["--out", out]) == {"trained": 3, "skipped": 0}
+    assert efficient.main(TINY + ["--out", out]) == {"trained": 12, "skipped": 0}
     return out
 
 
-def test_files_and_table_match_the_stored_runs(tiny_out):
-    for name in ("results.md", "summary.json", "sharpness_vs_cost.png"):
+def _t_interval(values):
+    """Mean and 95% Student-t interval, with the t quantiles of a printed table."""
+    t975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764}
+    n, mean = len(values), statistics.fmean(values)
+    half = t975[n - 1] * statistics.stdev(values) / n**0.5
+    return mean, (mean - half, mean + half)
+
+
+def test_files_and_tables_match_the_stored_runs(tiny_out):
+    for name in ("results.md", "runs.md", "summary.json", "sharpness_vs_cost.png"):
         assert os.path.getsize(os.path.join(tiny_out, name)) > 0, name
-    assert sorted(os.listdir(os.path.join(tiny_out, "runs"))) == sorted(
-        f"{m}_C_seed0.json" for m in METHODS)
+    for model in MODELS:
+        assert sorted(os.listdir(os.path.join(tiny_out, "runs", model))) == sorted(
+            f"{m}_C_seed{s}.json" for m in METHODS for s in SEEDS
+        )
     assert not [f for root, _, files in os.walk(tiny_out) for f in files if ".tmp" in f]
     text = open(os.path.join(tiny_out, "results.md")).read()
-    for word in ("command:", "--epochs 1", "machine:", "keras_sam", "fraction kept"):
+    for word in ("command:", "--epochs 2", "machine:", "keras_sam", "fraction kept", "95%"):
         assert word in text
 
-    table, runs = _table(tiny_out), _runs(tiny_out)
+    tables, runs = _tables(tiny_out), _runs(tiny_out)
     labels = [efficient.METHODS[m] for m in METHODS]
-    assert [row["method"] for row in table] == labels
-    sharp = {m: statistics.fmean(f["worst_case_sharpness"] for f in runs[m]) for m in METHODS}
-    ms = {m: statistics.median(f["ms_per_step"] for f in runs[m]) for m in METHODS}
-    for method, row in zip(METHODS, table):
-        kept = (sharp["sgd"] - sharp[method]) / (sharp["sgd"] - sharp["sam"])
-        assert float(row["fraction kept"]) == pytest.approx(kept, abs=0.0051)
-        assert float(row["cost per step / SGD"]) == pytest.approx(
-            ms[method] / ms["sgd"], abs=0.0051)
-        assert float(row["SAM steps"]) == pytest.approx(
-            statistics.fmean(f["sam_fraction"] for f in runs[method]), abs=0.0051)
-    assert table[0]["fraction kept"] == "0.00" and table[1]["fraction kept"] == "1.00"
-    # 160 training examples / batch 32: steps 0..4, SAM on 0, 2, 4.
-    assert float(table[2]["SAM steps"]) == pytest.approx(3 / 5, abs=0.0051)
+    for model in MODELS:
+        table, runs_m = tables[model], runs[model]
+        assert [row["method"] for row in table] == labels
+        sharp = {
+            m: statistics.fmean(f["worst_case_sharpness"] for f in runs_m[m].values())
+            for m in METHODS
+        }
+        for method, row in zip(METHODS, table):
+            finals = runs_m[method]
+            kept = (sharp["sgd"] - sharp[method]) / (sharp["sgd"] - sharp["sam"])
+            assert float(row["fraction kept"]) == pytest.approx(kept, abs=0.0051)
+            costs = [
+                finals[s]["epoch_ms_per_step"] / runs_m["sgd"][s]["epoch_ms_per_step"]
+                for s in SEEDS
+            ]
+            assert float(row["cost per step / SGD"]) == pytest.approx(
+                statistics.median(costs), abs=0.0051
+            )
+            assert row["cost by seed"] == f"{min(costs):.2f}-{max(costs):.2f}"
+            assert float(row["SAM steps"]) == pytest.approx(
+                statistics.fmean(f["sam_fraction"] for f in finals.values()), abs=0.0051
+            )
+            # Paired by seed: the test-error differences to SGD and SAM, intervals.
+            for ref in ("sgd", "sam"):
+                diff = [
+                    100 * (finals[s]["test_error"] - runs_m[ref][s]["test_error"]) for s in SEEDS
+                ]
+                if len(set(diff)) > 1:
+                    mean, (lo, hi) = _t_interval(diff)
+                    mean, lo, hi = (round(v, 2) + 0.0 for v in (mean, lo, hi))  # no -0.00
+                    assert row[f"vs {ref.upper()}, points [95% CI]"] == (
+                        f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                    )
+            converged = sum(
+                efficient.verdicts.convergence_of(
+                    json.load(
+                        open(os.path.join(tiny_out, "runs", model, f"{method}_C_seed{s}.json"))
+                    )["epochs"]
+                )["converged"]
+                for s in SEEDS
+            )
+            assert row["converged"] == f"{converged}/2"
+        assert table[0]["fraction kept"] == "0.00" and table[1]["fraction kept"] == "1.00"
+        assert table[0]["verdict"] == table[1]["verdict"] == "—"
+        # 160 training examples / batch 32: 5 steps per epoch, steps 0..9 in all;
+        # SAM on 0, 2, 4 (3 of epoch 1's 5) and 6, 8 (2 of epoch 2's 5).
+        assert float(table[2]["SAM steps"]) == pytest.approx((3 / 5 + 2 / 5) / 2, abs=0.0051)
+    verdict_table = {row["method"]: row for row in tables["Verdicts"]}
+    assert list(verdict_table) == ["SAM every 2"]
+    words = [tables[m][2]["verdict"].split(" (")[0] for m in MODELS]
+    assert [verdict_table["SAM every 2"][m] for m in MODELS] == words
+    assert verdict_table["SAM every 2"]["both"] == f"**{efficient.overall(words)}**"
+    runs_md = open(os.path.join(tiny_out, "runs.md")).read()
+    assert runs_md.count("| mnist1d_") == len(MODELS) * len(METHODS) * len(SEEDS)
+
+
+def test_fraction_kept_interval_and_verdict_rules():
+    assert efficient.fraction_kept(0.04, 0.03, 0.031) == pytest.approx(0.9)
+    assert efficient.fraction_kept(0.04, 0.04, 0.03) is None
+    values = [0.95, 0.91, 1.02, 0.97, 0.93]
+    mean, (lo, hi) = efficient.mean_ci(values)
+    ref_mean, (ref_lo, ref_hi) = _t_interval(values)
+    assert (mean, lo, hi) == pytest.approx((ref_mean, ref_lo, ref_hi), abs=1e-4)
+    assert efficient.mean_ci([0.5]) == (0.5, None)
+    assert efficient.mean_ci([]) == (None, None)
+
+    def verdict(cost, kept, error_sgd=(-0.01, 0.005), error_sam=(-0.01, 0.005), **kw):
+        return efficient.verdict(cost, kept, error_sgd, error_sam, **kw)[0]
+
+    above = (0.001, 0.02)
+    assert verdict(1.2, (0.92, 1.1)) == "yes"
+    assert efficient.verdict(1.26, (0.92, 1.1), above, above) == ("no", "cost 1.26x > 1.25x")
+    assert verdict(1.2, (0.5, 0.85)) == "no"
+    # Costs accuracy only when the test error is above both SGD's and SAM's.
+    assert verdict(1.2, (0.92, 1.1), above, above) == "no"
+    assert verdict(1.2, (0.92, 1.1), above) == "yes"
+    assert verdict(1.2, (0.92, 1.1), error_sam=above) == "yes"
+    assert verdict(1.2, (0.8, 1.1)) == "not settled"
+    assert verdict(1.2, (0.92, 1.1), all_converged=False) == "not settled"
+    assert verdict(1.2, None, None, None) == "not settled"
+    assert verdict(None, (0.92, 1.1)) == "not settled"
+    assert efficient.overall(["yes", "yes"]) == "yes"
+    assert efficient.overall(["yes", "not settled"]) == "not settled"
+    assert efficient.overall(["yes", "no"]) == "no"
+    assert efficient.overall([]) == "not settled"
 
 
 def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, monkeypatch):
-    assert efficient.main(TINY + ["--out", tiny_out]) == {"trained": 0, "skipped": 3}
+    assert efficient.main(TINY + ["--out", tiny_out]) == {"trained": 0, "skipped": 12}
     out = str(tmp_path / "copy")
     shutil.copytree(tiny_out, out)
-    os.remove(os.path.join(out, "runs", "sam_every2_C_seed0.json"))
-    good = {n: open(os.path.join(out, "runs", n)).read()
-            for n in os.listdir(os.path.join(out, "runs"))}
+    os.remove(os.path.join(out, "runs", "mnist1d_mlp", "sam_every2_C_seed1.json"))
+
+    def stored():
+        return {
+            os.path.join(root, n): open(os.path.join(root, n)).read()
+            for root, _, names in os.walk(os.path.join(out, "runs"))
+            for n in names
+        }
+
+    good = stored()
 
     def crash(args, data, method, seed):
         raise KeyboardInterrupt(f"simulated failure in {method} seed {seed}")
@@ -98,16 +214,43 @@ def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, 
     monkeypatch.setattr(efficient, "train_one", crash)
     with pytest.raises(KeyboardInterrupt):
         efficient.main(TINY + ["--out", out])
-    assert {n: open(os.path.join(out, "runs", n)).read()
-            for n in os.listdir(os.path.join(out, "runs"))} == good
-    assert [row["method"] for row in _table(out)] == ["SGD", "SAM"]
+    assert stored() == good
+    tables = _tables(out)
+    assert [row["runs"] for row in tables["mnist1d_mlp"]] == ["2", "2", "1"]
+    assert tables["mnist1d_mlp"][2]["verdict"].startswith("not settled")
+
+
+def test_bad_arguments_are_refused_before_training(capsys):
+    for argv, word in (
+        (["--models", "resnet"], "model"),
+        (["--methods", "adam"], "method"),
+        (["--extend-until-converged", "-1"], "fraction"),
+    ):
+        with pytest.raises(SystemExit):
+            efficient.parse_args(argv)
+        assert word in capsys.readouterr().err
 
 
 def test_step_cost_reports_the_cheaper_schedules(tmp_path, monkeypatch):
     path = str(tmp_path / "step_cost_cpu.json")
-    result = step_cost.main(["--batch", "4", "--image", "8", "--rounds", "1",
-                             "--warmup", "0", "--batches", "2",
-                             "--methods", "sam_every5,looksam5,aesam", "--json", path])
+    result = step_cost.main(
+        [
+            "--batch",
+            "4",
+            "--image",
+            "8",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--batches",
+            "2",
+            "--methods",
+            "sam_every5,looksam5,aesam",
+            "--json",
+            path,
+        ]
+    )
     new = ["sam_every5", "looksam5", "aesam"]
     assert list(result["ms_per_step"]) == ["plain"] + new
     assert set(result["ratio"]) == set(new)
@@ -132,8 +275,9 @@ def test_one_gradient_methods_and_the_looksam_alphas_run_with_their_optimizers(t
     methods = ["sgdm", "msam", "mesa", "looksam5_alpha0.3"]
     out = str(tmp_path / "one_gradient")
     tiny = [a if a != ",".join(METHODS) else ",".join(methods) for a in TINY]
+    tiny = [a if a != "0,1" else "0" for a in tiny] + ["--models", "mnist1d_cnn"]
     assert efficient.main(tiny + ["--out", out]) == {"trained": 4, "skipped": 0}
-    runs = _runs(out)
+    runs = _runs(out)["mnist1d_cnn"]
     for m in ("sgdm", "msam", "mesa"):
         assert runs[m][0]["sam_fraction"] == 0.0  # one gradient per step
     assert runs["looksam5_alpha0.3"][0]["sam_fraction"] == pytest.approx(1 / 5)
@@ -151,9 +295,25 @@ def test_one_gradient_methods_and_the_looksam_alphas_run_with_their_optimizers(t
 
 def test_step_cost_fit_calls_in_fresh_processes(tmp_path, monkeypatch):
     path = str(tmp_path / "fit_calls.json")
-    result = step_cost.main(["--fit-calls", "--processes", "2", "--calls", "2",
-                             "--fit-steps", "5", "--batch", "4", "--image", "8",
-                             "--methods", "sam_every5,msam", "--json", path])
+    result = step_cost.main(
+        [
+            "--fit-calls",
+            "--processes",
+            "2",
+            "--calls",
+            "2",
+            "--fit-steps",
+            "5",
+            "--batch",
+            "4",
+            "--image",
+            "8",
+            "--methods",
+            "sam_every5,msam",
+            "--json",
+            path,
+        ]
+    )
     assert json.load(open(path)) == result
     assert len(result["seconds_per_call"]) == 2  # one record per process
     for process in result["seconds_per_call"]:
@@ -163,8 +323,11 @@ def test_step_cost_fit_calls_in_fresh_processes(tmp_path, monkeypatch):
             assert all(0 <= t <= c for t, c in zip(tails, process["times"][name]))
     for name in ("sam_every5", "msam"):
         r = result["ratio"][name]
-        ratios = [p["times"][name][i] / p["times"]["plain"][i]
-                  for p in result["seconds_per_call"] for i in range(2)]
+        ratios = [
+            p["times"][name][i] / p["times"]["plain"][i]
+            for p in result["seconds_per_call"]
+            for i in range(2)
+        ]
         assert r["calls_min"] == pytest.approx(min(ratios))
         assert r["calls_max"] == pytest.approx(max(ratios))
         assert r["calls"] == 4 and 0 <= r["calls_with_slow_teardown"] <= 4
@@ -188,3 +351,17 @@ def test_step_cost_needs_whole_periods():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_readme_blocks_read_the_summary(tiny_out, tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "efficient")
+    shutil.copy(os.path.join(tiny_out, "summary.json"), tmp_path / "efficient")
+    monkeypatch.setattr(update_readme, "RESULTS", str(tmp_path))
+    summary = json.load(open(os.path.join(tiny_out, "summary.json")))
+    block = update_readme.efficient()
+    assert summary["verdict_table"] in block and summary["command"] in block
+    for model in MODELS:
+        assert f"{model}:\n\n{summary['markdown'][model]}" in block
+    front = update_readme.efficient_verdicts()
+    assert front.startswith(summary["verdict_table"])
+    assert f"{summary['runs']} runs, {summary['converged']} converged" in front
