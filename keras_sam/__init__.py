@@ -20,11 +20,11 @@ Public names:
 """
 
 from keras_sam import callbacks
-from keras_sam.batch_schedule import BatchSchedule
 from keras_sam import datasets
 from keras_sam import rules
 from keras_sam import schedules
 from keras_sam import sharpness
+from keras_sam.batch_schedule import BatchSchedule
 from keras_sam.models import AESAMModel
 from keras_sam.models import GSAMModel
 from keras_sam.models import LookSAMModel
@@ -33,7 +33,7 @@ from keras_sam.models import MSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SAMModel",
