@@ -1,7 +1,8 @@
-"""Writes the measured figures of benchmarks/results/ into README.md.
+"""Writes the measured figures of benchmarks/results/ into README.md and the
+documentation pages (docs/*.md).
 
-Each block of the README between `<!-- name -->` and `<!-- /name -->` is
-rebuilt from the results file of the same name, so no figure is typed in.
+Each block between `<!-- name -->` and `<!-- /name -->` is rebuilt from the
+results file of the same name, so no figure is typed in.
 
     python -m benchmarks.update_readme      # from the repository root
 
@@ -23,16 +24,26 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 def gpu_step_cost():
     r = json.load(open(os.path.join(RESULTS, "gpu_step_cost_h200.json")))
-    rows = ["| policy | step | plain img/s | SAM img/s | GSAM img/s | SAM cost / plain | GSAM cost / plain |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| policy | step | plain img/s | SAM img/s | GSAM img/s | SAM cost / plain "
+        "| GSAM cost / plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for policy, v in r["policies"].items():
         ips, ratio = v["images_per_second"], v["cost_ratio"]
-        rows.append(f"| {policy} | Keras `fit` step / keras_sam | {ips['plain']:.0f} | {ips['sam']:.0f} "
-                    f"| {ips['gsam']:.0f} | {ratio['sam']:.2f} | {ratio['gsam']:.2f} |")
+        rows.append(
+            f"| {policy} | Keras `fit` step / keras_sam | {ips['plain']:.0f} | {ips['sam']:.0f} "
+            f"| {ips['gsam']:.0f} | {ratio['sam']:.2f} | {ratio['gsam']:.2f} |"
+        )
         if "minimal_sam" in ips:
-            rows.append(f"| {policy} | minimal hand-written (baseline) | {ips['minimal_plain']:.0f} "
-                        f"| {ips['minimal_sam']:.0f} | | {ratio['minimal_sam']:.2f} | |")
-    return "\n".join(rows) + f"\n\n({r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+            rows.append(
+                f"| {policy} | minimal hand-written (baseline) | {ips['minimal_plain']:.0f} "
+                f"| {ips['minimal_sam']:.0f} | | {ratio['minimal_sam']:.2f} | |"
+            )
+    return (
+        "\n".join(rows)
+        + f"\n\n({r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+    )
 
 
 def step_cost_cpu():
@@ -46,25 +57,36 @@ def step_cost_cpu():
         "|---" * (len(keys) + 1) + "|",
         "| ms / step | " + " | ".join(f"{ms[k]:.1f}" for k in keys) + " |",
         "| median ratio to plain | "
-        + " | ".join("1" if k == "plain" else f"{ratio[k]:.3f}" for k in keys) + " |",
+        + " | ".join("1" if k == "plain" else f"{ratio[k]:.3f}" for k in keys)
+        + " |",
     ]
     if "sam_fraction" in r:
-        rows.append("| share of SAM steps (measured) | "
-                    + " | ".join(f"{r['sam_fraction'][k]:.2f}" for k in keys) + " |")
+        rows.append(
+            "| share of SAM steps (measured) | "
+            + " | ".join(f"{r['sam_fraction'][k]:.2f}" for k in keys)
+            + " |"
+        )
     rounds = f", {r['rounds']} rounds of {r['steps_per_round']} steps" if "rounds" in r else ""
-    return ("\n".join(rows) + f"\n\n({r['machine']}, {r['backend']}, Keras {r['keras']}, "
-            f"batch {r['batch']}, {r['image']}x{r['image']}x3, jit={r['jit']}{rounds})")
+    return (
+        "\n".join(rows) + f"\n\n({r['machine']}, {r['backend']}, Keras {r['keras']}, "
+        f"batch {r['batch']}, {r['image']}x{r['image']}x3, jit={r['jit']}{rounds})"
+    )
 
 
-FIT_CALLS = (("on (NumPy arrays)", "step_cost_fit_calls_cpu.json"),
-             ("off", "step_cost_fit_calls_no_autotune_cpu.json"))
+FIT_CALLS = (
+    ("on (NumPy arrays)", "step_cost_fit_calls_cpu.json"),
+    ("off", "step_cost_fit_calls_no_autotune_cpu.json"),
+)
 """The two `step_cost.py --fit-calls` results: tf.data autotuning on and off."""
 
 
 def step_cost_fit_calls():
-    rows = ["| tf.data autotune | method | median ratio to plain | per-process medians | "
-            "single calls | calls with a slow teardown | per-process medians without "
-            "the teardown |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| tf.data autotune | method | median ratio to plain | per-process medians | "
+        "single calls | calls with a slow teardown | per-process medians without "
+        "the teardown |",
+        "|---|---|---|---|---|---|---|",
+    ]
     first = None
     for mode, name in FIT_CALLS:
         r = json.load(open(os.path.join(RESULTS, name)))
@@ -79,33 +101,78 @@ def step_cost_fit_calls():
                 f"{min(v['process_medians']):.2f}-{max(v['process_medians']):.2f} | "
                 f"{v['calls_min']:.2f}-{v['calls_max']:.2f} | {slow} | "
                 f"{min(v['without_teardown_process_medians']):.2f}-"
-                f"{max(v['without_teardown_process_medians']):.2f} |")
+                f"{max(v['without_teardown_process_medians']):.2f} |"
+            )
     r = first
-    return ("\n".join(rows) + f"\n\n({r['machine']}, {r['backend']}, Keras {r['keras']}, "
-            f"batch {r['batch']}, {r['image']}x{r['image']}x3, {r['processes']} fresh "
-            f"processes x {r['calls_per_process']} fit calls of {r['steps_per_fit_call']} "
-            "steps per method)")
+    return (
+        "\n".join(rows) + f"\n\n({r['machine']}, {r['backend']}, Keras {r['keras']}, "
+        f"batch {r['batch']}, {r['image']}x{r['image']}x3, {r['processes']} fresh "
+        f"processes x {r['calls_per_process']} fit calls of {r['steps_per_fit_call']} "
+        "steps per method)"
+    )
+
+
+def headline_cost():
+    """The front page's cost table: whole fit calls with tf.data autotuning off."""
+    r = json.load(open(os.path.join(RESULTS, FIT_CALLS[1][1])))
+    rows = ["| method | cost / plain step (median) | per-process medians |", "|---|---|---|"]
+    for key, v in r["ratio"].items():
+        if key != "plain":
+            rows.append(
+                f"| {r['methods'][key]} | {v['median']:.2f} | "
+                f"{min(v['process_medians']):.2f}-{max(v['process_medians']):.2f} |"
+            )
+    return (
+        "\n".join(rows) + "\n\n(from `python benchmarks/step_cost.py --fit-calls --no-autotune`, "
+        "the full command on the cheaper-SAM page; "
+        f"{r['machine']}, {r['backend']}, Keras {r['keras']}, a conv net with BatchNorm, "
+        f"batch {r['batch']}, {r['image']}x{r['image']}x3, {r['processes']} fresh processes "
+        f"x {r['calls_per_process']} fit calls of {r['steps_per_fit_call']} steps)"
+    )
+
+
+def efficient_verdicts():
+    """The front page's verdict table of the cheaper-SAM benchmark."""
+    r = json.load(open(os.path.join(RESULTS, "efficient", "summary.json")))
+    return (
+        r["verdict_table"]
+        + "\n"
+        + "\n".join(f"- {line}" for line in r["guidance"][-2:])
+        + f"\n\n(`{r['command']}`; {r['machine']}; {r['runs']} runs, "
+        f"{r['converged']} converged)"
+    )
 
 
 def efficient():
     r = json.load(open(os.path.join(RESULTS, "efficient", "summary.json")))
-    return (f"`{r['command']}` ({r['machine']}; {r['versions']['backend']}, "
-            f"Keras {r['versions']['keras']}; the runs took {r['runs_s'] / 60:.1f} min, "
-            f"this invocation {r['wall_s'] / 60:.1f} min):\n\n"
-            + r["table"] + "\n" + "\n".join(f"- {line}" for line in r["guidance"])
-            + "\n\n![sharpness and test error against cost]"
-            "(benchmarks/results/efficient/sharpness_vs_cost.png)")
+    tables = "\n".join(f"{model}:\n\n{text}" for model, text in r["markdown"].items())
+    return (
+        f"`{r['command']}` ({r['machine']}; {r['versions']['backend']}, "
+        f"Keras {r['versions']['keras']}; {r['runs']} runs, {r['converged']} converged; "
+        f"the runs took {r['runs_s'] / 60:.1f} min, this invocation "
+        f"{r['wall_s'] / 60:.1f} min). Protocol: {r['protocol']}.\n\n"
+        "Verdict, \"keeps >= 90% of SAM's sharpness reduction at <= 1.25x SGD's step "
+        'cost without costing accuracy":\n\n'
+        + r["verdict_table"]
+        + "\n"
+        + "\n".join(f"- {line}" for line in r["guidance"])
+        + "\n\n![sharpness and test error against cost]"
+        "(benchmarks/results/efficient/sharpness_vs_cost.png)\n\n" + tables
+    )
 
 
 def from_markdown(name, demote=0):
     """The file's text; `demote` levels added to its markdown headings (a
     report's `# title` becomes a sub-heading of the README's section)."""
+
     def render():
         text = open(os.path.join(RESULTS, name)).read().strip()
         if demote:
-            text = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + demote) + " ",
-                          text, flags=re.M)
+            text = re.sub(
+                r"^(#+) ", lambda m: "#" * (len(m.group(1)) + demote) + " ", text, flags=re.M
+            )
         return text
+
     return render
 
 
@@ -113,28 +180,40 @@ def paper_summary():
     """summary.md, its paths (relative to the summary) made relative to the
     repository root."""
     text = from_markdown(os.path.join("mnist1d", "summary.md"))()
-    return re.sub(r"`([\w.-]+/results\.md)`",
-                  lambda m: f"`benchmarks/results/mnist1d/{m.group(1)}`", text)
+    return re.sub(
+        r"`([\w.-]+/results\.md)`", lambda m: f"`benchmarks/results/mnist1d/{m.group(1)}`", text
+    )
 
 
 BLOCKS = {
     "gpu_step_cost": gpu_step_cost,
     "step_cost_cpu": step_cost_cpu,
     "step_cost_fit_calls": step_cost_fit_calls,
-    "batch_switch": from_markdown("batch_switch.md"),
+    "batch_switch": from_markdown("batch_switch.md", demote=2),
     "paper_verdicts": paper_summary,
     "paper_mnist1d_cnn": from_markdown(
-        os.path.join("mnist1d", "mnist1d_cnn", "results.md"), demote=3),
+        os.path.join("mnist1d", "mnist1d_cnn", "results.md"), demote=3
+    ),
     "paper_mnist1d_mlp": from_markdown(
-        os.path.join("mnist1d", "mnist1d_mlp", "results.md"), demote=3),
+        os.path.join("mnist1d", "mnist1d_mlp", "results.md"), demote=3
+    ),
     "paper_speed": from_markdown(os.path.join("paper_speed", "speed.md")),
     "efficient": efficient,
+    "headline_cost": headline_cost,
+    "efficient_verdicts": efficient_verdicts,
 }
 
+DOCS = os.path.join(ROOT, "docs")
 
-def main():
-    path = os.path.join(ROOT, "README.md")
-    text = open(path).read()
+
+def targets():
+    """README.md and the documentation pages: the files whose blocks are filled."""
+    pages = sorted(os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md"))
+    return [os.path.join(ROOT, "README.md")] + pages
+
+
+def filled(text, log=lambda message: None):
+    """`text` with every block rebuilt from the results files."""
     for name, render in BLOCKS.items():
         # The block's old text, if any, between the two marker lines.
         pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
@@ -143,13 +222,25 @@ def main():
         try:
             body = render()
         except FileNotFoundError as error:
-            print(f"skipped {name}: {error.filename} is missing")
+            log(f"skipped {name}: {error.filename} is missing")
             continue
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-        print(f"updated {name}")
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+        log(f"updated {name}")
+    return text
+
+
+def fill(path):
+    """Rebuilds the blocks of one markdown file."""
+    with open(path) as f:
+        text = filled(f.read(), log=lambda m: print(f"{os.path.relpath(path, ROOT)}: {m}"))
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def main():
+    for path in targets():
+        fill(path)
 
 
 if __name__ == "__main__":

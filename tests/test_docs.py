@@ -1,0 +1,95 @@
+"""The README front page and the documentation pages: their generated
+blocks are what the results files say, their links resolve, and the README
+stays a front page a user reads in one sitting."""
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module(path, name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+update_readme = _module("benchmarks/update_readme.py", "update_readme_for_docs")
+
+
+def _read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def _nav_pages():
+    """The page files named in mkdocs.yml's nav."""
+    return re.findall(r"^\s+- [^:]+: ([\w-]+\.md)$", _read("mkdocs.yml"), re.M)
+
+
+def test_readme_is_a_short_front_page():
+    text = _read("README.md")
+    assert len(text.splitlines()) <= 250
+    # The two-command quick start: install and run the main example; the tests.
+    assert 'pip install -e ".[test]" && python examples/quickstart.py --epochs 20' in text
+    assert "bash .ci/run" in text
+    for word in ("issue", "requirement", "PASS"):
+        assert not re.search(rf"\b{word}\b", text), word
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["README.md"]
+    + [f"docs/{p}" for p in sorted(os.listdir(os.path.join(ROOT, "docs"))) if p.endswith(".md")],
+)
+def test_generated_blocks_are_up_to_date_and_not_empty(path):
+    text = _read(path)
+    assert update_readme.filled(text) == text, (
+        f"{path} differs from the results files: run python -m benchmarks.update_readme"
+    )
+    for name in re.findall(r"<!-- (\w+) -->", text):
+        body = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, re.S).group(1)
+        assert body.strip(), f"block {name} of {path} is empty"
+        assert name in update_readme.BLOCKS
+
+
+def test_links_resolve():
+    pages = _nav_pages()
+    generated = {"index.md", "changelog.md"}  # docs/hooks.py makes them
+    assert generated <= set(pages)
+    for page in set(pages) - generated:
+        assert os.path.isfile(os.path.join(ROOT, "docs", page)), page
+    # Every page in docs/ is in the nav, and every relative link of the README
+    # and the pages points at a file that exists.
+    assert {p for p in os.listdir(os.path.join(ROOT, "docs")) if p.endswith(".md")} == (
+        set(pages) - generated
+    )
+    for path in ["README.md"] + [f"docs/{p}" for p in set(pages) - generated]:
+        base = os.path.dirname(os.path.join(ROOT, path))
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[\w-]*)?\)", _read(path)):
+            if target.startswith(("http://", "https://")):
+                continue
+            where = os.path.join(ROOT if target.startswith("benchmarks/") else base, target)
+            assert os.path.exists(where), f"{path} links to {target}, which does not exist"
+
+
+def test_docs_hook_makes_the_home_page_from_the_readme():
+    pytest.importorskip("mkdocs")
+    hooks = _module("docs/hooks.py", "docs_hooks")
+    home = hooks.index_markdown(_read("README.md"))
+    assert "](docs/" not in home and "](guide.md)" in home and "](changelog.md)" in home
+    assert "(LICENSE)" not in home
+
+
+def test_version_has_one_source():
+    import keras_sam
+
+    setup = _read("setup.cfg")
+    assert "version = attr: keras_sam.__version__" in setup
+    assert re.search(r"^version\s*=\s*\d", setup, re.M) is None
+    assert f"## {keras_sam.__version__} " in _read("CHANGELOG.md")
+    assert "Apache License" in _read("LICENSE") and "license = Apache-2.0" in setup
