@@ -18,8 +18,14 @@ layers = keras.layers
 
 
 def _conv(filters, kernel, strides=1):
-    return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
-                         kernel_initializer="he_normal")
+    return layers.Conv2D(
+        filters,
+        kernel,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
+    )
 
 
 def _basic_block(x, filters, strides):

@@ -113,22 +113,27 @@ def run(kind, args, x, y):
     timer = StepTimer(counter)
     if kind == "switch":
         scheduler = BatchSizeScheduler({0: args.b1, 1: args.b2}, dataset_fn)
-        model.fit(dataset_fn(args.b1), epochs=2, callbacks=[scheduler, timer],
-                  verbose=0, shuffle=False)
+        model.fit(
+            dataset_fn(args.b1), epochs=2, callbacks=[scheduler, timer], verbose=0, shuffle=False
+        )
         times, traces = timer.times[1], timer.traces[1]
     elif kind == "phases":
-        model.fit(dataset_fn(args.b1), epochs=1, callbacks=[timer], verbose=0,
-                  shuffle=False)
-        model.fit(dataset_fn(args.b2), initial_epoch=1, epochs=2, callbacks=[timer],
-                  verbose=0, shuffle=False)
+        model.fit(dataset_fn(args.b1), epochs=1, callbacks=[timer], verbose=0, shuffle=False)
+        model.fit(
+            dataset_fn(args.b2),
+            initial_epoch=1,
+            epochs=2,
+            callbacks=[timer],
+            verbose=0,
+            shuffle=False,
+        )
         times, traces = timer.times[1], timer.traces[1]
     else:
-        model.fit(dataset_fn(args.b2), epochs=1, callbacks=[timer], verbose=0,
-                  shuffle=False)
+        model.fit(dataset_fn(args.b2), epochs=1, callbacks=[timer], verbose=0, shuffle=False)
         times, traces = timer.times[0], timer.traces[0]
     if len(times) != args.steps:
         raise RuntimeError(f"{kind}: {len(times)} steps at B2, expected {args.steps}")
-    steady = times[args.warmup:]
+    steady = times[args.warmup :]
     return times[0], statistics.median(steady), min(steady), traces
 
 
@@ -141,8 +146,9 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
-    parser.add_argument("--out", default=RESULTS,
-                        help="folder for batch_switch.md/.json ('' = none)")
+    parser.add_argument(
+        "--out", default=RESULTS, help="folder for batch_switch.md/.json ('' = none)"
+    )
     args = parser.parse_args(argv)
     if min(args.b1, args.b2, args.steps, args.reps, args.image) < 1:
         parser.error("sizes must be positive")
@@ -160,16 +166,18 @@ def main(argv=None):
         order = order if rep % 2 == 0 else order[::-1]
         for kind in order:
             first, steady, fastest, traces = run(kind, args, x, y)
-            runs[kind].append({"first_s": first, "steady_s": steady,
-                               "min_s": fastest, "traces": traces})
-            log(f"rep {rep + 1}/{args.reps} {kind:>6}: first {first * 1e3:8.1f} ms, "
-                f"steady {steady * 1e3:7.2f} ms/step, {traces} trace(s) at B2")
+            runs[kind].append(
+                {"first_s": first, "steady_s": steady, "min_s": fastest, "traces": traces}
+            )
+            log(
+                f"rep {rep + 1}/{args.reps} {kind:>6}: first {first * 1e3:8.1f} ms, "
+                f"steady {steady * 1e3:7.2f} ms/step, {traces} trace(s) at B2"
+            )
 
     def summary(kind):
         reps = runs[kind]
         steady = statistics.median(r["steady_s"] for r in reps)
-        extra = statistics.median((r["first_s"] - r["steady_s"]) / r["steady_s"]
-                                  for r in reps)
+        extra = statistics.median((r["first_s"] - r["steady_s"]) / r["steady_s"] for r in reps)
         return {
             "steady_ms": steady * 1e3,
             "throughput": args.b2 / steady,
@@ -182,7 +190,7 @@ def main(argv=None):
     result = {
         "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
         "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} cores, {platform.system()}",
+        f"{os.cpu_count()} cores, {platform.system()}",
         "python": platform.python_version(),
         "keras": keras.__version__,
         "tensorflow": tf.__version__,
@@ -193,30 +201,36 @@ def main(argv=None):
         "phases": summary("phases"),
     }
     # throughput switch / fresh = steady step fresh / steady step switch
-    ratios = [f["steady_s"] / s["steady_s"]
-              for s, f in zip(runs["switch"], runs["fresh"])]
+    ratios = [f["steady_s"] / s["steady_s"] for s, f in zip(runs["switch"], runs["fresh"])]
     result["throughput_ratio"] = statistics.median(ratios)
     # the same from the fastest steady step (less sensitive to other load)
     result["throughput_ratio_min_step"] = statistics.median(
-        f["min_s"] / s["min_s"] for s, f in zip(runs["switch"], runs["fresh"]))
+        f["min_s"] / s["min_s"] for s, f in zip(runs["switch"], runs["fresh"])
+    )
     result["load_average_after"] = os.getloadavg()
     ratio_ok = abs(result["throughput_ratio"] - 1) <= 0.05
     switch_ok = result["switch"]["first_extra_steps"] <= 1
-    result["requirements"] = {"throughput_within_5pct": ratio_ok,
-                              "switch_cost_le_1_step": switch_ok}
+    result["requirements"] = {
+        "throughput_within_5pct": ratio_ok,
+        "switch_cost_le_1_step": switch_ok,
+    }
 
     rows = [
         "| run | steady ms/step | examples/s | first step ms "
         "| first step extra (steady steps) | train-step traces at B2 |",
         "|---|---|---|---|---|---|",
     ]
-    for kind, label in (("switch", f"switch {args.b1}->{args.b2}"),
-                        ("fresh", f"fresh fit at {args.b2}"),
-                        ("phases", f"one fit per batch size ({args.b1}, then {args.b2})")):
+    for kind, label in (
+        ("switch", f"switch {args.b1}->{args.b2}"),
+        ("fresh", f"fresh fit at {args.b2}"),
+        ("phases", f"one fit per batch size ({args.b1}, then {args.b2})"),
+    ):
         s = result[kind]
-        rows.append(f"| {label} | {s['steady_ms']:.2f} | {s['throughput']:.0f} | "
-                    f"{s['first_ms']:.1f} | {s['first_extra_steps']:.2f} | "
-                    f"{s['traces_at_b2']:g} |")
+        rows.append(
+            f"| {label} | {s['steady_ms']:.2f} | {s['throughput']:.0f} | "
+            f"{s['first_ms']:.1f} | {s['first_extra_steps']:.2f} | "
+            f"{s['traces_at_b2']:g} |"
+        )
     lines = rows + [
         "",
         f"throughput ratio switch/fresh: {result['throughput_ratio']:.3f} "
@@ -230,12 +244,13 @@ def main(argv=None):
         f"step {result['phases']['first_extra_steps']:.2f} extra steps, "
         f"{result['phases']['traces_at_b2']:g} train-step trace(s)",
     ]
-    header = (f"SAMModel conv net {args.image}x{args.image}x3, B1={args.b1}, "
-              f"B2={args.b2}, {args.steps} steps at B2, warmup {args.warmup}, "
-              f"{args.reps} reps, jit={args.jit}; {result['machine']}, "
-              f"keras {keras.__version__}, tensorflow {tf.__version__}, "
-              "load average after run "
-              + "/".join(f"{v:.1f}" for v in result["load_average_after"]))
+    header = (
+        f"SAMModel conv net {args.image}x{args.image}x3, B1={args.b1}, "
+        f"B2={args.b2}, {args.steps} steps at B2, warmup {args.warmup}, "
+        f"{args.reps} reps, jit={args.jit}; {result['machine']}, "
+        f"keras {keras.__version__}, tensorflow {tf.__version__}, "
+        "load average after run " + "/".join(f"{v:.1f}" for v in result["load_average_after"])
+    )
     print(header)
     print("\n".join(lines))
 
@@ -246,8 +261,10 @@ def main(argv=None):
         with open(os.path.join(args.out, "batch_switch.md"), "w") as f:
             f.write("# Batch-size switch cost (`benchmarks/batch_switch.py`)\n\n")
             f.write(f"`{result['command']}`\n\n{header}\n\n")
-            f.write("Medians over repetitions; a step is timed from "
-                    "`on_train_batch_begin` to `on_train_batch_end`.\n\n")
+            f.write(
+                "Medians over repetitions; a step is timed from "
+                "`on_train_batch_begin` to `on_train_batch_end`.\n\n"
+            )
             f.write("\n".join(lines) + "\n")
         log(f"wrote {args.out}/batch_switch.md and .json")
     return result

@@ -28,7 +28,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.architectures import resnet18  # noqa: E402
-from keras_sam.models import GSAMModel, LookSAMModel, SAMModel  # noqa: E402
+from keras_sam.models import GSAMModel  # noqa: E402
+from keras_sam.models import LookSAMModel  # noqa: E402
+from keras_sam.models import SAMModel  # noqa: E402
 
 
 def tiny_net(input_shape):
@@ -112,10 +114,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--policies", default="float32,mixed_bfloat16")
     parser.add_argument("--small", action="store_true", help="CPU smoke sizes")
-    parser.add_argument("--minimal", action="store_true",
-                        help="also time a minimal hand-written plain and SAM step")
-    parser.add_argument("--cheaper", action="store_true",
-                        help="also time SAMModel(sam_every=5) and LookSAMModel(sam_every=5)")
+    parser.add_argument(
+        "--minimal", action="store_true", help="also time a minimal hand-written plain and SAM step"
+    )
+    parser.add_argument(
+        "--cheaper",
+        action="store_true",
+        help="also time SAMModel(sam_every=5) and LookSAMModel(sam_every=5)",
+    )
     parser.add_argument("--json", help="write the results to this file too")
     args = parser.parse_args(argv)
     if keras.backend.backend() != "jax":
@@ -176,21 +182,28 @@ def main(argv=None):
         ips = {k: statistics.median(v) for k, v in times.items()}
         ratio = {
             k: statistics.median(p / s for p, s in zip(times["plain"], times[k]))
-            for k in runs if k not in ("plain", "minimal_plain", "minimal_sam")
+            for k in runs
+            if k not in ("plain", "minimal_plain", "minimal_sam")
         }
         if args.minimal:
             ratio["minimal_sam"] = statistics.median(
                 p / s for p, s in zip(times["minimal_plain"], times["minimal_sam"])
             )
         results["policies"][policy] = {"images_per_second": ips, "cost_ratio": ratio}
-        print(f"{policy}: plain {ips['plain']:.0f} img/s | SAM {ips['sam']:.0f} img/s "
-              f"(x{ratio['sam']:.2f}) | GSAM {ips['gsam']:.0f} img/s (x{ratio['gsam']:.2f})")
+        print(
+            f"{policy}: plain {ips['plain']:.0f} img/s | SAM {ips['sam']:.0f} img/s "
+            f"(x{ratio['sam']:.2f}) | GSAM {ips['gsam']:.0f} img/s (x{ratio['gsam']:.2f})"
+        )
         if args.cheaper:
-            print(f"{policy}: SAM every 5 x{ratio['sam_every5']:.2f} | "
-                  f"LookSAM every 5 x{ratio['looksam5']:.2f}")
+            print(
+                f"{policy}: SAM every 5 x{ratio['sam_every5']:.2f} | "
+                f"LookSAM every 5 x{ratio['looksam5']:.2f}"
+            )
         if args.minimal:
-            print(f"{policy}: minimal plain {ips['minimal_plain']:.0f} img/s | minimal SAM "
-                  f"{ips['minimal_sam']:.0f} img/s (x{ratio['minimal_sam']:.2f})")
+            print(
+                f"{policy}: minimal plain {ips['minimal_plain']:.0f} img/s | minimal SAM "
+                f"{ips['minimal_sam']:.0f} img/s (x{ratio['minimal_sam']:.2f})"
+            )
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:

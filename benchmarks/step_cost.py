@@ -50,7 +50,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
 from benchmarks.architectures import small_convnet  # noqa: E402
 
-
 SAM_EVERY = 5
 """Steps per SAM step of `sam_every` and LookSAM (the period of their cost)."""
 
@@ -59,16 +58,21 @@ METHODS = {
     "plain": ("plain", lambda m: m),
     "sam": ("SAM", lambda m: keras_sam.SAMModel(m, rho=0.05)),
     "gsam": ("GSAM", lambda m: keras_sam.GSAMModel(m, rho=0.05, alpha=0.02)),
-    "sam_every5": (f"SAM every {SAM_EVERY}",
-                   lambda m: keras_sam.SAMModel(m, rho=0.05, sam_every=SAM_EVERY)),
-    "looksam5": (f"LookSAM every {SAM_EVERY}",
-                 lambda m: keras_sam.LookSAMModel(m, rho=0.05, sam_every=SAM_EVERY,
-                                                  alpha=0.7)),
+    "sam_every5": (
+        f"SAM every {SAM_EVERY}",
+        lambda m: keras_sam.SAMModel(m, rho=0.05, sam_every=SAM_EVERY),
+    ),
+    "looksam5": (
+        f"LookSAM every {SAM_EVERY}",
+        lambda m: keras_sam.LookSAMModel(m, rho=0.05, sam_every=SAM_EVERY, alpha=0.7),
+    ),
     "aesam": ("AE-SAM", lambda m: keras_sam.AESAMModel(m, rho=0.05, threshold=0.7)),
     "msam": ("Momentum-SAM", lambda m: keras_sam.MSAMModel(m, rho=0.3)),
     # kl_start_epoch=-1: the teacher's pass runs from the first step.
-    "mesa": ("MESA", lambda m: keras_sam.MESAModel(m, kl_weight=0.8, kl_start_epoch=-1,
-                                                   ema_decay=0.99)),
+    "mesa": (
+        "MESA",
+        lambda m: keras_sam.MESAModel(m, kl_weight=0.8, kl_start_epoch=-1, ema_decay=0.99),
+    ),
 }
 
 
@@ -89,7 +93,8 @@ def _methods(text):
     bad = [n for n in names if n not in METHODS]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown method(s) {bad or '(empty)'}; choose from {', '.join(METHODS)}")
+            f"unknown method(s) {bad or '(empty)'}; choose from {', '.join(METHODS)}"
+        )
     return ["plain"] + [n for n in dict.fromkeys(names) if n != "plain"]
 
 
@@ -97,28 +102,40 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=SAM_EVERY,
-                        help=f"steps per timed call, a multiple of {SAM_EVERY}")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=SAM_EVERY,
+        help=f"steps per timed call, a multiple of {SAM_EVERY}",
+    )
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=8,
-                        help="distinct random batches, cycled")
-    parser.add_argument("--methods", type=_methods, default=list(METHODS),
-                        help="comma separated, from " + ",".join(METHODS)
-                        + " (plain is always timed)")
+    parser.add_argument("--batches", type=int, default=8, help="distinct random batches, cycled")
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(METHODS),
+        help="comma separated, from " + ",".join(METHODS) + " (plain is always timed)",
+    )
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--fit-calls", action="store_true",
-                        help="time whole `fit` calls in fresh processes instead")
-    parser.add_argument("--processes", type=int, default=5,
-                        help="fresh processes of --fit-calls (default 5)")
-    parser.add_argument("--calls", type=int, default=7,
-                        help="timed fit calls per method and process (default 7)")
-    parser.add_argument("--fit-steps", type=int, default=20,
-                        help="steps per fit call, a multiple of 5 (default 20)")
-    parser.add_argument("--no-autotune", action="store_true",
-                        help="with --fit-calls: a tf.data pipeline with autotuning off "
-                        "instead of NumPy arrays")
+    parser.add_argument(
+        "--fit-calls", action="store_true", help="time whole `fit` calls in fresh processes instead"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=5, help="fresh processes of --fit-calls (default 5)"
+    )
+    parser.add_argument(
+        "--calls", type=int, default=7, help="timed fit calls per method and process (default 7)"
+    )
+    parser.add_argument(
+        "--fit-steps", type=int, default=20, help="steps per fit call, a multiple of 5 (default 20)"
+    )
+    parser.add_argument(
+        "--no-autotune",
+        action="store_true",
+        help="with --fit-calls: a tf.data pipeline with autotuning off instead of NumPy arrays",
+    )
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("processes", "calls", "fit_steps"):
@@ -136,11 +153,12 @@ def main(argv=None):
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.steps % SAM_EVERY:
-        parser.error(f"--steps must be a multiple of {SAM_EVERY}: sam_every={SAM_EVERY} "
-                     "and LookSAM cost is periodic, so each timed call runs whole periods")
+        parser.error(
+            f"--steps must be a multiple of {SAM_EVERY}: sam_every={SAM_EVERY} "
+            "and LookSAM cost is periodic, so each timed call runs whole periods"
+        )
 
-    runners = {name: _timed(METHODS[name][1](conv_net(args.image)), args)
-               for name in args.methods}
+    runners = {name: _timed(METHODS[name][1](conv_net(args.image)), args) for name in args.methods}
     for _ in range(args.warmup):
         for run in runners.values():
             run()
@@ -164,13 +182,16 @@ def main(argv=None):
         "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "ratio": {
             k: statistics.median(a / b for a, b in zip(times[k], times["plain"]))
-            for k in runners if k != "plain"
+            for k in runners
+            if k != "plain"
         },
         # The share of SAM (two-gradient) steps over the timed rounds.
         "sam_fraction": {k: run.sam_fraction() for k, run in runners.items()},
     }
-    print(f"backend {result['backend']}, keras {result['keras']}, batch {args.batch}, "
-          f"{args.image}x{args.image}x3, jit={args.jit}, {result['machine']}")
+    print(
+        f"backend {result['backend']}, keras {result['keras']}, batch {args.batch}, "
+        f"{args.image}x{args.image}x3, jit={args.jit}, {result['machine']}"
+    )
     for k, ms in result["ms_per_step"].items():
         ratio = "" if k == "plain" else f"   ratio to plain: {result['ratio'][k]:.3f}"
         fraction = f"   SAM steps: {result['sam_fraction'][k]:.2f}"
@@ -195,15 +216,19 @@ def _fit_calls_in_this_process(args):
     n = args.batch * args.fit_steps
     x = rng.normal(size=(n, args.image, args.image, 3)).astype("float32")
     y = rng.integers(0, 10, size=(n,))
-    models = {name: _compile(METHODS[name][1](conv_net(args.image)), jit_compile=args.jit)
-              for name in args.methods}
+    models = {
+        name: _compile(METHODS[name][1](conv_net(args.image)), jit_compile=args.jit)
+        for name in args.methods
+    }
     if args.no_autotune:
         import tensorflow as tf
 
         options = tf.data.Options()
         options.autotune.enabled = False
-        data = dict(x=tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch)
-                    .with_options(options), shuffle=False)
+        data = dict(
+            x=tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).with_options(options),
+            shuffle=False,
+        )
     else:  # NumPy arrays, as most users pass them
         data = dict(x=x, y=y, batch_size=args.batch, shuffle=False)
     end = _TrainEnd()
@@ -255,10 +280,22 @@ def fit_calls(args):
     with tempfile.TemporaryDirectory() as folder:
         for p in range(args.processes):
             out = os.path.join(folder, f"process{p}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--child-out", out,
-                   "--methods", ",".join(args.methods), "--batch", str(args.batch),
-                   "--image", str(args.image), "--calls", str(args.calls),
-                   "--fit-steps", str(args.fit_steps)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child-out",
+                out,
+                "--methods",
+                ",".join(args.methods),
+                "--batch",
+                str(args.batch),
+                "--image",
+                str(args.image),
+                "--calls",
+                str(args.calls),
+                "--fit-steps",
+                str(args.fit_steps),
+            ]
             cmd += ["--jit"] if args.jit else []
             cmd += ["--no-autotune"] if args.no_autotune else []
             subprocess.run(cmd, check=True, timeout=3600)
@@ -277,15 +314,19 @@ def fit_calls(args):
         if name == "plain":
             continue
         for key, strip in (("", False), ("without_teardown_", True)):
-            ratios = [[_call(p, name, i, strip) / _call(p, "plain", i, strip)
-                       for i in range(args.calls)] for p in per_process]
+            ratios = [
+                [_call(p, name, i, strip) / _call(p, "plain", i, strip) for i in range(args.calls)]
+                for p in per_process
+            ]
             medians = [statistics.median(r) for r in ratios]
-            summary[name].update({
-                key + "median": statistics.median(medians),
-                key + "process_medians": medians,
-                key + "calls_min": min(min(r) for r in ratios),
-                key + "calls_max": max(max(r) for r in ratios),
-            })
+            summary[name].update(
+                {
+                    key + "median": statistics.median(medians),
+                    key + "process_medians": medians,
+                    key + "calls_min": min(min(r) for r in ratios),
+                    key + "calls_max": max(max(r) for r in ratios),
+                }
+            )
     result = {
         **_setting(args),
         "steps_per_fit_call": args.fit_steps,
@@ -297,20 +338,24 @@ def fit_calls(args):
         "ratio": summary,
         "seconds_per_call": per_process,
     }
-    print(f"whole fit calls of {args.fit_steps} steps, {args.processes} processes x "
-          f"{args.calls} calls, backend {result['backend']}, batch {args.batch}, "
-          f"tf.data autotune {'on' if result['autotune'] else 'off'}, {result['machine']}")
+    print(
+        f"whole fit calls of {args.fit_steps} steps, {args.processes} processes x "
+        f"{args.calls} calls, backend {result['backend']}, batch {args.batch}, "
+        f"tf.data autotune {'on' if result['autotune'] else 'off'}, {result['machine']}"
+    )
     for name, r in summary.items():
         slow = f"slow teardowns {r['calls_with_slow_teardown']}/{r['calls']}"
         if name == "plain":
             print(f"{METHODS[name][0]:>17}: {slow}")
             continue
-        print(f"{METHODS[name][0]:>17}: median {r['median']:.3f}x plain; per process "
-              f"{min(r['process_medians']):.3f}-{max(r['process_medians']):.3f}; "
-              f"single calls {r['calls_min']:.3f}-{r['calls_max']:.3f}; {slow}; "
-              f"without teardown: per process "
-              f"{min(r['without_teardown_process_medians']):.3f}-"
-              f"{max(r['without_teardown_process_medians']):.3f}")
+        print(
+            f"{METHODS[name][0]:>17}: median {r['median']:.3f}x plain; per process "
+            f"{min(r['process_medians']):.3f}-{max(r['process_medians']):.3f}; "
+            f"single calls {r['calls_min']:.3f}-{r['calls_max']:.3f}; {slow}; "
+            f"without teardown: per process "
+            f"{min(r['without_teardown_process_medians']):.3f}-"
+            f"{max(r['without_teardown_process_medians']):.3f}"
+        )
     if args.json:
         tmp = f"{args.json}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

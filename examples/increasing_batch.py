@@ -17,7 +17,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_sam  # noqa: E402
-from keras_sam.callbacks import BatchSizeScheduler, doubling_schedule  # noqa: E402
+from keras_sam.callbacks import BatchSizeScheduler  # noqa: E402
+from keras_sam.callbacks import doubling_schedule  # noqa: E402
 
 
 def small_cnn(seed=0):
@@ -57,24 +58,29 @@ def main():
     settings = {
         "constant": (128, 0.1, []),
         "+B": (16, 0.1, [BatchSizeScheduler(schedule, dataset_fn)]),
-        "+C": (128, keras_sam.schedules.CosineAnnealing(
-            0.1, 0.001, args.epochs, steps_per_epoch=len(x) // 128), []),
+        "+C": (
+            128,
+            keras_sam.schedules.CosineAnnealing(
+                0.1, 0.001, args.epochs, steps_per_epoch=len(x) // 128
+            ),
+            [],
+        ),
     }
     results = {}
     for name, (batch_size, lr, callbacks) in settings.items():
         print(f"--- {name}", flush=True)
         model = keras_sam.GSAMModel(small_cnn(args.seed), rho=0.05, alpha=0.02)
-        model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss,
-                      metrics=["accuracy"])
-        history = model.fit(dataset_fn(batch_size), epochs=args.epochs,
-                            callbacks=callbacks, verbose=2)
+        model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss, metrics=["accuracy"])
+        history = model.fit(
+            dataset_fn(batch_size), epochs=args.epochs, callbacks=callbacks, verbose=2
+        )
         if callbacks:
             sizes = [int(b) for b in history.history["batch_size"]]
             print(f"batch sizes per epoch ({name}): {sizes}")
-        acc = model.evaluate(x_test, y_test, batch_size=512, verbose=0,
-                             return_dict=True)["accuracy"]
-        sharp = keras_sam.sharpness.worst_case_sharpness(
-            model, (x[:1024], y[:1024]), loss)
+        acc = model.evaluate(x_test, y_test, batch_size=512, verbose=0, return_dict=True)[
+            "accuracy"
+        ]
+        sharp = keras_sam.sharpness.worst_case_sharpness(model, (x[:1024], y[:1024]), loss)
         grad = keras_sam.sharpness.full_gradient_norm(model, (x, y), loss)
         results[name] = (acc, sharp, grad)
 

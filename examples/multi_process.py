@@ -36,17 +36,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, default=None,
-                        help="start this many local processes on 127.0.0.1 "
-                        "and wait for them (quick try on one machine)")
-    parser.add_argument("--coordinator", default=None,
-                        help="HOST:PORT of process 0 (one process per call)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="start this many local processes on 127.0.0.1 "
+        "and wait for them (quick try on one machine)",
+    )
+    parser.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0 (one process per call)"
+    )
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--num-samples", type=int, default=4000)
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="seconds before the local processes are killed")
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before the local processes are killed"
+    )
     return parser.parse_args()
 
 
@@ -57,19 +63,26 @@ def launch(args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["--coordinator", f"127.0.0.1:{port}",
-              "--num-processes", str(args.processes),
-              "--epochs", str(args.epochs),
-              "--num-samples", str(args.num_samples)]
+    common = [
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        str(args.processes),
+        "--epochs",
+        str(args.epochs),
+        "--num-samples",
+        str(args.num_samples),
+    ]
     procs = []
     try:
         for i in range(args.processes):
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), *common,
-                 "--process-id", str(i)],
-                # only process 0 reports; the others' output is dropped
-                stdout=None if i == 0 else subprocess.DEVNULL,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), *common, "--process-id", str(i)],
+                    # only process 0 reports; the others' output is dropped
+                    stdout=None if i == 0 else subprocess.DEVNULL,
+                )
+            )
         deadline = time.monotonic() + args.timeout
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):
@@ -108,8 +121,7 @@ def train(args):
             process_id=args.process_id,
         )
     devices = jax.devices()  # ALL devices, of every process
-    keras.distribution.set_distribution(
-        keras.distribution.DataParallel(devices=devices))
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
 
     import tensorflow as tf
 
@@ -134,30 +146,33 @@ def train(args):
     schedule = {0: 32, stage: 64, 2 * stage: 128}
     scheduler = BatchSizeScheduler(schedule, dataset_fn)
     lr = keras_sam.schedules.CosineAnnealing(
-        0.1, 0.001, epochs=args.epochs,
-        steps_per_epoch=scheduler.steps_per_epoch(args.epochs))
+        0.1, 0.001, epochs=args.epochs, steps_per_epoch=scheduler.steps_per_epoch(args.epochs)
+    )
 
-    inner = keras.Sequential([
-        keras.Input((40, 1)),
-        keras.layers.Conv1D(32, 5, padding="same", activation="relu"),
-        keras.layers.Conv1D(32, 5, strides=2, padding="same",
-                            activation="relu"),
-        keras.layers.GlobalAveragePooling1D(),
-        keras.layers.Dense(10),
-    ])
-    model = keras_sam.GSAMModel(inner, rho=0.05, alpha=0.02,
-                                sync_perturbation=True)
+    inner = keras.Sequential(
+        [
+            keras.Input((40, 1)),
+            keras.layers.Conv1D(32, 5, padding="same", activation="relu"),
+            keras.layers.Conv1D(32, 5, strides=2, padding="same", activation="relu"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(10),
+        ]
+    )
+    model = keras_sam.GSAMModel(inner, rho=0.05, alpha=0.02, sync_perturbation=True)
     model.compile(
         optimizer=keras.optimizers.SGD(lr, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     chief = jax.process_index() == 0
-    history = model.fit(dataset_fn(schedule[0]), epochs=args.epochs,
-                        callbacks=[scheduler], shuffle=False,
-                        verbose=2 if chief else 0)
-    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(
-        200, drop_remainder=True)
+    history = model.fit(
+        dataset_fn(schedule[0]),
+        epochs=args.epochs,
+        callbacks=[scheduler],
+        shuffle=False,
+        verbose=2 if chief else 0,
+    )
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(200, drop_remainder=True)
     _, accuracy = model.evaluate(test, verbose=0)
     if chief:
         print(f"processes: {jax.process_count()}, devices: {len(devices)}")

@@ -60,7 +60,11 @@ def main():
         )
         print(f"--- {name}")
         history = model.fit(
-            x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=2,
+            x,
+            y,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            verbose=2,
             validation_data=(x_test, y_test),
         )
         results[name] = history.history["val_accuracy"][-1]

@@ -176,16 +176,12 @@ def running_fit(model):
             if frame.f_code.co_name == "fit":
                 local = frame.f_locals
                 iterator = local.get("epoch_iterator")
-                if local.get("self") is model and isinstance(
-                    iterator, EpochIterator
-                ):
+                if local.get("self") is model and isinstance(iterator, EpochIterator):
                     callback_list = local.get("callbacks")
                     if not isinstance(callback_list, CallbackList):
                         callback_list = None
                     _check_iterator_attributes(iterator)
-                    return RunningFit(
-                        iterator, callback_list, local.get("class_weight")
-                    )
+                    return RunningFit(iterator, callback_list, local.get("class_weight"))
             frame = frame.f_back
     finally:
         del frame
@@ -229,9 +225,7 @@ def epoch_iterator_num_batches(epoch_iterator):
     return epoch_iterator._num_batches
 
 
-def set_epoch_iterator_dataset(
-    epoch_iterator, dataset, class_weight=None, process_local=False
-):
+def set_epoch_iterator_dataset(epoch_iterator, dataset, class_weight=None, process_local=False):
     """Makes `epoch_iterator` draw its next epoch from `dataset`.
 
     Call it between two epochs (in `on_epoch_begin`): replaces the data adapter

@@ -35,9 +35,7 @@ def as_int(value):
         (even integral ones such as `2.0`).
     """
     value = _scalar(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, numbers.Integral
-    ):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
 
@@ -77,8 +75,7 @@ def error(name, expected, value, where=""):
         "`name` must be expected; received<where>: value (type)." (to raise).
     """
     return ValueError(
-        f"`{name}` must be {expected}; received{where}: {value!r} "
-        f"({type(value).__name__})."
+        f"`{name}` must be {expected}; received{where}: {value!r} ({type(value).__name__})."
     )
 
 

@@ -88,7 +88,9 @@ class BatchSchedule:
         checked = _validation.as_int(size)
         if checked is None or checked <= 0:
             raise _validation.error(
-                self.name, "a callable returning int batch sizes >= 1", size,
+                self.name,
+                "a callable returning int batch sizes >= 1",
+                size,
                 where=f" from {self.name}({epoch})",
             )
         return checked

@@ -26,11 +26,11 @@ def mnist1d(num_samples=5000, seed=42):
     ```
     """
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args
+        from mnist1d.data import make_dataset
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ImportError(
-            "keras_sam.datasets.mnist1d needs the `mnist1d` package: "
-            "pip install mnist1d"
+            "keras_sam.datasets.mnist1d needs the `mnist1d` package: pip install mnist1d"
         ) from error
     if not isinstance(num_samples, int) or num_samples < 10:
         raise ValueError(f"`num_samples` must be an int >= 10, got {num_samples!r}.")

@@ -95,7 +95,10 @@ class _EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "epochs", epochs, low=1, allow_none=not self._needs_horizon
         )
         warmup = _validation.real(
-            "warmup_epochs", warmup_epochs, low=0, high=self.epochs,
+            "warmup_epochs",
+            warmup_epochs,
+            low=0,
+            high=self.epochs,
             high_inclusive=False,
         )
         # An int stays an int (in the config too).
@@ -133,9 +136,7 @@ class _EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             counts are exact in float32 up to 2**24 (16.7M) steps.
         """
         if self._steps is None:
-            raise ValueError(
-                "`steps_per_epoch` is needed to map steps to epochs; received: None"
-            )
+            raise ValueError("`steps_per_epoch` is needed to map steps to epochs; received: None")
         step = ops.cast(step, "float32")
         starts = [0]
         for s in self._steps[:-1]:
@@ -303,7 +304,10 @@ class PolynomialDecay(_EpochSchedule):
         power=1.0,
     ):
         super().__init__(
-            initial_learning_rate, final_learning_rate, epochs, steps_per_epoch,
+            initial_learning_rate,
+            final_learning_rate,
+            epochs,
+            steps_per_epoch,
             warmup_epochs,
         )
         self.power = _validation.real("power", power, low=0, low_inclusive=False)
@@ -356,7 +360,10 @@ class ExponentialDecay(_EpochSchedule):
             "final_learning_rate", final_learning_rate, low=0, low_inclusive=False
         )
         super().__init__(
-            initial_learning_rate, final_learning_rate, epochs, steps_per_epoch,
+            initial_learning_rate,
+            final_learning_rate,
+            epochs,
+            steps_per_epoch,
             warmup_epochs,
         )
 
@@ -395,11 +402,12 @@ class Constant(_EpochSchedule):
 
     _needs_horizon = False
 
-    def __init__(
-        self, initial_learning_rate, epochs=None, steps_per_epoch=None, warmup_epochs=0
-    ):
+    def __init__(self, initial_learning_rate, epochs=None, steps_per_epoch=None, warmup_epochs=0):
         super().__init__(
-            initial_learning_rate, initial_learning_rate, epochs, steps_per_epoch,
+            initial_learning_rate,
+            initial_learning_rate,
+            epochs,
+            steps_per_epoch,
             warmup_epochs,
         )
 

@@ -63,9 +63,12 @@ def oracle_linear_sam(w, b, x, y, rho, alpha):
     """SAM / GSAM on least squares in float64: grad = 2/n X^T (Xw + b - y)."""
     w, b = w.astype(np.float64), b.astype(np.float64)
     for start in range(0, N, BATCH):
-        xb, yb = x[start:start + BATCH].astype(np.float64), y[start:start + BATCH].astype(np.float64)
+        xb, yb = (
+            x[start : start + BATCH].astype(np.float64),
+            y[start : start + BATCH].astype(np.float64),
+        )
 
-        def grad(w_, b_):
+        def grad(w_, b_, xb=xb, yb=yb):
             r = xb @ w_ + b_ - yb
             return 2 * xb.T @ r / len(xb), 2 * r.mean(axis=0)
 
@@ -95,8 +98,11 @@ def main(out, jit, data_parallel=False, core_only=False):
         inner = linear()
         w0, b0 = weights_of(inner)
         # Under DataParallel: the global perturbation, which the oracle computes.
-        model = (keras_sam.GSAMModel(inner, rho=0.1, alpha=alpha, sync_perturbation=data_parallel)
-                 if alpha else keras_sam.SAMModel(inner, rho=0.1, sync_perturbation=data_parallel))
+        model = (
+            keras_sam.GSAMModel(inner, rho=0.1, alpha=alpha, sync_perturbation=data_parallel)
+            if alpha
+            else keras_sam.SAMModel(inner, rho=0.1, sync_perturbation=data_parallel)
+        )
         model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=jit)
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         results[f"linear_{name}"] = np.concatenate([t.ravel() for t in weights_of(inner)])
@@ -110,7 +116,9 @@ def main(out, jit, data_parallel=False, core_only=False):
         "mlp_sam": lambda m: keras_sam.SAMModel(m, rho=0.05),
         "mlp_asam": lambda m: keras_sam.SAMModel(m, rho=0.5, adaptive=True),
         "mlp_gsam": lambda m: keras_sam.GSAMModel(m, rho=0.1, alpha=0.3, rho_min=0.01),
-        "mlp_split": lambda m: keras_sam.SharpnessAwareMinimization(m, rho=0.05, num_batch_splits=2),
+        "mlp_split": lambda m: keras_sam.SharpnessAwareMinimization(
+            m, rho=0.05, num_batch_splits=2
+        ),
     }
     # Cheaper schedules of the second gradient: the choice of step happens in
     # the compiled step (several steps per execution where the backend can).
@@ -133,18 +141,25 @@ def main(out, jit, data_parallel=False, core_only=False):
         lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=2, steps_per_epoch=steps)
         per_execution = 2 if name in cheaper and keras.backend.backend() != "torch" else 1
         momentum = 0.9 if name == "mlp_msam" else 0.0
-        model.compile(optimizer=keras.optimizers.SGD(lr, momentum=momentum), loss="mse",
-                      jit_compile=jit, steps_per_execution=per_execution)
+        model.compile(
+            optimizer=keras.optimizers.SGD(lr, momentum=momentum),
+            loss="mse",
+            jit_compile=jit,
+            steps_per_execution=per_execution,
+        )
         history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         results[name] = np.concatenate([t.ravel() for t in weights_of(inner)])
         results[name + "_logs"] = np.array(
-            [history.history[k][-1] for k in ("loss", "sharpness", "grad_norm", "rho")
-             if k in history.history]  # MSAM logs no sharpness
+            [
+                history.history[k][-1]
+                for k in ("loss", "sharpness", "grad_norm", "rho")
+                if k in history.history
+            ]  # MSAM logs no sharpness
         )
 
     # MESA on a classifier with BatchNorm: the teacher, its average and the
     # epoch at which the term switches on.
-    labels = (np.abs(y[:, 0] * 3).astype("int64") % 3)
+    labels = np.abs(y[:, 0] * 3).astype("int64") % 3
     if jit and keras.backend.backend() == "torch":
         # torch 2.13's dynamo, recompiling the train-step code that the
         # models above compiled, crashes while it works out why it recompiles
@@ -154,15 +169,20 @@ def main(out, jit, data_parallel=False, core_only=False):
 
         torch._dynamo.reset()
     inner = mlp_classifier()
-    model = keras_sam.MESAModel(inner, kl_weight=0.8, temperature=2.0, ema_decay=0.5,
-                                kl_start_epoch=0)
+    model = keras_sam.MESAModel(
+        inner, kl_weight=0.8, temperature=2.0, ema_decay=0.5, kl_start_epoch=0
+    )
     if data_parallel:
         model.sync_perturbation = True  # the global batch's BatchNorm statistics
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        jit_compile=jit,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     history = model.fit(x, labels, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-    results["cls_mesa"] = np.concatenate([t.ravel() for t in weights_of(inner)]
-                                         + [t.ravel() for t in model.ema_weights()])
+    results["cls_mesa"] = np.concatenate(
+        [t.ravel() for t in weights_of(inner)] + [t.ravel() for t in model.ema_weights()]
+    )
     results["cls_mesa_logs"] = np.array(
         [history.history[k][-1] for k in ("loss", "kl", "grad_norm")]
     )

@@ -35,12 +35,14 @@ def inner(bn=False):
 def train(make, distributed, loss_dict=False):
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu"))
-        if distributed else None
+        if distributed
+        else None
     )
     try:
         model = make(inner())
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", metrics=["mae"],
-                      jit_compile=True)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss="mse", metrics=["mae"], jit_compile=True
+        )
         rng = np.random.default_rng(1)
         x = rng.normal(size=(N, D)).astype("float32")
         y = rng.normal(size=(N, 2)).astype("float32")
@@ -69,23 +71,28 @@ def main():
         w_dev, h_dev = train(make, distributed=True)
         if name == "looksam":  # no sub-batches: compare per device on 2 devices to
             # sync_perturbation=True, which must differ (rho is large)
-            w_ref, h_ref = train(lambda m: make(m, sync_perturbation=True), distributed=True)
+            w_ref, h_ref = train(
+                lambda m, make=make: make(m, sync_perturbation=True), distributed=True
+            )
             out[f"{name}_per_device_vs_sync"] = max_diff(w_dev, w_ref)
             continue
-        w_split, h_split = train(lambda m: make(m, num_batch_splits=devices), distributed=False)
+        w_split, h_split = train(
+            lambda m, make=make: make(m, num_batch_splits=devices), distributed=False
+        )
         out[f"{name}_per_device_vs_splits"] = max_diff(w_dev, w_split)
         out[f"{name}_logs_vs_splits"] = max(
             abs(h_dev[k][-1] - h_split[k][-1]) for k in ("loss", "mae", "sharpness", "grad_norm")
         )
         # sync_perturbation=True keeps the global behaviour: == one device.
-        w_sync, _ = train(lambda m: make(m, sync_perturbation=True), distributed=True)
+        w_sync, _ = train(lambda m, make=make: make(m, sync_perturbation=True), distributed=True)
         w_one, _ = train(make, distributed=False)
         out[f"{name}_sync_vs_one_device"] = max_diff(w_sync, w_one)
         out[f"{name}_per_device_vs_one_device"] = max_diff(w_dev, w_one)
     # The split check in fit sees each device's shard: 12 / 2 devices = 6
     # rows, which sub-batches of 4 do not divide.
     keras.distribution.set_distribution(
-        keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
+        keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu"))
+    )
     try:
         model = keras_sam.SAMModel(inner(), rho=0.2, sub_batch_size=4)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")

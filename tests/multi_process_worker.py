@@ -47,9 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cases", default="sam,gsam,ramp")
-    parser.add_argument("--backup-dir", default=None,
-                        help="BackupAndRestore folder (ramp case); default: "
-                        "next to --out, one per process")
+    parser.add_argument(
+        "--backup-dir",
+        default=None,
+        help="BackupAndRestore folder (ramp case); default: next to --out, one per process",
+    )
     return parser.parse_args(argv)
 
 
@@ -76,9 +78,7 @@ def setup_distribution(processes, process_id, port):
             num_processes=processes,
             process_id=process_id,
         )
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=jax.devices())
-        )
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
 
 
 def data():
@@ -106,16 +106,17 @@ def inner_model():
     import keras
     import numpy as np
 
-    model = keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.Dense(1),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
     rng = np.random.default_rng(2)
-    model.set_weights([
-        rng.normal(scale=0.5, size=w.shape).astype("float32")
-        for w in model.get_weights()
-    ])
+    model.set_weights(
+        [rng.normal(scale=0.5, size=w.shape).astype("float32") for w in model.get_weights()]
+    )
     return model
 
 
@@ -157,14 +158,11 @@ class Record:
         out = {
             f"{prefix}/epochs": np.array(epochs),
             f"{prefix}/batches": np.array([self.batches[e] for e in epochs]),
-            f"{prefix}/params_steps": np.array(
-                [self.params_steps[e] for e in epochs]),
-            f"{prefix}/iterations": np.array(
-                [self.iterations.get(e, -1) for e in epochs]),
+            f"{prefix}/params_steps": np.array([self.params_steps[e] for e in epochs]),
+            f"{prefix}/iterations": np.array([self.iterations.get(e, -1) for e in epochs]),
         }
         if self.batch_size:
-            out[f"{prefix}/batch_size"] = np.array(
-                [self.batch_size.get(e, -1) for e in epochs])
+            out[f"{prefix}/batch_size"] = np.array([self.batch_size.get(e, -1) for e in epochs])
         return out
 
 
@@ -174,29 +172,29 @@ def _weights(prefix, model):
 
 def run_sam():
     import keras
+
     import keras_sam
 
     model = keras_sam.SAMModel(inner_model(), rho=0.1, sync_perturbation=True)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
     record = Record()
-    model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False,
-              callbacks=[record.callback])
+    model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False, callbacks=[record.callback])
     return {**_weights("sam", model), **record.arrays("sam")}
 
 
 def run_gsam():
     import keras
+
     import keras_sam
 
     steps = N // 8
-    lr = keras_sam.schedules.CosineAnnealing(
-        0.1, 0.001, epochs=2, steps_per_epoch=steps)
-    model = keras_sam.GSAMModel(inner_model(), rho=0.1, alpha=0.3, rho_min=0.01,
-                                 sync_perturbation=True)
+    lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=2, steps_per_epoch=steps)
+    model = keras_sam.GSAMModel(
+        inner_model(), rho=0.1, alpha=0.3, rho_min=0.01, sync_perturbation=True
+    )
     model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
     record = Record()
-    model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False,
-              callbacks=[record.callback])
+    model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False, callbacks=[record.callback])
     return {**_weights("gsam", model), **record.arrays("gsam")}
 
 
@@ -206,6 +204,7 @@ class Interrupt(Exception):
 
 def run_ramp(backup_dir):
     import keras
+
     import keras_sam
     from keras_sam.callbacks import BatchSizeScheduler
 
@@ -221,10 +220,10 @@ def run_ramp(backup_dir):
 
     def build(steps):
         lr = keras_sam.schedules.CosineAnnealing(
-            0.1, 0.01, epochs=RAMP_EPOCHS, steps_per_epoch=steps)
+            0.1, 0.01, epochs=RAMP_EPOCHS, steps_per_epoch=steps
+        )
         model = keras_sam.SAMModel(inner_model(), rho=0.1, sync_perturbation=True)
-        model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9),
-                      loss="mse")
+        model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="mse")
         return model
 
     scheduler = BatchSizeScheduler(RAMP, dataset_fn)
@@ -234,16 +233,17 @@ def run_ramp(backup_dir):
     callbacks = [scheduler, backup, record.callback, InterruptAt(INTERRUPT_AT)]
     model = build(steps)
     try:
-        model.fit(dataset_fn(RAMP[0]), epochs=RAMP_EPOCHS, verbose=0, shuffle=False,
-                  callbacks=callbacks)
+        model.fit(
+            dataset_fn(RAMP[0]), epochs=RAMP_EPOCHS, verbose=0, shuffle=False, callbacks=callbacks
+        )
         raise AssertionError("the ramp run was not interrupted")
     except Interrupt:
         pass
-    interrupted_iterations = int(
-        keras.ops.convert_to_numpy(model.optimizer.iterations))
+    interrupted_iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     model = build(steps)  # a fresh model, as after a crash
-    history = model.fit(dataset_fn(RAMP[0]), epochs=RAMP_EPOCHS, verbose=0, shuffle=False,
-                        callbacks=callbacks)
+    history = model.fit(
+        dataset_fn(RAMP[0]), epochs=RAMP_EPOCHS, verbose=0, shuffle=False, callbacks=callbacks
+    )
     import numpy as np
 
     return {
@@ -257,10 +257,10 @@ def run_ramp(backup_dir):
 
 def run_errors():
     """What the scheduler refuses across processes, before any step."""
-    import keras
-    import keras_sam
     import numpy as np
     import tensorflow as tf
+
+    import keras_sam
     from keras_sam.callbacks import BatchSizeScheduler
 
     def no_drop_remainder(batch_size):
@@ -278,13 +278,17 @@ def run_errors():
         model.compile(optimizer="sgd", loss="mse")
         before = [w.copy() for w in model.get_weights()]
         try:
-            model.fit(fit_data, epochs=2, verbose=0, shuffle=False,
-                      callbacks=[BatchSizeScheduler(schedule, fn)])
+            model.fit(
+                fit_data,
+                epochs=2,
+                verbose=0,
+                shuffle=False,
+                callbacks=[BatchSizeScheduler(schedule, fn)],
+            )
             message = "no error"
         except ValueError as e:
             message = str(e)
-        unchanged = all(
-            np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+        unchanged = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
         out[f"errors/{name}"] = np.array(message)
         out[f"errors/{name}_unchanged"] = np.array(unchanged)
     return out
@@ -304,7 +308,8 @@ def main(argv=None):
             results.update(run_gsam())
         elif case == "ramp":
             backup_dir = args.backup_dir or (
-                f"{os.path.splitext(args.out)[0]}.backup{args.process_id}")
+                f"{os.path.splitext(args.out)[0]}.backup{args.process_id}"
+            )
             results.update(run_ramp(backup_dir))
         elif case == "errors":
             results.update(run_errors())

@@ -55,7 +55,8 @@ def outputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "backend, jit, parallel", RUNS,
+    "backend, jit, parallel",
+    RUNS,
     ids=[f"{b}-jit{j}" + ("-dataparallel" if p else "") for b, j, p in RUNS],
 )
 def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel):
@@ -63,8 +64,9 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
         pytest.skip(f"{backend} is not installed")
     got = outputs[(backend, jit, parallel)]
     for name in ("linear_sam", "linear_gsam"):
-        np.testing.assert_allclose(got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6, err_msg=name
+        )
     reference = outputs[("tensorflow", False, False)]
     core_only = "scheduler_steps" not in got
     if not core_only:
@@ -73,16 +75,38 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
         np.testing.assert_array_equal(got["scheduler_steps"], [8, 4, 2])
         np.testing.assert_array_equal(got["scheduler_batch_sizes"], [4, 8, 16])
         assert int(got["scheduler_iterations"]) == 14
-        np.testing.assert_allclose(got["worst_case_sharpness"],
-                                   reference["worst_case_sharpness"], rtol=1e-4)
+        np.testing.assert_allclose(
+            got["worst_case_sharpness"], reference["worst_case_sharpness"], rtol=1e-4
+        )
     # torch.compile: GSAM, AE-SAM for the conditional second pass and the
     # wrapper's own state, MESA for the teacher pass and its average.
-    names = ["mlp_gsam", "mlp_aesam", "cls_mesa"] if core_only else [
-        "mlp_sam", "mlp_asam", "mlp_gsam", "mlp_split", "mlp_every", "mlp_looksam", "mlp_aesam",
-        "mlp_msam", "cls_mesa",
-    ]
+    names = (
+        ["mlp_gsam", "mlp_aesam", "cls_mesa"]
+        if core_only
+        else [
+            "mlp_sam",
+            "mlp_asam",
+            "mlp_gsam",
+            "mlp_split",
+            "mlp_every",
+            "mlp_looksam",
+            "mlp_aesam",
+            "mlp_msam",
+            "cls_mesa",
+        ]
+    )
     for name in names:
-        np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{name} on {backend} jit={jit}")
-        np.testing.assert_allclose(got[name + "_logs"], reference[name + "_logs"],
-                                   rtol=1e-5, atol=1e-6, err_msg=f"{name} logs")
+        np.testing.assert_allclose(
+            got[name],
+            reference[name],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"{name} on {backend} jit={jit}",
+        )
+        np.testing.assert_allclose(
+            got[name + "_logs"],
+            reference[name + "_logs"],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"{name} logs",
+        )

@@ -12,13 +12,12 @@ import json
 import os
 
 import keras
-import keras_sam
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from strategies import mirrored
 
+import keras_sam
 from keras_sam import _keras_compat
 from keras_sam.callbacks.batch_size_scheduler import BatchSizeScheduler
 from keras_sam.callbacks.batch_size_scheduler import doubling_schedule
@@ -32,16 +31,10 @@ RAMP_SIZES = [4, 4, 8, 8, 16, 16]
 RAMP_STEPS = [N // b for b in RAMP_SIZES]
 
 
-
-
-
-
 def _data(n=N, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3)).astype("float32")
-    y = (x @ np.array([[1.0], [-2.0], [0.5]], "float32") + 0.1).astype(
-        "float32"
-    )
+    y = (x @ np.array([[1.0], [-2.0], [0.5]], "float32") + 0.1).astype("float32")
     return x, y
 
 
@@ -50,9 +43,7 @@ X_VAL, Y_VAL = _data(16, seed=1)
 
 
 def dataset_fn(batch_size):
-    return tf.data.Dataset.from_tensor_slices((X, Y)).batch(
-        batch_size, drop_remainder=True
-    )
+    return tf.data.Dataset.from_tensor_slices((X, Y)).batch(batch_size, drop_remainder=True)
 
 
 def val_dataset():
@@ -121,9 +112,7 @@ class Recorder(keras.callbacks.Callback):
         self.batches[epoch] = 0
         self.replica_batch[epoch] = set()
         self.params_steps[epoch] = self.params["steps"]
-        self.lr[epoch] = float(
-            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        )
+        self.lr[epoch] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches[self.epoch] += 1
@@ -148,9 +137,7 @@ class ProgbarProbe(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         bar = self.progbar.progbar
-        self.targets.append(
-            (self.progbar.target, None if bar is None else bar.target)
-        )
+        self.targets.append((self.progbar.target, None if bar is None else bar.target))
 
 
 class EpochLR(keras.optimizers.schedules.LearningRateSchedule):
@@ -158,9 +145,7 @@ class EpochLR(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, steps_per_epoch):
         self.steps_per_epoch = list(steps_per_epoch)
-        self.starts = np.cumsum([0] + self.steps_per_epoch[:-1]).astype(
-            "int64"
-        )
+        self.starts = np.cumsum([0] + self.steps_per_epoch[:-1]).astype("int64")
 
     def __call__(self, step):
         step = keras.ops.cast(step, "int64")
@@ -210,7 +195,14 @@ def test_doubling_schedule_is_the_papers():
 def test_batch_size_at_and_steps_per_epoch():
     scheduler = BatchSizeScheduler(doubling_schedule(4, 3, 2), dataset_fn)
     assert [scheduler.batch_size_at(e) for e in range(8)] == [
-        4, 4, 8, 8, 16, 16, 16, 16,
+        4,
+        4,
+        8,
+        8,
+        16,
+        16,
+        16,
+        16,
     ]
     assert scheduler.steps_per_epoch(EPOCHS) == RAMP_STEPS
     assert scheduler.get_config() == {"schedule": RAMP, "relax_batch_shape": None}
@@ -284,7 +276,11 @@ def test_assert_cardinality_rescues_a_filtered_dataset():
         )
 
     assert BatchSizeScheduler(RAMP, filtered).steps_per_epoch(5) == [
-        16, 16, 8, 8, 4,
+        16,
+        16,
+        8,
+        8,
+        4,
     ]
 
 
@@ -297,8 +293,7 @@ def _fails_before_training(model, match, schedule=RAMP, data=None, **kwargs):
     if data is None:
         data = dataset_fn(4)
     with pytest.raises(ValueError, match=match):
-        model.fit(data, epochs=EPOCHS, callbacks=[scheduler], verbose=0, shuffle=False,
-                  **kwargs)
+        model.fit(data, epochs=EPOCHS, callbacks=[scheduler], verbose=0, shuffle=False, **kwargs)
     assert _iterations(model) == 0
 
 
@@ -328,16 +323,20 @@ def test_replica_divisibility_checked_in_on_train_begin():
     strategy = mirrored(4)
     with strategy.scope():
         model = _counting_model()
-    _fails_before_training(model, "not divisible by the number of replicas",
-                           schedule={0: 4, 2: 6})
+    _fails_before_training(model, "not divisible by the number of replicas", schedule={0: 4, 2: 6})
 
 
 def test_untested_keras_version_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_keras_compat, "TESTED_KERAS_VERSIONS", ((9, 0), (9, 1)))
     model = _counting_model()
     with pytest.raises(RuntimeError, match="BatchSizeScheduler"):
-        model.fit(dataset_fn(4), epochs=2, verbose=0, shuffle=False,
-                  callbacks=[BatchSizeScheduler(RAMP, dataset_fn)])
+        model.fit(
+            dataset_fn(4),
+            epochs=2,
+            verbose=0,
+            shuffle=False,
+            callbacks=[BatchSizeScheduler(RAMP, dataset_fn)],
+        )
 
 
 def test_outside_fit_is_a_clear_error():
@@ -355,18 +354,31 @@ def test_newer_untested_keras_warns_and_still_ramps(monkeypatch):
     monkeypatch.setattr(_keras_compat, "_warned", set())
     model = _counting_model()
     with pytest.warns(UserWarning, match="newer"):
-        history = model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False,
-                            callbacks=[BatchSizeScheduler(RAMP, dataset_fn)])
+        history = model.fit(
+            dataset_fn(4),
+            epochs=EPOCHS,
+            verbose=0,
+            shuffle=False,
+            callbacks=[BatchSizeScheduler(RAMP, dataset_fn)],
+        )
     assert history.history["batch_size"] == RAMP_SIZES
 
 
 def test_moved_internals_are_a_clear_error_before_training(monkeypatch):
-    monkeypatch.setattr(_keras_compat, "EPOCH_ITERATOR_ATTRIBUTES",
-                        _keras_compat.EPOCH_ITERATOR_ATTRIBUTES + ("_not_there",))
+    monkeypatch.setattr(
+        _keras_compat,
+        "EPOCH_ITERATOR_ATTRIBUTES",
+        _keras_compat.EPOCH_ITERATOR_ATTRIBUTES + ("_not_there",),
+    )
     model = _counting_model()
     with pytest.raises(RuntimeError, match="_not_there"):
-        model.fit(dataset_fn(4), epochs=2, verbose=0, shuffle=False,
-                  callbacks=[BatchSizeScheduler(RAMP, dataset_fn)])
+        model.fit(
+            dataset_fn(4),
+            epochs=2,
+            verbose=0,
+            shuffle=False,
+            callbacks=[BatchSizeScheduler(RAMP, dataset_fn)],
+        )
     assert _iterations(model) == 0
 
 
@@ -385,24 +397,22 @@ def test_pinned_keras_version_and_internals():
 
     progbar = keras.callbacks.ProgbarLogger()
     model = _counting_model()
-    model.fit(dataset_fn(4), epochs=1, verbose=0, shuffle=False,
-              callbacks=[Probe(), progbar])
+    model.fit(dataset_fn(4), epochs=1, verbose=0, shuffle=False, callbacks=[Probe(), progbar])
 
     iterator = seen["iterator"]
-    names = (
-        _keras_compat.EPOCH_ITERATOR_ATTRIBUTES
-        + _keras_compat.TF_EPOCH_ITERATOR_ATTRIBUTES
-    )
+    names = _keras_compat.EPOCH_ITERATOR_ATTRIBUTES + _keras_compat.TF_EPOCH_ITERATOR_ATTRIBUTES
     missing = [name for name in names if not hasattr(iterator, name)]
     assert not missing, f"Keras {keras.__version__} moved {missing}"
-    assert isinstance(iterator._distributed_dataset,
-                      (tf.data.Dataset, tf.distribute.DistributedDataset))
+    assert isinstance(
+        iterator._distributed_dataset, (tf.data.Dataset, tf.distribute.DistributedDataset)
+    )
     callback_list = seen["callbacks"]
     assert isinstance(callback_list, keras.callbacks.CallbackList)
     # fit shares one params dict between the callbacks (ProgbarLogger keeps
     # copies of its entries instead).
-    assert all(cb.params is callback_list.params
-               for cb in callback_list.callbacks if cb is not progbar)
+    assert all(
+        cb.params is callback_list.params for cb in callback_list.callbacks if cb is not progbar
+    )
     assert progbar.target == callback_list.params["steps"] == N // 4
     assert progbar in callback_list.callbacks
     assert hasattr(progbar, "target") and hasattr(progbar, "progbar")
@@ -421,9 +431,7 @@ def test_exact_steps_iterations_shapes_and_traces(jit_compile):
     schedule = {0: 4, 1: 8, 2: 16, 3: 8, 4: 4}  # goes back down, 3 sizes
     sizes = [4, 8, 16, 8, 4, 4]
     steps = [N // b for b in sizes]
-    scheduler, recorder, history = _fit(
-        model, schedule, extra=(progbar, probe)
-    )
+    scheduler, recorder, history = _fit(model, schedule, extra=(progbar, probe))
 
     assert scheduler.steps_per_epoch(EPOCHS) == steps
     assert recorder.per_epoch(recorder.batches) == steps
@@ -473,9 +481,9 @@ def test_sub_batch_size_model_keeps_static_shapes():
 
 def _tanh_net(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)
-    ])
+    return keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+    )
 
 
 @pytest.mark.parametrize("relax", [None, True])
@@ -490,7 +498,7 @@ def test_sub_batch_size_splits_every_batch_size_into_batch_over_m(relax):
 
     separate = SAMModel(_tanh_net(), rho=0.5, sub_batch_size=2)
     separate.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-    for epoch, size in schedule.items():
+    for size in schedule.values():
         separate.fit(dataset_fn(size), epochs=1, verbose=0, shuffle=False)
     assert _iterations(model) == _iterations(separate) == 16 + 8 + 4
     for a, b in zip(model.trainable_variables, separate.trainable_variables):
@@ -504,8 +512,9 @@ def test_progress_bar_listed_before_the_scheduler():
     progbar = keras.callbacks.ProgbarLogger()
     probe = ProgbarProbe(progbar)
     scheduler = BatchSizeScheduler({0: 8, 1: 16}, dataset_fn)
-    model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False,
-              callbacks=[progbar, scheduler, probe])
+    model.fit(
+        dataset_fn(8), epochs=2, verbose=0, shuffle=False, callbacks=[progbar, scheduler, probe]
+    )
     assert probe.targets == [(8, 8), (4, 4)]
 
 
@@ -524,10 +533,14 @@ def test_class_weight_kept_after_a_switch():
             weighted.append(float(logs["weighted"]))
 
     model = _counting_model()
-    model.fit(labelled_fn(8), epochs=2, verbose=0, shuffle=False,
-              class_weight={0: 1.0, 1: 3.0},
-              callbacks=[BatchSizeScheduler({0: 8, 1: 16}, labelled_fn),
-                         SeesWeights()])
+    model.fit(
+        labelled_fn(8),
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+        class_weight={0: 1.0, 1: 3.0},
+        callbacks=[BatchSizeScheduler({0: 8, 1: 16}, labelled_fn), SeesWeights()],
+    )
     assert weighted == [1.0] * (8 + 4)
 
 
@@ -536,9 +549,7 @@ def test_steps_per_execution():
     scheduler, recorder, history = _fit(model)
     iterations = [0] + recorder.per_epoch(recorder.iterations)
     assert list(np.diff(iterations)) == RAMP_STEPS
-    assert recorder.per_epoch(recorder.batches) == [
-        -(-s // 3) for s in RAMP_STEPS
-    ]
+    assert recorder.per_epoch(recorder.batches) == [-(-s // 3) for s in RAMP_STEPS]
     assert history.history["batch_size"] == RAMP_SIZES
     assert _iterations(model) == sum(RAMP_STEPS)
 
@@ -547,8 +558,9 @@ def test_learning_rate_schedule_follows_the_epochs():
     scheduler = BatchSizeScheduler(RAMP, dataset_fn)
     model = _counting_model(lr=EpochLR(scheduler.steps_per_epoch(EPOCHS)))
     recorder = Recorder()
-    model.fit(dataset_fn(4), epochs=EPOCHS, callbacks=[scheduler, recorder],
-              verbose=0, shuffle=False)
+    model.fit(
+        dataset_fn(4), epochs=EPOCHS, callbacks=[scheduler, recorder], verbose=0, shuffle=False
+    )
     np.testing.assert_allclose(
         recorder.per_epoch(recorder.lr),
         [0.05 / (e + 1) for e in range(EPOCHS)],
@@ -567,9 +579,7 @@ def test_mirrored_strategy(replicas):
     assert recorder.per_epoch(recorder.batches) == steps
     assert recorder.per_epoch(recorder.params_steps) == steps
     assert _iterations(model) == sum(steps)
-    assert recorder.per_epoch(recorder.replica_batch) == [
-        {b // replicas} for b in sizes
-    ]
+    assert recorder.per_epoch(recorder.replica_batch) == [{b // replicas} for b in sizes]
     assert history.history["batch_size"] == sizes
     # strategy.run traces train_step once per replica per trace.
     assert model.traces.n <= len(sizes) * replicas
@@ -602,12 +612,13 @@ def test_with_validation_and_keras_callbacks(tmp_path):
     callbacks = [
         keras.callbacks.CSVLogger(csv_path),
         keras.callbacks.ModelCheckpoint(ckpt, save_weights_only=True),
-        keras.callbacks.EarlyStopping(
-            monitor="batch_size", mode="max", patience=2
-        ),
+        keras.callbacks.EarlyStopping(monitor="batch_size", mode="max", patience=2),
     ]
     scheduler, recorder, history = _fit(
-        model, {0: 4, 2: 8}, epochs=10, extra=callbacks,
+        model,
+        {0: 4, 2: 8},
+        epochs=10,
+        extra=callbacks,
         validation_data=val_dataset(),
     )
     sizes = [4, 4, 8, 8, 8]
@@ -632,7 +643,9 @@ def test_with_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")  # tf.summary needs it
     model = _counting_model()
     scheduler, recorder, history = _fit(
-        model, {0: 8, 1: 16}, epochs=2,
+        model,
+        {0: 8, 1: 16},
+        epochs=2,
         extra=[keras.callbacks.TensorBoard(str(tmp_path / "tb"))],
         validation_data=val_dataset(),
     )
@@ -661,8 +674,7 @@ class InterruptAt(keras.callbacks.Callback):
 def _resume_model(seed):
     keras.utils.set_random_seed(seed)
     inner = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
-         keras.layers.Dense(1)]
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
     )
     return inner
 
@@ -679,8 +691,9 @@ def test_resume_with_backup_and_restore(tmp_path):
     model = _compile(_resume_model(1), steps)
     scheduler = BatchSizeScheduler(RAMP, dataset_fn)
     straight = Recorder()
-    model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False,
-              callbacks=[scheduler, straight])
+    model.fit(
+        dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False, callbacks=[scheduler, straight]
+    )
     expected = [w.copy() for w in model.get_weights()]
 
     # Interrupted at the start of epoch 3 (mid-ramp), then fit again with the
@@ -691,23 +704,20 @@ def test_resume_with_backup_and_restore(tmp_path):
     callbacks = [scheduler, backup, resumed, InterruptAt(3)]
     model = _compile(_resume_model(1), steps)
     with pytest.raises(Interrupt):
-        model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False,
-                  callbacks=callbacks)
+        model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False, callbacks=callbacks)
     assert _iterations(model) == sum(steps[:3])
 
     model = _compile(_resume_model(2), steps)  # different initial weights
-    history = model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False,
-                        callbacks=callbacks)
+    history = model.fit(dataset_fn(4), epochs=EPOCHS, verbose=0, shuffle=False, callbacks=callbacks)
 
     assert history.epoch == [3, 4, 5]
     assert history.history["batch_size"] == RAMP_SIZES[3:]
     assert resumed.batches == straight.batches  # epochs 0-2, then 3-5
     assert resumed.per_epoch(resumed.batch_size) == RAMP_SIZES
-    assert resumed.per_epoch(resumed.iterations) == straight.per_epoch(
-        straight.iterations
-    )
+    assert resumed.per_epoch(resumed.iterations) == straight.per_epoch(straight.iterations)
     np.testing.assert_allclose(
-        resumed.per_epoch(resumed.lr), straight.per_epoch(straight.lr),
+        resumed.per_epoch(resumed.lr),
+        straight.per_epoch(straight.lr),
         rtol=1e-6,
     )
     assert _iterations(model) == sum(steps)
@@ -736,9 +746,7 @@ def test_numpy_int_schedule_is_the_same(int_type):
         assert scheduler.relax_batch_shape is True
         config = scheduler.get_config()
         assert config == {**expected.get_config(), "relax_batch_shape": True}
-        assert json.loads(json.dumps(config))["schedule"] == {
-            str(k): v for k, v in RAMP.items()
-        }
+        assert json.loads(json.dumps(config))["schedule"] == {str(k): v for k, v in RAMP.items()}
         sizes = [scheduler.batch_size_at(int_type(e)) for e in range(EPOCHS)]
         assert sizes == RAMP_SIZES and all(type(b) is int for b in sizes)
         assert scheduler.steps_per_epoch(int_type(EPOCHS)) == RAMP_STEPS
@@ -750,8 +758,12 @@ def test_numpy_int_schedule_is_the_same(int_type):
 
 @pytest.mark.parametrize(
     "schedule",
-    [{np.int64(0): np.float32(4.0)}, {np.float64(0.0): 4}, {0: np.bool_(True)},
-     {np.int64(0): 4, np.int64(-2): 8}],
+    [
+        {np.int64(0): np.float32(4.0)},
+        {np.float64(0.0): 4},
+        {0: np.bool_(True)},
+        {np.int64(0): 4, np.int64(-2): 8},
+    ],
     ids=repr,
 )
 def test_numpy_bad_schedule_still_rejected(schedule):

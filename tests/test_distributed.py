@@ -27,7 +27,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from strategies import mirrored
 
 import keras_sam
@@ -49,10 +48,6 @@ ATOL = RTOL = 1e-5
 
 # --------------------------------------------------------------------------
 # Helpers.
-
-
-
-
 
 
 def make_inner(bn=False):
@@ -168,8 +163,9 @@ def fit_distributed(kind, n, x, y, sync, init, bn=False, batch=GLOBAL_BATCH):
 
 
 def _flat_dot(a, b):
-    return sum(float(np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64)))
-               for x, y in zip(a, b))
+    return sum(
+        float(np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64))) for x, y in zip(a, b)
+    )
 
 
 def reference_per_replica(kind, init, x, y, n, combine="per_replica"):
@@ -200,11 +196,11 @@ def reference_per_replica(kind, init, x, y, n, combine="per_replica"):
 
     logged = dict(loss=[], grad_norm=[], sharpness=[])
     for start in range(0, len(x), GLOBAL_BATCH):
-        xb, yb = x[start:start + GLOBAL_BATCH], y[start:start + GLOBAL_BATCH]
+        xb, yb = x[start : start + GLOBAL_BATCH], y[start : start + GLOBAL_BATCH]
         size = len(xb) // n
         ds, gs, gps, losses, norms, sharpness = [], [], [], [], [], []
         for r in range(n):
-            xs, ys = xb[r * size:(r + 1) * size], yb[r * size:(r + 1) * size]
+            xs, ys = xb[r * size : (r + 1) * size], yb[r * size : (r + 1) * size]
             loss, g = loss_and_grad(xs, ys)
             saved = [np.array(v.numpy()) for v in variables]
             norm = np.sqrt(_flat_dot(g, g))
@@ -306,9 +302,7 @@ def test_sync_perturbation_matches_single_device(kind, n):
     # The BN moving statistics must have moved, so their comparison means something.
     assert not np.allclose(ref["non_trainable"][0], 0.0)
 
-    model, inner, history, callback = fit_distributed(
-        kind, n, x, y, True, ref["init"], bn=True
-    )
+    model, inner, history, callback = fit_distributed(kind, n, x, y, True, ref["init"], bn=True)
 
     assert len(inner.non_trainable_variables) == 2
     assert_weights_close(numpy_values(inner.trainable_variables), ref["trainable"], "weight")
@@ -318,7 +312,10 @@ def test_sync_perturbation_matches_single_device(kind, n):
     assert_replicas_identical(callback, STEPS)  # trainable AND BN statistics
     for key in ("loss", "grad_norm", "sharpness"):
         np.testing.assert_allclose(
-            history.history[key][0], ref["history"][key][0], rtol=1e-5, atol=1e-6,
+            history.history[key][0],
+            ref["history"][key][0],
+            rtol=1e-5,
+            atol=1e-6,
             err_msg=key,
         )
 
@@ -412,9 +409,7 @@ def nonfinite_step_outcome(callback):
     return finite, unchanged
 
 
-@pytest.mark.parametrize(
-    "kind,sync", [("sam", False), ("sam", True), ("gsam", False)]
-)
+@pytest.mark.parametrize("kind,sync", [("sam", False), ("sam", True), ("gsam", False)])
 def test_nonfinite_on_one_replica_skips_step_everywhere(mixed_float16, kind, sync):
     """Replica 1's gradients are non-finite, replica 0's finite. With
     sync_perturbation=True the all-reduced g carries the inf to every replica
@@ -469,17 +464,21 @@ def test_without_the_workaround_sam_breaks_too(mixed_float16, monkeypatch):
 
 def text_model(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((6,), dtype="int32"),
-        keras.layers.Embedding(20, 4),
-        keras.layers.GlobalAveragePooling1D(),
-        keras.layers.Dense(OUT_DIM),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(20, 4),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(OUT_DIM),
+        ]
+    )
 
 
 def text_data(n=GLOBAL_BATCH * STEPS):
     rng = np.random.default_rng(3)
-    return rng.integers(0, 20, size=(n, 6)).astype("int32"), rng.normal(size=(n, OUT_DIM)).astype("float32")
+    return rng.integers(0, 20, size=(n, 6)).astype("int32"), rng.normal(size=(n, OUT_DIM)).astype(
+        "float32"
+    )
 
 
 def fit_text(kind, strategy, x, y, sync=True):
@@ -498,8 +497,11 @@ def test_embedding_under_mirrored_strategy_equals_one_device(kind):
     x, y = text_data()
     _, single, h1 = fit_text(kind, None, x, y)
     _, multi, h2 = fit_text(kind, mirrored(2), x, y)
-    assert_weights_close(numpy_values(multi.trainable_variables),
-                         numpy_values(single.trainable_variables), "embedding model")
+    assert_weights_close(
+        numpy_values(multi.trainable_variables),
+        numpy_values(single.trainable_variables),
+        "embedding model",
+    )
     np.testing.assert_allclose(h2.history["loss"], h1.history["loss"], rtol=1e-5)
 
 
@@ -510,8 +512,9 @@ def test_embedding_under_mixed_float16_matches_float32():
         model, inner, _ = fit_text("sam", None, x, y)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     init = numpy_values(text_model().trainable_variables)
-    for a, e, w0 in zip(numpy_values(inner.trainable_variables),
-                        numpy_values(reference.trainable_variables), init):
+    for a, e, w0 in zip(
+        numpy_values(inner.trainable_variables), numpy_values(reference.trainable_variables), init
+    ):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a - w0, e - w0, rtol=2e-2, atol=2e-3)
 
@@ -550,8 +553,9 @@ def test_sync_perturbation_with_sub_batches_of_unknown_size_asks_for_drop_remain
     strategy = mirrored(2)
     x, y = make_data()
     with strategy.scope():
-        model = keras_sam.SAMModel(make_inner(), rho=RHO, sync_perturbation=True,
-                                   num_batch_splits=2)
+        model = keras_sam.SAMModel(
+            make_inner(), rho=RHO, sync_perturbation=True, num_batch_splits=2
+        )
         model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
     with pytest.raises(ValueError, match="drop_remainder"):
         model.fit(dataset(x, y), epochs=1, verbose=0)

@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from strategies import mirrored
 
 import keras_sam
@@ -36,7 +35,7 @@ def make_data(steps, seed=1):
 
 
 def batches(x, y):
-    return [(x[s:s + BATCH], y[s:s + BATCH]) for s in range(0, len(x), BATCH)]
+    return [(x[s : s + BATCH], y[s : s + BATCH]) for s in range(0, len(x), BATCH)]
 
 
 def dataset(x, y):
@@ -70,7 +69,9 @@ def test_sam_every_k_is_a_sam_step_then_k_minus_1_plain_keras_steps(cls, k):
     # BatchNorm statistics included: they moved once per step in both kinds.
     assert_same_variables(model.inner, reference)
     sam_steps = len(range(0, 2 * k + 1, k))
-    np.testing.assert_allclose(history.history["sam_fraction"][0], sam_steps / (2 * k + 1), rtol=1e-6)
+    np.testing.assert_allclose(
+        history.history["sam_fraction"][0], sam_steps / (2 * k + 1), rtol=1e-6
+    )
 
 
 def test_sam_every_one_is_todays_step_and_logs_no_fraction():
@@ -161,8 +162,9 @@ def test_aesam_decides_by_the_moving_moments_of_the_squared_gradient_norm():
     a SAM or a plain Keras step on a reference model as the policy says."""
     x, y = make_data(steps=8)
     threshold, decay = 0.3, 0.5
-    model = compiled(keras_sam.AESAMModel(make_inner(bn=False), rho=0.1,
-                                          threshold=threshold, decay=decay))
+    model = compiled(
+        keras_sam.AESAMModel(make_inner(bn=False), rho=0.1, threshold=threshold, decay=decay)
+    )
     history = model.fit(dataset(x, y), epochs=1, verbose=0, shuffle=False)
 
     reference = make_inner(bn=False)
@@ -179,8 +181,9 @@ def test_aesam_decides_by_the_moving_moments_of_the_squared_gradient_norm():
     assert 0 < sum(decisions) < len(decisions), decisions  # both kinds occur
     np.testing.assert_allclose(history.history["sam_fraction"][0], np.mean(decisions), rtol=1e-6)
     assert_same_variables(model.inner, reference)
-    np.testing.assert_allclose([v.numpy() for v in model._own_state_variables()],
-                               [mean, variance], rtol=1e-4)
+    np.testing.assert_allclose(
+        [v.numpy() for v in model._own_state_variables()], [mean, variance], rtol=1e-4
+    )
 
 
 def aesam_reference(x, y, rho, threshold, decay, replicas=1):
@@ -235,7 +238,7 @@ WRAPPERS = {
 @pytest.mark.parametrize("name", list(WRAPPERS))
 def test_save_load_continues_like_an_uninterrupted_run(tmp_path, name):
     x, y = make_data(steps=8)
-    first, second = (x[:4 * BATCH], y[:4 * BATCH]), (x[4 * BATCH:], y[4 * BATCH:])
+    first, second = (x[: 4 * BATCH], y[: 4 * BATCH]), (x[4 * BATCH :], y[4 * BATCH :])
     whole = compiled(WRAPPERS[name](make_inner()))
     whole.fit(dataset(*first), epochs=1, verbose=0, shuffle=False)
     whole.fit(dataset(*second), epochs=1, verbose=0, shuffle=False)
@@ -336,7 +339,9 @@ def test_replicas_perturbing_apart_match_the_float64_reference(name):
     else:
         w, decisions, own = aesam_reference(x, y, rho=0.2, threshold=0.3, decay=0.5, replicas=2)
         assert 0 < sum(decisions) < len(decisions), decisions  # both kinds occur
-        np.testing.assert_allclose(history.history["sam_fraction"][0], np.mean(decisions), rtol=1e-6)
+        np.testing.assert_allclose(
+            history.history["sam_fraction"][0], np.mean(decisions), rtol=1e-6
+        )
     for v, ref in zip(model.inner.trainable_variables, w):
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-6, atol=1e-6, err_msg=v.path)
     for v, ref in zip(model._own_state_variables(), own):
@@ -381,7 +386,14 @@ def test_the_clean_gradient_is_all_reduced_at_most_once_per_step(name, sync):
         model.sync_perturbation = sync
         compiled(model)
     model.fit(dataset(x, y), epochs=1, verbose=0)
-    per_replica = 1 + sync + {
-        "sam": 0, "gsam": sync, "looksam": 1, "aesam": 1 - sync,
-    }[name]
+    per_replica = (
+        1
+        + sync
+        + {
+            "sam": 0,
+            "gsam": sync,
+            "looksam": 1,
+            "aesam": 1 - sync,
+        }[name]
+    )
     assert collective_reductions(model) == strategy.num_replicas_in_sync * per_replica

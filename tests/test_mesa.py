@@ -13,7 +13,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from strategies import mirrored
 
 import keras_sam
@@ -47,7 +46,7 @@ def replay(w, b, x, y, epochs, kl_weight, tau, decay, start):
     for epoch in range(epochs):
         epoch_kl = []
         for s in range(0, N, BATCH):
-            xb, yb = x[s:s + BATCH].astype(np.float64), y[s:s + BATCH]
+            xb, yb = x[s : s + BATCH].astype(np.float64), y[s : s + BATCH]
             z, zt = xb @ w + b, xb @ ew + eb
             p, q = softmax(z / tau), softmax(zt / tau)
             epoch_kl.append(np.mean(np.sum(q * (np.log(q) - np.log(p)), -1)) * tau**2)
@@ -61,8 +60,11 @@ def replay(w, b, x, y, epochs, kl_weight, tau, decay, start):
 
 
 def compiled(model, optimizer=None, **kwargs):
-    model.compile(optimizer=optimizer or keras.optimizers.SGD(LR),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), **kwargs)
+    model.compile(
+        optimizer=optimizer or keras.optimizers.SGD(LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kwargs,
+    )
     return model
 
 
@@ -75,12 +77,16 @@ def test_matches_the_replay_with_its_teacher_and_start_epoch(start):
     x, y = data()
     inner = linear()
     w0, b0 = (v.numpy() for v in inner.trainable_variables)
-    model = compiled(keras_sam.MESAModel(inner, kl_weight=0.8, temperature=2.0,
-                                         ema_decay=0.7, kl_start_epoch=start))
+    model = compiled(
+        keras_sam.MESAModel(
+            inner, kl_weight=0.8, temperature=2.0, ema_decay=0.7, kl_start_epoch=start
+        )
+    )
     history = model.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
     weights, ema, kls = replay(w0, b0, x, y, 3, 0.8, 2.0, 0.7, start)
-    np.testing.assert_allclose(flat(v.numpy() for v in inner.trainable_variables),
-                               flat(weights), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(v.numpy() for v in inner.trainable_variables), flat(weights), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(flat(model.ema_weights()), flat(ema), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(history.history["kl"], kls, rtol=1e-4, atol=1e-7)
     assert set(history.history) == {"loss", "kl", "grad_norm"}
@@ -103,14 +109,16 @@ def test_probability_outputs_give_the_same_steps_as_logits():
 
 def cnn(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(4, 3, activation="relu"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dropout(0.3, seed=1),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3, seed=1),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
 
 
 def test_kl_weight_zero_is_plain_keras_exactly():
@@ -134,12 +142,14 @@ def test_kl_weight_zero_is_plain_keras_exactly():
 
 def bn_net(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((D,)),
-        keras.layers.Dense(5, activation="tanh"),
-        keras.layers.BatchNormalization(momentum=0.5),
-        keras.layers.Dense(C),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.BatchNormalization(momentum=0.5),
+            keras.layers.Dense(C),
+        ]
+    )
 
 
 def test_the_teacher_averages_batchnorm_statistics_and_runs_in_inference_mode():
@@ -159,8 +169,15 @@ def test_the_teacher_averages_batchnorm_statistics_and_runs_in_inference_mode():
         def on_train_batch_end(self, batch, logs=None):
             seen.append([v.numpy().copy() for v in inner.weights])
 
-    history = model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=3, shuffle=False,
-                        verbose=0, callbacks=[Record()])
+    history = model.fit(
+        x[:BATCH],
+        y[:BATCH],
+        batch_size=BATCH,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[Record()],
+    )
     ema = start
     for values in seen:
         ema = [0.5 * a + 0.5 * b for a, b in zip(ema, values)]
@@ -171,15 +188,18 @@ def test_the_teacher_averages_batchnorm_statistics_and_runs_in_inference_mode():
     assert kl > 1e-4  # inference and training mode differ here
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kl_weight=-1.0), "kl_weight"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(ema_decay=1.0), "ema_decay"),
-    (dict(kl_start_epoch=1.5), "kl_start_epoch"),
-    (dict(from_logits="yes"), "from_logits"),
-    (dict(sam_every=2), "sam_every"),
-    (dict(num_batch_splits=2), "num_batch_splits"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kl_weight=-1.0), "kl_weight"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(kl_start_epoch=1.5), "kl_start_epoch"),
+        (dict(from_logits="yes"), "from_logits"),
+        (dict(sam_every=2), "sam_every"),
+        (dict(num_batch_splits=2), "num_batch_splits"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_sam.MESAModel(linear(), **kwargs)
@@ -212,8 +232,9 @@ def test_save_load_keeps_the_average_and_continues_like_an_uninterrupted_run(tmp
     assert loaded.get_config()["ema_decay"] == 0.6
     np.testing.assert_array_equal(flat(loaded.ema_weights()), flat(part.ema_weights()))
     loaded.fit(x, y, batch_size=BATCH, epochs=3, initial_epoch=2, shuffle=False, verbose=0)
-    np.testing.assert_allclose(flat(loaded.get_weights()), flat(whole.get_weights()),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        flat(loaded.get_weights()), flat(whole.get_weights()), rtol=1e-6, atol=1e-7
+    )
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -235,14 +256,23 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path):
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     run = fresh()
     with pytest.raises(RuntimeError, match="interrupted"):
-        run.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
-                callbacks=[backup, _Interrupt()])
+        run.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[backup, _Interrupt()],
+        )
     resumed = fresh(seed=5)  # other weights: everything is restored
     resumed.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[backup])
-    np.testing.assert_allclose(flat(resumed.get_weights()), flat(whole.get_weights()),
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(flat(resumed.ema_weights()), flat(whole.ema_weights()),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        flat(resumed.get_weights()), flat(whole.get_weights()), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        flat(resumed.ema_weights()), flat(whole.ema_weights()), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_two_replicas_equal_one_device():
@@ -257,9 +287,11 @@ def test_two_replicas_equal_one_device():
 
     one, h1 = run(tf.distribute.get_strategy())
     two, h2 = run(mirrored(2))
-    np.testing.assert_allclose(flat(two.get_weights()), flat(one.get_weights()),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(flat(two.ema_weights()), flat(one.ema_weights()),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(two.get_weights()), flat(one.get_weights()), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        flat(two.ema_weights()), flat(one.ema_weights()), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=1e-5)
     np.testing.assert_allclose(h2["kl"], h1["kl"], rtol=1e-4, atol=1e-7)

@@ -142,8 +142,9 @@ def _image_data(size):
 
 
 class Family:
-    def __init__(self, build, data, loss, loss_weights=None, metrics=("accuracy",),
-                 run_eagerly=False):
+    def __init__(
+        self, build, data, loss, loss_weights=None, metrics=("accuracy",), run_eagerly=False
+    ):
         self.build, self._data, self.run_eagerly = build, data, run_eagerly
         self.loss, self.loss_weights = loss, loss_weights
         self.metrics = list(metrics) if isinstance(metrics, tuple) else metrics
@@ -184,8 +185,9 @@ FAMILIES = {
         metrics={"out_a": ["mae"], "out_b": ["accuracy"]},
     ),
     "cnn_bn_dropout": Family(_cnn, _image_data(8), "sparse_categorical_crossentropy"),
-    "mobilenet": Family(_application, _image_data(32), "sparse_categorical_crossentropy",
-                        run_eagerly=True),
+    "mobilenet": Family(
+        _application, _image_data(32), "sparse_categorical_crossentropy", run_eagerly=True
+    ),
 }
 
 SAM_RHO, ASAM_RHO, ETA, GSAM_ALPHA = 0.05, 0.5, 0.01, 0.3
@@ -224,7 +226,10 @@ def assert_weights_close(got, want, rtol, atol, names=None):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(
-            np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=atol,
+            np.asarray(g, np.float64),
+            np.asarray(w, np.float64),
+            rtol=rtol,
+            atol=atol,
             err_msg=names[i] if names else str(i),
         )
 
@@ -319,9 +324,7 @@ def hand_step(model, family, variant, x, y, lr=LR):
 
 
 def fit(model, family, x, y, epochs=1, batch_size=BATCH, **kwargs):
-    return model.fit(
-        x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0, **kwargs
-    )
+    return model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0, **kwargs)
 
 
 SAM_KEYS = ("sharpness", "grad_norm", "rho")
@@ -357,8 +360,13 @@ def test_rho_zero_equals_plain_keras(name, variant):
     model.compile(**family.compile_kwargs())
     x, y = family.data()
     history = fit(model, family, x, y)
-    assert_weights_close(values(inner.variables), plain_variables, rtol=1e-6, atol=1e-6,
-                         names=[v.path for v in inner.variables])
+    assert_weights_close(
+        values(inner.variables),
+        plain_variables,
+        rtol=1e-6,
+        atol=1e-6,
+        names=[v.path for v in inner.variables],
+    )
     assert_logs_equal(history.history, plain_logs)
 
 
@@ -377,12 +385,17 @@ def test_one_step_equals_hand_written_step(name, variant):
     model.compile(**family.compile_kwargs())
     fit(model, family, x, y, batch_size=N)  # one full-batch step
     names = [v.path for v in inner.trainable_variables]
-    assert_weights_close(values(inner.trainable_variables), want_weights,
-                         rtol=1e-5, atol=1e-6, names=names)
+    assert_weights_close(
+        values(inner.trainable_variables), want_weights, rtol=1e-5, atol=1e-6, names=names
+    )
     # BatchNorm statistics and seed states move once, from the clean pass.
-    assert_weights_close(values(inner.non_trainable_variables), want_state,
-                         rtol=1e-5, atol=1e-6,
-                         names=[v.path for v in inner.non_trainable_variables])
+    assert_weights_close(
+        values(inner.non_trainable_variables),
+        want_state,
+        rtol=1e-5,
+        atol=1e-6,
+        names=[v.path for v in inner.non_trainable_variables],
+    )
 
 
 # --------------------------------------------------- 3. habits around fit
@@ -414,15 +427,14 @@ def test_gsam_rho_follows_learning_rate_callbacks(name, callback):
     model = keras_sam.GSAMModel(family.build(0), rho=rho, alpha=0.2, rho_min=rho_min)
     model.compile(**family.compile_kwargs(keras.optimizers.SGD(lr0)))
     if callback == "LearningRateScheduler":
-        changer = keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr0 * 0.5 ** epoch)
+        changer = keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr0 * 0.5**epoch)
     else:  # every epoch after the first counts as a plateau
         changer = keras.callbacks.ReduceLROnPlateau(
             monitor="loss", factor=0.5, patience=0, min_delta=1e9, cooldown=0
         )
     record = RecordLearningRate()
     x, y = family.data()
-    history = fit(model, family, x, y, epochs=epochs, batch_size=N,
-                  callbacks=[changer, record])
+    history = fit(model, family, x, y, epochs=epochs, batch_size=N, callbacks=[changer, record])
     assert len(record.rates) == epochs
     assert record.rates[-1] < lr0 / 3, record.rates  # the callback did change the rate
     expected = [_gsam_rho_rule(lr, rho, rho_min, lr0) for lr in record.rates]
@@ -451,8 +463,9 @@ def test_model_checkpoint_reloads_same_predictions_and_config(tmp_path, name, va
     loaded = keras.models.load_model(path)
     assert type(loaded) is type(model)
     assert _config(loaded) == _config(model)
-    for a, b in zip(tree.flatten(loaded.predict(x, verbose=0)),
-                    tree.flatten(model.predict(x, verbose=0))):
+    for a, b in zip(
+        tree.flatten(loaded.predict(x, verbose=0)), tree.flatten(model.predict(x, verbose=0))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -484,15 +497,32 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, name, va
     backup_dir = str(tmp_path / "backup")
     interrupted = wrapper(first)
     with pytest.raises(RuntimeError, match="simulated preemption"):
-        fit(interrupted, family, x, y, epochs=epochs,
-            callbacks=[keras.callbacks.BackupAndRestore(backup_dir), Interrupt(1)])
+        fit(
+            interrupted,
+            family,
+            x,
+            y,
+            epochs=epochs,
+            callbacks=[keras.callbacks.BackupAndRestore(backup_dir), Interrupt(1)],
+        )
     # A new process: a fresh model with other initial weights, restored from the backup.
     resumed = wrapper(family.build(seed=7))
-    history = fit(resumed, family, x, y, epochs=epochs,
-                  callbacks=[keras.callbacks.BackupAndRestore(backup_dir)])
+    history = fit(
+        resumed,
+        family,
+        x,
+        y,
+        epochs=epochs,
+        callbacks=[keras.callbacks.BackupAndRestore(backup_dir)],
+    )
     assert len(history.epoch) == epochs - 2, history.epoch  # only the last epoch ran
-    assert_weights_close(values(resumed.inner.weights), values(straight.weights),
-                         rtol=1e-5, atol=1e-6, names=[v.path for v in straight.weights])
+    assert_weights_close(
+        values(resumed.inner.weights),
+        values(straight.weights),
+        rtol=1e-5,
+        atol=1e-6,
+        names=[v.path for v in straight.weights],
+    )
 
 
 @pytest.mark.parametrize("name, variant", [("multi_io", "gsam"), ("cnn_bn_dropout", "sam")])
@@ -520,8 +550,12 @@ def test_evaluate_and_validation_logs_are_plain_keras(name, variant):
     for key in SAM_KEYS:  # the training statistics are still there
         assert key in logs, sorted(logs)
     want_val = plain.evaluate(x_val, y_val, batch_size=N, verbose=0, return_dict=True)
-    assert_logs_equal({k[4:]: v[-1] for k, v in logs.items() if k.startswith("val_")},
-                      want_val, rtol=1e-5, atol=1e-6)
+    assert_logs_equal(
+        {k[4:]: v[-1] for k, v in logs.items() if k.startswith("val_")},
+        want_val,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_export_serves_like_predict(tmp_path):
@@ -530,8 +564,10 @@ def test_export_serves_like_predict(tmp_path):
     try:  # does Keras export this model (unwrapped) on this backend at all?
         probe.export(str(tmp_path / "probe"), verbose=False)
     except Exception as exc:  # e.g. torch.export's dynamic-shape error (Keras 3.15)
-        pytest.skip(f"Keras cannot export the plain model on {BACKEND}: "
-                    f"{type(exc).__name__}: {str(exc)[:200]}")
+        pytest.skip(
+            f"Keras cannot export the plain model on {BACKEND}: "
+            f"{type(exc).__name__}: {str(exc)[:200]}"
+        )
     import tensorflow as tf
 
     model = VARIANTS["sam"](family.build(0))
@@ -542,16 +578,16 @@ def test_export_serves_like_predict(tmp_path):
     model.export(path, verbose=False)
     reloaded = tf.saved_model.load(path)  # keep a reference while serving
     served = reloaded.serve(tf.constant(x))
-    np.testing.assert_allclose(np.asarray(served), model.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(served), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name, variant", [("transformer", "asam"), ("multi_io", "gsam")])
 def test_clone_model_compiles_and_trains_like_the_original(name, variant):
     family = FAMILIES[name]
     if variant == "gsam":  # rho following a float rate: read when fit starts
-        model = keras_sam.GSAMModel(family.build(0), rho=SAM_RHO, alpha=GSAM_ALPHA,
-                                    rho_min=0.01)
+        model = keras_sam.GSAMModel(family.build(0), rho=SAM_RHO, alpha=GSAM_ALPHA, rho_min=0.01)
     else:
         model = VARIANTS[variant](family.build(0))
     clone = keras.models.clone_model(model)
@@ -565,8 +601,9 @@ def test_clone_model_compiles_and_trains_like_the_original(name, variant):
         fit(m, family, x, y)
     trained = values(clone.inner.trainable_variables)
     assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(trained, start)), "did not train"
-    assert_weights_close(values(clone.inner.weights), values(model.inner.weights),
-                         rtol=1e-6, atol=1e-7)
+    assert_weights_close(
+        values(clone.inner.weights), values(model.inner.weights), rtol=1e-6, atol=1e-7
+    )
 
 
 # ------------------------------------------- 4. mixed precision, generators
@@ -612,8 +649,9 @@ def test_mixed_float16_embedding_sam_step_matches_float32_reference(request):
     for g, w, s, v in zip(got, want, start, inner.trainable_variables):
         step_want = w - s
         assert np.abs(g - s).max() > 0.1 * np.abs(step_want).max(), f"{v.path}: step skipped"
-        np.testing.assert_allclose(g - s, step_want, rtol=0.05,
-                                   atol=0.02 * np.abs(step_want).max(), err_msg=v.path)
+        np.testing.assert_allclose(
+            g - s, step_want, rtol=0.05, atol=0.02 * np.abs(step_want).max(), err_msg=v.path
+        )
 
 
 @pytest.mark.parametrize("variant", ["sam", "gsam"])
@@ -631,8 +669,7 @@ def test_generator_input_trains_the_multi_output_model_like_arrays(variant):
     from_generator, from_arrays = VARIANTS[variant](a), VARIANTS[variant](b)
     for m in (from_generator, from_arrays):
         m.compile(**family.compile_kwargs())
-    logs = from_generator.fit(batches(), steps_per_epoch=N // BATCH, epochs=2,
-                              verbose=0).history
+    logs = from_generator.fit(batches(), steps_per_epoch=N // BATCH, epochs=2, verbose=0).history
     want = fit(from_arrays, family, x, y, epochs=2).history
     assert np.isfinite(logs["loss"]).all()
     assert_weights_close(values(a.variables), values(b.variables), rtol=1e-6, atol=1e-7)
@@ -644,10 +681,19 @@ def test_both_passes_see_the_same_dropout_mask_without_a_seed():
     tiny rho the perturbed loss differs from the clean one by about
     rho * ||g||, which a second, different mask would swamp."""
     keras.utils.set_random_seed(0)
-    inner = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
-                              keras.layers.Dropout(0.5), keras.layers.Dense(CLASSES)])
+    inner = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
     model = keras_sam.SAMModel(inner, rho=1e-6)
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(N, 16)).astype("float32"), _labels(rng, N)
     history = model.fit(x, y, batch_size=N, epochs=3, verbose=0)
@@ -665,10 +711,16 @@ def _kl_output(name):
 
 ONE_GRADIENT = {
     "msam": lambda inner, name, zero=False: keras_sam.MSAMModel(
-        inner, rho=0.0 if zero else MSAM_RHO),
+        inner, rho=0.0 if zero else MSAM_RHO
+    ),
     "mesa": lambda inner, name, zero=False: keras_sam.MESAModel(
-        inner, kl_weight=0.0 if zero else MESA_WEIGHT, temperature=MESA_TAU,
-        ema_decay=0.5, kl_start_epoch=-1, kl_output=_kl_output(name)),
+        inner,
+        kl_weight=0.0 if zero else MESA_WEIGHT,
+        temperature=MESA_TAU,
+        ema_decay=0.5,
+        kl_start_epoch=-1,
+        kl_output=_kl_output(name),
+    ),
 }
 
 
@@ -691,14 +743,20 @@ def test_one_gradient_methods_at_zero_equal_plain_keras(name, variant):
     model = ONE_GRADIENT[variant](inner, name, zero=True)
     model.compile(**family.compile_kwargs(_momentum()))
     got = fit(model, family, x, y).history
-    assert_weights_close(values(inner.variables), values(plain.variables), rtol=1e-6,
-                         atol=1e-6, names=[v.path for v in inner.variables])
+    assert_weights_close(
+        values(inner.variables),
+        values(plain.variables),
+        rtol=1e-6,
+        atol=1e-6,
+        names=[v.path for v in inner.variables],
+    )
     assert_logs_equal(got, want)
 
 
 def _hand_kl(family, name, teacher_pred):
     """The MESA term written out with keras.ops: the families output
     probabilities, whose logarithms are the logits."""
+
     def pick(pred):
         return pred[1] if name == "multi_io" else pred
 
@@ -706,8 +764,8 @@ def _hand_kl(family, name, teacher_pred):
 
     def kl(y_pred):
         log_p = ops.log_softmax(ops.log(pick(y_pred)) / MESA_TAU)
-        return MESA_WEIGHT * MESA_TAU**2 * ops.mean(
-            ops.sum(q * (ops.log(q) - log_p), axis=-1))
+        return MESA_WEIGHT * MESA_TAU**2 * ops.mean(ops.sum(q * (ops.log(q) - log_p), axis=-1))
+
     return kl
 
 
@@ -727,8 +785,13 @@ def test_msam_second_step_equals_hand_written_step(name):
     model = ONE_GRADIENT["msam"](inner, name)
     model.compile(**family.compile_kwargs(_momentum()))
     fit(model, family, x, y, epochs=2, batch_size=N)
-    assert_weights_close(values(inner.trainable_variables), want, rtol=1e-4, atol=1e-5,
-                         names=[v.path for v in inner.trainable_variables])
+    assert_weights_close(
+        values(inner.trainable_variables),
+        want,
+        rtol=1e-4,
+        atol=1e-5,
+        names=[v.path for v in inner.trainable_variables],
+    )
     assert_weights_close(values(inner.non_trainable_variables), s2, rtol=1e-5, atol=1e-6)
 
 
@@ -741,8 +804,11 @@ def test_mesa_step_equals_hand_written_step(name):
     x, y = family.data()
     tv, ntv = values(inner.trainable_variables), values(inner.non_trainable_variables)
     teacher_pred, _ = inner.stateless_call(
-        [ops.convert_to_tensor(w) for w in tv], [ops.convert_to_tensor(s) for s in ntv],
-        _tensors(x), training=False)
+        [ops.convert_to_tensor(w) for w in tv],
+        [ops.convert_to_tensor(s) for s in ntv],
+        _tensors(x),
+        training=False,
+    )
     extra = _hand_kl(family, name, teacher_pred)
     plain_loss = family.hand_loss
     family.hand_loss = lambda y_, p: plain_loss(y_, p) + extra(p)
@@ -755,10 +821,13 @@ def test_mesa_step_equals_hand_written_step(name):
     model.compile(**family.compile_kwargs())
     fit(model, family, x, y, batch_size=N)
     names = [v.path for v in inner.trainable_variables]
-    assert_weights_close(values(inner.trainable_variables), want, rtol=1e-5, atol=1e-6,
-                         names=names)
+    assert_weights_close(values(inner.trainable_variables), want, rtol=1e-5, atol=1e-6, names=names)
     ema = dict(zip([v.path for v in inner.weights], model.ema_weights()))
     start = dict(zip([v.path for v in inner.trainable_variables], tv))
-    assert_weights_close([ema[p] for p in names],
-                         [0.5 * start[p] + 0.5 * w for p, w in zip(names, want)],
-                         rtol=1e-5, atol=1e-6, names=names)
+    assert_weights_close(
+        [ema[p] for p in names],
+        [0.5 * start[p] + 0.5 * w for p, w in zip(names, want)],
+        rtol=1e-5,
+        atol=1e-6,
+        names=names,
+    )

@@ -29,10 +29,11 @@ def test_model_families_on_backend(backend):
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", MODULE]
     start = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"")
+        out = exc.stdout or b""
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
         pytest.fail(f"{MODULE} on {backend} ran past {TIMEOUT_S} s:\n{out[-6000:]}")
     tail = (proc.stdout + proc.stderr)[-6000:]

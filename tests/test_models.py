@@ -2,9 +2,9 @@
 in-place reference step (perturb the variables, restore the saved copy) with
 the perturbation and GSAM's combination computed in float64 NumPy."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import keras_sam
@@ -25,9 +25,9 @@ class AddActivityLoss(keras.layers.Layer):
 def make_inner(seed=0, bn=True, synchronized=False):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((D,))
-    h = keras.layers.Dense(
-        8, activation="tanh", kernel_regularizer=keras.regularizers.L2(1e-3)
-    )(inputs)
+    h = keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(1e-3))(
+        inputs
+    )
     if bn:
         h = keras.layers.BatchNormalization(momentum=0.9, synchronized=synchronized)(h)
     h = AddActivityLoss()(h)
@@ -52,9 +52,23 @@ def _norm(xs):
     return np.sqrt(sum(float(np.sum(x * x)) for x in xs))
 
 
-def reference_fit(model, x, y, sw, *, rho, lr_fn, kind="sam", alpha=0.0,
-                  adaptive=False, eta=0.01, rho_fn=None, splits=1, batch=BATCH,
-                  asam_rule="weights"):
+def reference_fit(
+    model,
+    x,
+    y,
+    sw,
+    *,
+    rho,
+    lr_fn,
+    kind="sam",
+    alpha=0.0,
+    adaptive=False,
+    eta=0.01,
+    rho_fn=None,
+    splits=1,
+    batch=BATCH,
+    asam_rule="weights",
+):
     """Trains `model` (a plain keras.Model) in place with a hand-written SAM step.
 
     ASAM's `T_w = |w| + eta` applies, by `asam_rule`, as the official ASAM code
@@ -94,8 +108,10 @@ def reference_fit(model, x, y, sw, *, rho, lr_fn, kind="sam", alpha=0.0,
                     "kernels": lambda v, w: w.ndim >= 2,
                     "all": lambda v, w: True,
                 }[asam_rule]
-                t = [np.abs(w.astype(np.float64)) + eta if rule(v, w) else 1.0
-                     for v, w in zip(tv, w0)]
+                t = [
+                    np.abs(w.astype(np.float64)) + eta if rule(v, w) else 1.0
+                    for v, w in zip(tv, w0)
+                ]
                 tg = [ti * gi for ti, gi in zip(t, g)]
                 e = [rho_t * ti * ti * gi / (_norm(tg) + 1e-12) for ti, gi in zip(t, g)]
             else:
@@ -125,15 +141,16 @@ def assert_weights_close(a, b, rtol=2e-5, atol=2e-6):
     assert len(a.weights) == len(b.weights)
     for va, vb in zip(a.weights, b.weights):
         np.testing.assert_allclose(
-            np.asarray(va.numpy(), np.float64), np.asarray(vb.numpy(), np.float64),
-            rtol=rtol, atol=atol, err_msg=va.path,
+            np.asarray(va.numpy(), np.float64),
+            np.asarray(vb.numpy(), np.float64),
+            rtol=rtol,
+            atol=atol,
+            err_msg=va.path,
         )
 
 
 def fit_wrapper(wrapper, x, y, sw, optimizer=None, epochs=1):
-    wrapper.compile(
-        optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse"
-    )
+    wrapper.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse")
     return wrapper.fit(as_dataset(x, y, sw), epochs=epochs, verbose=0, shuffle=False)
 
 
@@ -150,12 +167,24 @@ def test_sam_and_asam_match_in_place_reference(adaptive, scope):
     model = keras_sam.SAMModel(make_inner(), rho=rho, adaptive=adaptive, eta=0.01, **kwargs)
     history = fit_wrapper(model, x, y, sw)
     reference = make_inner()
-    rec = reference_fit(reference, x, y, sw, rho=rho, lr_fn=lambda s: LR,
-                        adaptive=adaptive, asam_rule=scope or "weights")
+    rec = reference_fit(
+        reference,
+        x,
+        y,
+        sw,
+        rho=rho,
+        lr_fn=lambda s: LR,
+        adaptive=adaptive,
+        asam_rule=scope or "weights",
+    )
     assert_weights_close(model.inner, reference)
     # Logged values are the clean pass's loss, the SAM sharpness estimate and ||g||.
-    np.testing.assert_allclose(history.history["loss"][0], _weighted_loss_mean(rec, x, BATCH), rtol=1e-5)
-    np.testing.assert_allclose(history.history["sharpness"][0], np.mean(rec[:, 1] - rec[:, 0]), rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(
+        history.history["loss"][0], _weighted_loss_mean(rec, x, BATCH), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        history.history["sharpness"][0], np.mean(rec[:, 1] - rec[:, 0]), rtol=1e-3, atol=1e-7
+    )
     np.testing.assert_allclose(history.history["grad_norm"][0], np.mean(rec[:, 2]), rtol=1e-5)
     np.testing.assert_allclose(history.history["rho"][0], rho, rtol=1e-7)
 
@@ -168,7 +197,9 @@ def _weighted_loss_mean(rec, x, batch):
 
 def test_gsam_matches_reference_with_rho_following_the_learning_rate():
     x, y, sw = make_data()
-    schedule = keras.optimizers.schedules.PolynomialDecay(0.2, decay_steps=2, end_learning_rate=0.05)
+    schedule = keras.optimizers.schedules.PolynomialDecay(
+        0.2, decay_steps=2, end_learning_rate=0.05
+    )
     model = keras_sam.GSAMModel(make_inner(), rho=0.1, alpha=0.3, rho_min=0.02)
     history = fit_wrapper(model, x, y, sw, optimizer=keras.optimizers.SGD(schedule))
 
@@ -179,8 +210,9 @@ def test_gsam_matches_reference_with_rho_following_the_learning_rate():
         return 0.02 + (0.1 - 0.02) * (lr - 0.05) / (0.2 - 0.05)
 
     reference = make_inner()
-    rec = reference_fit(reference, x, y, sw, rho=None, lr_fn=lr_fn, kind="gsam",
-                        alpha=0.3, rho_fn=rho_fn)
+    rec = reference_fit(
+        reference, x, y, sw, rho=None, lr_fn=lr_fn, kind="gsam", alpha=0.3, rho_fn=rho_fn
+    )
     assert_weights_close(model.inner, reference)
     np.testing.assert_allclose(history.history["rho"][0], np.mean(rec[:, 3]), rtol=1e-6)
     assert sorted(set(np.round(rec[:, 3], 6))) == [0.02, 0.06, 0.1]
@@ -215,8 +247,7 @@ def test_weights_return_exactly_and_batchnorm_moves_once_from_clean_pass():
     model = keras_sam.SAMModel(inner, rho=0.5)
     # With a zero learning rate the optimizer's update is exactly zero, so the
     # weights must come back bit for bit from the perturbation.
-    fit_wrapper(model, x[:BATCH], y[:BATCH], sw[:BATCH],
-                optimizer=keras.optimizers.SGD(0.0))
+    fit_wrapper(model, x[:BATCH], y[:BATCH], sw[:BATCH], optimizer=keras.optimizers.SGD(0.0))
     for v, w in zip(inner.trainable_variables, initial):
         np.testing.assert_array_equal(v.numpy(), w)
     # One BatchNorm update from the clean pass at w, in training mode.
@@ -310,8 +341,12 @@ def test_legacy_signature():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda inner: keras_sam.SAMModel(inner, rho=0.07, adaptive=True, eta=0.02, sync_perturbation=True),
-        lambda inner: keras_sam.GSAMModel(inner, rho=0.08, alpha=0.1, rho_min=0.01, lr_max=0.1, lr_min=0.001),
+        lambda inner: keras_sam.SAMModel(
+            inner, rho=0.07, adaptive=True, eta=0.02, sync_perturbation=True
+        ),
+        lambda inner: keras_sam.GSAMModel(
+            inner, rho=0.08, alpha=0.1, rho_min=0.01, lr_max=0.1, lr_min=0.001
+        ),
         lambda inner: keras_sam.SharpnessAwareMinimization(inner, rho=0.03, num_batch_splits=2),
     ],
     ids=["sam", "gsam", "legacy"],
@@ -354,7 +389,9 @@ class Subclassed(keras.Model):
 def test_wraps_sequential_and_subclassed_models(tmp_path, kind):
     keras.utils.set_random_seed(0)
     if kind == "sequential":
-        inner = keras.Sequential([keras.Input((D,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(2)])
+        inner = keras.Sequential(
+            [keras.Input((D,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(2)]
+        )
     else:
         inner = Subclassed()
         inner(np.zeros((1, D), "float32"))
@@ -439,8 +476,17 @@ def test_gsam_rho_follows_a_keras_sam_schedule_over_epochs():
 
     reference = make_inner()
     for epoch in range(2):
-        rec = reference_fit(reference, x, y, sw, rho=None, kind="gsam", alpha=0.2,
-                            lr_fn=lambda s, e=epoch: lr_at(s + e * steps), rho_fn=rho_fn)
+        rec = reference_fit(
+            reference,
+            x,
+            y,
+            sw,
+            rho=None,
+            kind="gsam",
+            alpha=0.2,
+            lr_fn=lambda s, e=epoch: lr_at(s + e * steps),
+            rho_fn=rho_fn,
+        )
         np.testing.assert_allclose(history.history["rho"][epoch], np.mean(rec[:, 3]), rtol=1e-5)
     assert_weights_close(model.inner, reference)
 
@@ -448,12 +494,19 @@ def test_gsam_rho_follows_a_keras_sam_schedule_over_epochs():
 # ------------------------------------------------- paths users take with fit
 def test_numpy_scalars_are_accepted_as_hyperparameters(tmp_path):
     x, y, sw = make_data()
-    a = keras_sam.GSAMModel(make_inner(), rho=0.05, alpha=0.1, rho_min=0.01,
-                            lr_max=0.2, lr_min=0.0, num_batch_splits=2)
-    b = keras_sam.GSAMModel(make_inner(), rho=np.float32(0.05), alpha=np.float64(0.1),
-                            rho_min=np.float32(0.01), lr_max=np.float32(0.2),
-                            lr_min=np.int64(0), num_batch_splits=np.int64(2),
-                            eta=np.float32(0.01))
+    a = keras_sam.GSAMModel(
+        make_inner(), rho=0.05, alpha=0.1, rho_min=0.01, lr_max=0.2, lr_min=0.0, num_batch_splits=2
+    )
+    b = keras_sam.GSAMModel(
+        make_inner(),
+        rho=np.float32(0.05),
+        alpha=np.float64(0.1),
+        rho_min=np.float32(0.01),
+        lr_max=np.float32(0.2),
+        lr_min=np.int64(0),
+        num_batch_splits=np.int64(2),
+        eta=np.float32(0.01),
+    )
     config = b.get_config()
     assert type(config["num_batch_splits"]) is int and type(config["rho"]) is float
     import json
@@ -467,7 +520,7 @@ def test_numpy_scalars_are_accepted_as_hyperparameters(tmp_path):
 
 def _generator(x, y, batch, offset=0):
     for start in range(offset, len(x), batch):
-        yield x[start:start + batch], y[start:start + batch]
+        yield x[start : start + batch], y[start : start + batch]
 
 
 class _Batches(keras.utils.PyDataset):
@@ -493,7 +546,8 @@ def test_split_check_runs_on_the_first_batch_of_any_input(source):
         "pydataset": lambda: _Batches(x, y, 32),
         "unknown-batch-dataset": lambda: tf.data.Dataset.from_generator(
             lambda: _generator(x, y, 32),
-            output_signature=(tf.TensorSpec((None, D)), tf.TensorSpec((None, 2)))),
+            output_signature=(tf.TensorSpec((None, D)), tf.TensorSpec((None, 2))),
+        ),
     }[source]
     model = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=3)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
@@ -529,15 +583,13 @@ def test_sub_batch_size_splits_batches_of_unknown_size_into_batch_over_m(batch):
 
     def gen():
         for s in range(0, N, batch):
-            yield x[s:s + batch], y[s:s + batch], sw[s:s + batch]
+            yield x[s : s + batch], y[s : s + batch], sw[s : s + batch]
 
     model = keras_sam.SAMModel(make_inner(), rho=0.05, sub_batch_size=m)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
-    model.fit(tf.data.Dataset.from_generator(gen, output_signature=spec), epochs=1,
-              verbose=0)
+    model.fit(tf.data.Dataset.from_generator(gen, output_signature=spec), epochs=1, verbose=0)
     reference = make_inner()
-    reference_fit(reference, x, y, sw, rho=0.05, lr_fn=lambda s: LR,
-                  splits=batch // m, batch=batch)
+    reference_fit(reference, x, y, sw, rho=0.05, lr_fn=lambda s: LR, splits=batch // m, batch=batch)
     assert_weights_close(model.inner, reference)
 
 
@@ -549,16 +601,26 @@ def test_gsam_rho_follows_learning_rate_scheduler_with_a_float_rate():
     model = keras_sam.GSAMModel(make_inner(), rho=0.1, alpha=0.2, rho_min=0.02)
     model.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
     callback = keras.callbacks.LearningRateScheduler(lambda epoch: rates[epoch])
-    history = model.fit(as_dataset(x, y, sw), epochs=2, verbose=0, shuffle=False,
-                        callbacks=[callback])
+    history = model.fit(
+        as_dataset(x, y, sw), epochs=2, verbose=0, shuffle=False, callbacks=[callback]
+    )
 
     def rho_fn(lr):
         return 0.02 + (0.1 - 0.02) * lr / 0.2
 
     reference = make_inner()
     for epoch, lr in enumerate(rates):
-        reference_fit(reference, x, y, sw, rho=None, kind="gsam", alpha=0.2,
-                      lr_fn=lambda s, lr=lr: lr, rho_fn=rho_fn)
+        reference_fit(
+            reference,
+            x,
+            y,
+            sw,
+            rho=None,
+            kind="gsam",
+            alpha=0.2,
+            lr_fn=lambda s, lr=lr: lr,
+            rho_fn=rho_fn,
+        )
         np.testing.assert_allclose(history.history["rho"][epoch], rho_fn(lr), rtol=1e-6)
     assert_weights_close(model.inner, reference)
 
@@ -607,8 +669,11 @@ def test_metrics_with_sub_batches_of_unknown_size():
     runs = []
     for drop in (True, False):
         model = keras_sam.SAMModel(make_inner(), rho=0.05, num_batch_splits=2)
-        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
-                      metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)])
+        model.compile(
+            optimizer=keras.optimizers.SGD(LR),
+            loss="mse",
+            metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
+        )
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=drop)
         runs.append((model, model.fit(data, epochs=1, verbose=0, shuffle=False)))
     (a, ha), (b, hb) = runs

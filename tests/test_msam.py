@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from strategies import mirrored
 
 import keras_sam
@@ -22,8 +21,7 @@ N, D, BATCH = 32, 4, 8
 
 def data(seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(N, D)).astype("float32"),
-            rng.normal(size=(N, 1)).astype("float32"))
+    return (rng.normal(size=(N, D)).astype("float32"), rng.normal(size=(N, 1)).astype("float32"))
 
 
 def linear(seed=0):
@@ -51,14 +49,16 @@ def replay_sgd_msam(w, b, x, y, rho, lr, mu, epochs=1):
     inv = 0.0
     for _ in range(epochs):
         for s in range(0, N, BATCH):
-            g = lsq_grad(*p, x[s:s + BATCH].astype(np.float64), y[s:s + BATCH].astype(np.float64))
+            g = lsq_grad(
+                *p, x[s : s + BATCH].astype(np.float64), y[s : s + BATCH].astype(np.float64)
+            )
             for i in range(2):
-                p[i] = p[i] + rho * inv * v[i]          # back to w
+                p[i] = p[i] + rho * inv * v[i]  # back to w
                 v[i] = mu * v[i] + g[i]
                 p[i] = p[i] - lr * v[i]
             inv = 1.0 / (norm(v) + 1e-12)
             p = [t - rho * inv * vi for t, vi in zip(p, v)]  # perturbed again
-    return [t + rho * inv * vi for t, vi in zip(p, v)]     # the unperturbed w
+    return [t + rho * inv * vi for t, vi in zip(p, v)]  # the unperturbed w
 
 
 def replay_adam_msam(w, b, x, y, rho, lr, b1=0.9, b2=0.999, eps=1e-7):
@@ -70,8 +70,8 @@ def replay_adam_msam(w, b, x, y, rho, lr, b1=0.9, b2=0.999, eps=1e-7):
     for t, s in enumerate(range(0, N, BATCH), start=1):
         factor = rho / (norm(m) + 1e-12)
         adv = [pi - factor * mi for pi, mi in zip(p, m)]
-        g = lsq_grad(*adv, x[s:s + BATCH].astype(np.float64), y[s:s + BATCH].astype(np.float64))
-        alpha = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        g = lsq_grad(*adv, x[s : s + BATCH].astype(np.float64), y[s : s + BATCH].astype(np.float64))
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
         for i in range(2):
             m[i] = b1 * m[i] + (1 - b1) * g[i]
             u[i] = b2 * u[i] + (1 - b2) * g[i] ** 2
@@ -92,8 +92,9 @@ def test_sgd_momentum_matches_the_papers_update(epochs):
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
     history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
     expected = replay_sgd_msam(w0, b0, x, y, rho=0.3, lr=0.05, mu=0.9, epochs=epochs)
-    np.testing.assert_allclose(flat(inner), np.concatenate([t.ravel() for t in expected]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(inner), np.concatenate([t.ravel() for t in expected]), rtol=1e-5, atol=1e-6
+    )
     assert set(history.history) == {"loss", "grad_norm", "rho"}
     np.testing.assert_allclose(history.history["rho"], 0.3, rtol=1e-6)
 
@@ -108,14 +109,18 @@ def test_one_step_is_the_plain_step_and_the_second_uses_the_momentum():
     model.train_on_batch(x[:BATCH], y[:BATCH])
     g0 = lsq_grad(w0, b0, x[:BATCH], y[:BATCH])
     w1 = [w0 - 0.1 * g0[0], b0 - 0.1 * g0[1]]
-    np.testing.assert_allclose(flat(inner), np.concatenate([t.ravel() for t in w1]), rtol=1e-5, atol=1e-6)
-    model.train_on_batch(x[BATCH:2 * BATCH], y[BATCH:2 * BATCH])
+    np.testing.assert_allclose(
+        flat(inner), np.concatenate([t.ravel() for t in w1]), rtol=1e-5, atol=1e-6
+    )
+    model.train_on_batch(x[BATCH : 2 * BATCH], y[BATCH : 2 * BATCH])
     v = g0  # torch buffer after step 1
     adv = [a - 0.5 * vi / norm(v) for a, vi in zip(w1, v)]
-    g1 = lsq_grad(*adv, x[BATCH:2 * BATCH], y[BATCH:2 * BATCH])
+    g1 = lsq_grad(*adv, x[BATCH : 2 * BATCH], y[BATCH : 2 * BATCH])
     v = [0.5 * a + b for a, b in zip(v, g1)]
     w2 = [a - 0.1 * vi for a, vi in zip(w1, v)]
-    np.testing.assert_allclose(flat(inner), np.concatenate([t.ravel() for t in w2]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(inner), np.concatenate([t.ravel() for t in w2]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_adam_perturbs_along_the_first_moment():
@@ -126,20 +131,23 @@ def test_adam_perturbs_along_the_first_moment():
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     expected = replay_adam_msam(w0, b0, x, y, rho=0.2, lr=0.01)
-    np.testing.assert_allclose(flat(inner), np.concatenate([t.ravel() for t in expected]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(inner), np.concatenate([t.ravel() for t in expected]), rtol=1e-5, atol=1e-6
+    )
 
 
 def cnn(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(4, 3, activation="relu"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dropout(0.3, seed=1),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3, seed=1),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
@@ -156,8 +164,11 @@ def test_rho_zero_is_plain_keras_exactly(optimizer):
     def run(wrap):
         inner = cnn()
         model = keras_sam.MSAMModel(inner, rho=0.0) if wrap else inner
-        model.compile(optimizer=make_optimizer(), metrics=["accuracy"],
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=make_optimizer(),
+            metrics=["accuracy"],
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         h = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
         return inner, h.history
 
@@ -168,10 +179,13 @@ def test_rho_zero_is_plain_keras_exactly(optimizer):
     assert hp["loss"] == hm["loss"] and hp["accuracy"] == hm["accuracy"]
 
 
-@pytest.mark.parametrize("optimizer, match", [
-    (lambda: keras.optimizers.SGD(0.1), "momentum"),
-    (lambda: keras.optimizers.RMSprop(0.1), "RMSprop"),
-])
+@pytest.mark.parametrize(
+    "optimizer, match",
+    [
+        (lambda: keras.optimizers.SGD(0.1), "momentum"),
+        (lambda: keras.optimizers.RMSprop(0.1), "RMSprop"),
+    ],
+)
 def test_an_optimizer_without_momentum_fails_before_training(optimizer, match):
     x, y = data()
     inner = linear()
@@ -183,12 +197,15 @@ def test_an_optimizer_without_momentum_fails_before_training(optimizer, match):
     np.testing.assert_array_equal(flat(inner), before)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rho=-1.0), "rho"),
-    (dict(adaptive=True), "adaptive"),
-    (dict(sam_every=2), "sam_every"),
-    (dict(num_batch_splits=2), "num_batch_splits"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=-1.0), "rho"),
+        (dict(adaptive=True), "adaptive"),
+        (dict(sam_every=2), "sam_every"),
+        (dict(num_batch_splits=2), "num_batch_splits"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_sam.MSAMModel(linear(), **kwargs)

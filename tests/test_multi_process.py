@@ -49,8 +49,11 @@ def _start(args, log_path, backend="jax"):
     log = open(log_path, "w")
     try:
         return subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=_env(backend),
-            stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=_env(backend),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     finally:
         log.close()  # the child keeps its own handle
@@ -71,8 +74,7 @@ def _wait_all(procs, logs, timeout):
                 break  # the others would wait forever for their peer
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"multi-process run over {timeout}s:\n"
-                    + "\n".join(_tail(log) for log in logs)
+                    f"multi-process run over {timeout}s:\n" + "\n".join(_tail(log) for log in logs)
                 )
             time.sleep(0.2)
     finally:
@@ -86,8 +88,7 @@ def _wait_all(procs, logs, timeout):
                 pass
     codes = [p.returncode for p in procs]
     if NO_GLOO in codes:
-        pytest.skip("jax has no gloo CPU collectives "
-                    "(jax_cpu_collectives_implementation)")
+        pytest.skip("jax has no gloo CPU collectives (jax_cpu_collectives_implementation)")
     for code, log in zip(codes, logs):
         assert code == 0, f"worker exited with {code}:\n{_tail(log)}"
 
@@ -101,19 +102,29 @@ def runs(tmp_path_factory):
     port = _free_port()
     one = str(tmp / "one.npz")
     outs = [str(tmp / f"process{i}.npz") for i in range(PROCESSES)]
-    logs = [str(tmp / "one.log")] + [str(tmp / f"process{i}.log")
-                                     for i in range(PROCESSES)]
+    logs = [str(tmp / "one.log")] + [str(tmp / f"process{i}.log") for i in range(PROCESSES)]
     procs = []
     try:
-        procs.append(_start([WORKER, "--out", one, "--cases", "sam,gsam,ramp"],
-                            logs[0]))
+        procs.append(_start([WORKER, "--out", one, "--cases", "sam,gsam,ramp"], logs[0]))
         for i, out in enumerate(outs):
-            procs.append(_start(
-                [WORKER, "--out", out, "--processes", str(PROCESSES),
-                 "--process-id", str(i), "--port", str(port),
-                 "--cases", "sam,gsam,ramp,errors"],
-                logs[i + 1],
-            ))
+            procs.append(
+                _start(
+                    [
+                        WORKER,
+                        "--out",
+                        out,
+                        "--processes",
+                        str(PROCESSES),
+                        "--process-id",
+                        str(i),
+                        "--port",
+                        str(port),
+                        "--cases",
+                        "sam,gsam,ramp,errors",
+                    ],
+                    logs[i + 1],
+                )
+            )
     finally:
         _wait_all(procs, logs, TIMEOUT)
     load = lambda path: dict(np.load(path))  # noqa: E731
@@ -138,7 +149,8 @@ def _check_same_as_one_process(runs, case):
             np.testing.assert_array_equal(g, p0)  # one replicated array
         for key in ("batches", "iterations"):
             np.testing.assert_array_equal(
-                results[f"{case}/{key}"], one[f"{case}/{key}"], err_msg=key)
+                results[f"{case}/{key}"], one[f"{case}/{key}"], err_msg=key
+            )
 
 
 @pytest.mark.parametrize("case", ["sam", "gsam"])
@@ -160,20 +172,23 @@ def test_batch_ramp_with_resume_across_processes(runs):
         np.testing.assert_array_equal(results["ramp/batches"], RAMP_STEPS)
         np.testing.assert_array_equal(results["ramp/params_steps"], RAMP_STEPS)
         np.testing.assert_array_equal(results["ramp/batch_size"], RAMP_SIZES)
-        np.testing.assert_array_equal(results["ramp/iterations"],
-                                      np.cumsum(RAMP_STEPS))
+        np.testing.assert_array_equal(results["ramp/iterations"], np.cumsum(RAMP_STEPS))
         # interrupted at the start of epoch 2, resumed there
         assert int(results["ramp/interrupted_iterations"]) == sum(RAMP_STEPS[:2])
         np.testing.assert_array_equal(results["ramp/resumed_epochs"], [2, 3])
 
 
-@pytest.mark.parametrize("case, match", [
-    ("odd_batch", "batch size 5 (epoch 1) is not divisible by the number of "
-                  "devices"),
-    ("partial_batch", "drop_remainder=True"),
-    ("per_process_data", "global batch size of 8 at epoch 0, i.e. 4 in each "
-                         "of the 2 processes"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("odd_batch", "batch size 5 (epoch 1) is not divisible by the number of devices"),
+        ("partial_batch", "drop_remainder=True"),
+        (
+            "per_process_data",
+            "global batch size of 8 at epoch 0, i.e. 4 in each of the 2 processes",
+        ),
+    ],
+)
 def test_scheduler_refuses_before_the_first_step(runs, case, match):
     _, processes = runs
     for results in processes:
@@ -222,9 +237,12 @@ print("RESULTS " + json.dumps(results))
 def test_multi_worker_mirrored_strategy_is_a_clear_error():
     pytest.importorskip("tensorflow")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _MWMS_SCRIPT, str(_free_port())], cwd=ROOT,
-        env=_env("tensorflow"), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-c", _MWMS_SCRIPT, str(_free_port())],
+        cwd=ROOT,
+        env=_env("tensorflow"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         out, _ = proc.communicate(timeout=120)
@@ -233,15 +251,18 @@ def test_multi_worker_mirrored_strategy_is_a_clear_error():
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("RESULTS "))
-    results = json.loads(line[len("RESULTS "):])
+    line = next(row for row in out.splitlines() if row.startswith("RESULTS "))
+    results = json.loads(line[len("RESULTS ") :])
     for name, model in (("created", "SAMModel"), ("fit", "GSAMModel")):
         message = results[name]
         assert message.startswith(
-            f"{model} cannot train under "
-            "tf.distribute.MultiWorkerMirroredStrategy"), message
-        for needed in ("keras-team/keras#20585", "KERAS_BACKEND=jax",
-                       "keras.distribution.initialize",
-                       "More than one machine"):
+            f"{model} cannot train under tf.distribute.MultiWorkerMirroredStrategy"
+        ), message
+        for needed in (
+            "keras-team/keras#20585",
+            "KERAS_BACKEND=jax",
+            "keras.distribution.initialize",
+            "More than one machine",
+        ):
             assert needed in message, message
         assert results[name + "_unchanged"]

@@ -24,25 +24,30 @@ def data():
 
 def classifier(seed=0):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((D,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dense(C),
-        keras.layers.Activation("linear", dtype="float32"),  # logits in float32
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(C),
+            keras.layers.Activation("linear", dtype="float32"),  # logits in float32
+        ]
+    )
 
 
 WRAPPERS = {
     "msam": lambda m: keras_sam.MSAMModel(m, rho=0.3),
-    "mesa": lambda m: keras_sam.MESAModel(m, kl_weight=0.8, temperature=2.0, ema_decay=0.6,
-                                          kl_start_epoch=0),
+    "mesa": lambda m: keras_sam.MESAModel(
+        m, kl_weight=0.8, temperature=2.0, ema_decay=0.6, kl_start_epoch=0
+    ),
 }
 
 
 def compiled(model):
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -106,5 +111,8 @@ def test_mixed_float16_follows_the_float32_steps(request, name):
     # float16 activations: the trajectory to about 1% of its length.
     assert np.abs(got - moved).max() <= 0.02 * np.abs(moved).max() + 1e-3
     if name == "mesa":
-        np.testing.assert_allclose(flat(model.ema_weights()), flat(reference.ema_weights()),
-                                   atol=0.02 * np.abs(moved).max() + 1e-3)
+        np.testing.assert_allclose(
+            flat(model.ema_weights()),
+            flat(reference.ema_weights()),
+            atol=0.02 * np.abs(moved).max() + 1e-3,
+        )

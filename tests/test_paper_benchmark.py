@@ -20,15 +20,20 @@ TINY_ROWS = [("sgd", "B"), ("sgd", "BC"), ("sam", "B"), ("sam", "BC")]
 def _table_rows(out):
     with open(os.path.join(out, "results.md")) as f:
         text = f.read().split("## The paper's claims")[0]  # the main table
-    rows = [line for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith("| method")]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    ]
     return rows
 
 
 def _runs(out):
     """The whole stored run records of a model folder, by (method, schedule, seed)."""
-    return {(r["method"], r["schedule"], r["seed"]): r
-            for r in paper_run.stored_runs(os.path.join(out, "runs"))}
+    return {
+        (r["method"], r["schedule"], r["seed"]): r
+        for r in paper_run.stored_runs(os.path.join(out, "runs"))
+    }
 
 
 def _row_keys(rows):
@@ -52,20 +57,36 @@ def tiny_out(tiny_root):
 
 
 def test_tiny_grid_files_and_table(tiny_root, tiny_out):
-    for name in ("results.md", "runs.md", "runs.json", "train_loss.png",
-                 "test_error.png", "sharpness.png", "grad_norm.png",
-                 "batch_size.png", "learning_rate.png", "verdicts.png"):
+    for name in (
+        "results.md",
+        "runs.md",
+        "runs.json",
+        "train_loss.png",
+        "test_error.png",
+        "sharpness.png",
+        "grad_norm.png",
+        "batch_size.png",
+        "learning_rate.png",
+        "verdicts.png",
+    ):
         assert os.path.getsize(os.path.join(tiny_out, name)) > 0, name
     for name in ("summary.md", "summary.json"):
         assert os.path.getsize(os.path.join(tiny_root, name)) > 0, name
     for method, schedule in TINY_ROWS:
-        assert os.path.exists(os.path.join(
-            tiny_out, "runs", f"{method}_{schedule}_seed0.json"))
+        assert os.path.exists(os.path.join(tiny_out, "runs", f"{method}_{schedule}_seed0.json"))
     rows = _table_rows(tiny_out)
     assert _row_keys(rows) == TINY_ROWS
     text = open(os.path.join(tiny_out, "results.md")).read()
-    for word in ("command:", "--tiny", "date:", "machine:", "python", "keras",
-                 "tensorflow", "keras_sam"):
+    for word in (
+        "command:",
+        "--tiny",
+        "date:",
+        "machine:",
+        "python",
+        "keras",
+        "tensorflow",
+        "keras_sam",
+    ):
         assert word in text
     # No temporary files left behind.
     assert not [f for f in os.listdir(tiny_out) if ".tmp" in f]
@@ -122,8 +143,9 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
     out = os.path.join(root, MODEL)
     victim = os.path.join(out, "runs", "sam_B_seed0.json")
     os.remove(victim)
-    good = {n: open(os.path.join(out, "runs", n)).read()
-            for n in os.listdir(os.path.join(out, "runs"))}
+    good = {
+        n: open(os.path.join(out, "runs", n)).read() for n in os.listdir(os.path.join(out, "runs"))
+    }
 
     class Crash(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -181,8 +203,7 @@ def test_report_is_rebuilt_from_the_stored_runs(tiny_out, tmp_path):
     # The grid folder's summary is rebuilt beside the model folder.
     assert os.path.exists(os.path.join(os.path.dirname(out), "summary.md"))
     with open(os.path.join(out, "runs.json")) as f:
-        assert [r["name"] for r in json.load(f)["runs"]] == [
-            f"{m}_{s}_seed0" for m, s in TINY_ROWS]
+        assert [r["name"] for r in json.load(f)["runs"]] == [f"{m}_{s}_seed0" for m, s in TINY_ROWS]
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
@@ -208,8 +229,9 @@ def test_failed_write_keeps_the_stored_file(tmp_path, monkeypatch):
 
 def test_sharpness_every_measures_during_training(tmp_path):
     out = str(tmp_path / "every")
-    stats = paper.main(["--tiny", "--methods", "sam", "--schedules", "B",
-                        "--sharpness-every", "2", "--out", out])
+    stats = paper.main(
+        ["--tiny", "--methods", "sam", "--schedules", "B", "--sharpness-every", "2", "--out", out]
+    )
     out = os.path.join(out, MODEL)
     assert stats == {"trained": 1, "skipped": 0}
     with open(os.path.join(out, "runs", "sam_B_seed0.json")) as f:
@@ -263,8 +285,7 @@ def test_cifar_pipeline_with_mock_data():
     # Augmentation: crop from the 4-pixel zero padding + flip keeps the shape
     # and only moves pixels (each output pixel is an input pixel or padding).
     tf.random.set_seed(1)
-    img = tf.constant(np.arange(32 * 32 * 3, dtype=np.int32).reshape(32, 32, 3) % 251 + 1,
-                      tf.uint8)
+    img = tf.constant(np.arange(32 * 32 * 3, dtype=np.int32).reshape(32, 32, 3) % 251 + 1, tf.uint8)
     seen_shift = False
     for _ in range(10):
         out = data.augment(img).numpy()
@@ -280,11 +301,32 @@ def test_cifar_tiny_run_with_mock_data(tmp_path):
     paper_data._DATA_CACHE.clear()
     out = str(tmp_path / "cifar")
     with tfds.testing.mock_data(num_examples=64):
-        stats = paper.main([
-            "--dataset", "cifar10", "--model", "tiny_cnn2d", "--methods", "gsam",
-            "--schedules", "B", "--seeds", "0", "--epochs", "5",
-            "--initial-batch", "2", "--sharpness-examples", "16",
-            "--sharpness-iterations", "2", "--jobs", "0", "--out", out])
+        stats = paper.main(
+            [
+                "--dataset",
+                "cifar10",
+                "--model",
+                "tiny_cnn2d",
+                "--methods",
+                "gsam",
+                "--schedules",
+                "B",
+                "--seeds",
+                "0",
+                "--epochs",
+                "5",
+                "--initial-batch",
+                "2",
+                "--sharpness-examples",
+                "16",
+                "--sharpness-iterations",
+                "2",
+                "--jobs",
+                "0",
+                "--out",
+                out,
+            ]
+        )
     paper_data._DATA_CACHE.clear()
     assert stats == {"trained": 1, "skipped": 0}
     out = os.path.join(out, "tiny_cnn2d")
@@ -299,21 +341,24 @@ def test_cifar_tiny_run_with_mock_data(tmp_path):
 # Bad input.
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--dataset", "imagenet"], ["cifar10", "cifar100", "mnist1d"]),
-    (["--model", "vgg16"], ["resnet18", "wrn28_10", "mnist1d_cnn", "mnist1d_mlp"]),
-    (["--methods", "sgd,adam"], ["adam", "sgd, sam, gsam"]),
-    (["--schedules", "cosine"], ["cosine", "constant, B, C, BC, linear, constant_steps"]),
-    (["--epochs", "12"], ["multiple of 5", "12"]),
-    (["--epochs", "0"], ["positive int"]),
-    (["--seeds", "a,b"], ["--seeds"]),
-    (["--dataset", "mnist1d", "--model", "resnet18"], ["mnist1d_cnn, mnist1d_mlp"]),
-    (["--dataset", "cifar10", "--model", "mnist1d_mlp"], ["resnet18", "tiny_cnn2d"]),
-    (["--epochs", "12", "--schedules", "constant_steps"], ["multiple of 5"]),
-    (["--jobs", "-1"], ["--jobs", ">= 0"]),
-    (["--jobs", "0", "--threads", "2"], ["--threads", "--jobs 0"]),
-    (["--steps-per-execution", "0"], ["positive int"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--dataset", "imagenet"], ["cifar10", "cifar100", "mnist1d"]),
+        (["--model", "vgg16"], ["resnet18", "wrn28_10", "mnist1d_cnn", "mnist1d_mlp"]),
+        (["--methods", "sgd,adam"], ["adam", "sgd, sam, gsam"]),
+        (["--schedules", "cosine"], ["cosine", "constant, B, C, BC, linear, constant_steps"]),
+        (["--epochs", "12"], ["multiple of 5", "12"]),
+        (["--epochs", "0"], ["positive int"]),
+        (["--seeds", "a,b"], ["--seeds"]),
+        (["--dataset", "mnist1d", "--model", "resnet18"], ["mnist1d_cnn, mnist1d_mlp"]),
+        (["--dataset", "cifar10", "--model", "mnist1d_mlp"], ["resnet18", "tiny_cnn2d"]),
+        (["--epochs", "12", "--schedules", "constant_steps"], ["multiple of 5"]),
+        (["--jobs", "-1"], ["--jobs", ">= 0"]),
+        (["--jobs", "0", "--threads", "2"], ["--threads", "--jobs 0"]),
+        (["--steps-per-execution", "0"], ["positive int"]),
+    ],
+)
 def test_bad_input_names_allowed_values(argv, words, capsys):
     with pytest.raises(SystemExit) as err:
         paper.parse_args(argv)
@@ -343,9 +388,16 @@ def test_grid_that_does_not_fit_memory_is_refused(monkeypatch, tmp_path):
 
 def _finals(root, model=MODEL):
     runs = _runs(os.path.join(root, model)).values()
-    return {r["name"]: (r["final"]["test_error"], r["final"]["train_loss"],
-                        r["final"]["worst_case_sharpness"], r["final"]["full_gradient_norm"],
-                        [e["train_loss"] for e in r["epochs"]]) for r in runs}
+    return {
+        r["name"]: (
+            r["final"]["test_error"],
+            r["final"]["train_loss"],
+            r["final"]["worst_case_sharpness"],
+            r["final"]["full_gradient_norm"],
+            [e["train_loss"] for e in r["epochs"]],
+        )
+        for r in runs
+    }
 
 
 def test_runs_side_by_side_equal_runs_one_at_a_time(tmp_path, capsys):
@@ -393,8 +445,9 @@ def test_steps_per_execution_does_not_change_the_results(tmp_path):
 
 def test_steps_matched_control_takes_as_many_steps_as_B(tmp_path):
     out = str(tmp_path / "control")
-    stats = paper.main(["--tiny", "--methods", "sgd", "--schedules", "B,constant,constant_steps",
-                        "--out", out])
+    stats = paper.main(
+        ["--tiny", "--methods", "sgd", "--schedules", "B,constant,constant_steps", "--out", out]
+    )
     assert stats["trained"] == 3
     runs = {r["schedule"]: r for r in _runs(os.path.join(out, MODEL)).values()}
     # 400 examples: B takes 25 + 12 + 6 + 3 + 1 = 47 steps over 5 epochs; the
@@ -419,8 +472,7 @@ def test_report_verdicts_are_computed_from_the_runs(tiny_out):
 
     with open(os.path.join(tiny_out, "runs.json")) as f:
         stored = json.load(f)
-    assert stored["verdicts"] == json.loads(json.dumps(
-        paper_verdicts.verdicts(stored["runs"])))
+    assert stored["verdicts"] == json.loads(json.dumps(paper_verdicts.verdicts(stored["runs"])))
     text = open(os.path.join(tiny_out, "results.md")).read()
     for v in stored["verdicts"]:
         assert f"| **{v['claim']}** |" in text and f"**{v['verdict']}** |" in text
@@ -473,8 +525,7 @@ def test_report_of_several_seeds_gives_intervals_and_verdicts(tiny_out, tmp_path
 
     out = str(tmp_path / "grid" / MODEL)
     # SAM's B is 0.5-0.6x SGD's B on every seed: "SAM flatter than SGD" on B.
-    _copy_with_seeds(tiny_out, out, [0, 1, 2],
-                     lambda seed: 1.0)
+    _copy_with_seeds(tiny_out, out, [0, 1, 2], lambda seed: 1.0)
     for seed, factor in zip([0, 1, 2], [0.5, 0.55, 0.6]):
         path = os.path.join(out, "runs", f"sam_B_seed{seed}.json")
         r = json.load(open(path))
@@ -486,8 +537,9 @@ def test_report_of_several_seeds_gives_intervals_and_verdicts(tiny_out, tmp_path
     claim = next(v for v in stored["verdicts"] if v["claim"] == "SAM/GSAM are flatter than SGD")
     (c,) = claim["comparisons"]  # only B is in this grid, and no GSAM
     assert c["a"] == ["sam", "B"] and c["n"] == 3 and claim["total"] == 6
-    ref = paper_verdicts.paired({s: f for s, f in zip([0, 1, 2], [0.5, 0.55, 0.6])},
-                                {0: 1.0, 1: 1.0, 2: 1.0}, log=True)
+    ref = paper_verdicts.paired(
+        {s: f for s, f in zip([0, 1, 2], [0.5, 0.55, 0.6])}, {0: 1.0, 1: 1.0, 2: 1.0}, log=True
+    )
     assert c["ratio"] == pytest.approx(ref["ratio"], rel=1e-9)
     assert c["ratio_ci"] == pytest.approx(ref["ratio_ci"], rel=1e-9)
     assert c["verdict"] == claim["verdict"] == "reproduced"
@@ -516,15 +568,27 @@ def test_summary_covers_every_model_folder_of_the_grid(tiny_root, tiny_out, tmp_
     assert summary["models"] == [MODEL, "mnist1d_mlp"]  # ... the summary has both
     # A rerun of one model's grid keeps the other's column too.
     paper.main(["--tiny", "--out", root])
-    assert json.load(open(os.path.join(root, "summary.json")))["models"] == [
-        MODEL, "mnist1d_mlp"]
+    assert json.load(open(os.path.join(root, "summary.json")))["models"] == [MODEL, "mnist1d_mlp"]
 
 
 def test_failing_run_in_a_worker_stops_the_grid_with_its_error(tmp_path):
     out = str(tmp_path / "fail")
     with pytest.raises(SystemExit, match="no full batch of 512"):
-        paper.main(["--tiny", "--num-samples", "100", "--initial-batch", "32",
-                    "--jobs", "2", "--threads", "1", "--out", out])
+        paper.main(
+            [
+                "--tiny",
+                "--num-samples",
+                "100",
+                "--initial-batch",
+                "32",
+                "--jobs",
+                "2",
+                "--threads",
+                "1",
+                "--out",
+                out,
+            ]
+        )
     assert os.listdir(os.path.join(out, MODEL, "runs")) == []
 
 
@@ -538,9 +602,11 @@ def test_cifar_architectures_have_the_published_parameter_counts():
     def trainable(model):
         return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
-    cases = [(architectures.resnet18, 10, 11_173_962),
-             (architectures.resnet18, 100, 11_173_962 + 90 * 513),
-             (architectures.wide_resnet, 10, 36_479_194)]
+    cases = [
+        (architectures.resnet18, 10, 11_173_962),
+        (architectures.resnet18, 100, 11_173_962 + 90 * 513),
+        (architectures.wide_resnet, 10, 36_479_194),
+    ]
     for build, classes, count in cases:
         model = build(classes=classes)
         assert trainable(model) == count, model.name
@@ -549,8 +615,7 @@ def test_cifar_architectures_have_the_published_parameter_counts():
         keras.backend.clear_session()
 
 
-def test_runs_that_miss_the_criterion_are_named_and_left_out_in_a_second_view(
-        tiny_out, tmp_path):
+def test_runs_that_miss_the_criterion_are_named_and_left_out_in_a_second_view(tiny_out, tmp_path):
     from benchmarks.paper import verdicts as paper_verdicts
 
     out = str(tmp_path / "grid" / MODEL)
@@ -561,10 +626,14 @@ def test_runs_that_miss_the_criterion_are_named_and_left_out_in_a_second_view(
     paper_run.store_run(path, r)
     paper_report.main(["--out", out])
     stored = json.load(open(os.path.join(out, "runs.json")))
-    whole = sorted(_runs(out).values(), key=lambda x: [y["name"] for y in stored["runs"]].index(
-        x["name"]))
-    expected = [x["name"] for x in whole
-                if not paper_verdicts.convergence([e["train_loss"] for e in x["epochs"]])["converged"]]
+    whole = sorted(
+        _runs(out).values(), key=lambda x: [y["name"] for y in stored["runs"]].index(x["name"])
+    )
+    expected = [
+        x["name"]
+        for x in whole
+        if not paper_verdicts.convergence([e["train_loss"] for e in x["epochs"]])["converged"]
+    ]
     assert "sam_B_seed1" in expected and stored["unconverged"] == expected
     kept = [x for x in whole if x["name"] not in expected]
     assert stored["verdicts_converged"] == json.loads(json.dumps(paper_verdicts.verdicts(kept)))
@@ -582,11 +651,32 @@ def test_cifar_resnet18_gsam_run_with_mock_data(tmp_path):
     paper_data._DATA_CACHE.clear()
     out = str(tmp_path / "cifar")
     with tfds.testing.mock_data(num_examples=8):
-        stats = paper.main([
-            "--dataset", "cifar10", "--model", "resnet18", "--methods", "gsam",
-            "--schedules", "constant", "--seeds", "0", "--epochs", "1", "--batch", "4",
-            "--sharpness-examples", "4", "--sharpness-iterations", "1", "--jobs", "0",
-            "--out", out])
+        stats = paper.main(
+            [
+                "--dataset",
+                "cifar10",
+                "--model",
+                "resnet18",
+                "--methods",
+                "gsam",
+                "--schedules",
+                "constant",
+                "--seeds",
+                "0",
+                "--epochs",
+                "1",
+                "--batch",
+                "4",
+                "--sharpness-examples",
+                "4",
+                "--sharpness-iterations",
+                "1",
+                "--jobs",
+                "0",
+                "--out",
+                out,
+            ]
+        )
     paper_data._DATA_CACHE.clear()
     assert stats == {"trained": 1, "skipped": 0}
     run = json.load(open(os.path.join(out, "resnet18", "runs", "gsam_constant_seed0.json")))
@@ -630,35 +720,37 @@ def test_a_run_trains_on_past_its_epochs_only_while_its_loss_moves(tmp_path):
     plain, extended = str(tmp_path / "plain"), str(tmp_path / "extended")
     paper.main([*common, "--out", plain])
     paper.main([*common, "--extend-until-converged", "1", "--out", extended])
-    (a,), (b,) = _runs(os.path.join(plain, MODEL)).values(), _runs(
-        os.path.join(extended, MODEL)).values()
+    (a,), (b,) = (
+        _runs(os.path.join(plain, MODEL)).values(),
+        _runs(os.path.join(extended, MODEL)).values(),
+    )
     assert b["base_epochs"] == a["base_epochs"] == len(a["epochs"]) == 5
     keys = ("train_loss", "test_error", "learning_rate", "iterations", "batch_size")
     # The planned epochs are exactly the plain run's ...
     assert [[e[k] for k in keys] for e in b["epochs"][:5]] == [
-        [e[k] for k in keys] for e in a["epochs"]]
+        [e[k] for k in keys] for e in a["epochs"]
+    ]
     # ... then it trains on at the last batch size, up to 5 more epochs, and
     # stops at the first epoch at which the loss has stopped moving.
     assert 5 <= len(b["epochs"]) <= 10
     assert all(e["batch_size"] == 256 for e in b["epochs"][5:])
     losses = [e["train_loss"] for e in b["epochs"]]
-    done = [paper_verdicts.convergence(losses[:n])["converged"]
-            for n in range(5, len(losses) + 1)]
+    done = [paper_verdicts.convergence(losses[:n])["converged"] for n in range(5, len(losses) + 1)]
     assert not any(done[:-1])
     assert done[-1] or len(losses) == 10
     assert b["steps_per_epoch"] == [e["steps"] for e in b["epochs"]]
     assert b["config"]["extend_until_converged"] == 1.0
-    assert "--extend-until-converged 1" in open(
-        os.path.join(extended, MODEL, "results.md")).read().split("\n")[2]
+    assert (
+        "--extend-until-converged 1"
+        in open(os.path.join(extended, MODEL, "results.md")).read().split("\n")[2]
+    )
 
 
-def test_stored_run_of_another_extension_rule_counts_only_if_never_extended(
-        tiny_out, tmp_path):
+def test_stored_run_of_another_extension_rule_counts_only_if_never_extended(tiny_out, tmp_path):
     path = str(tmp_path / "run.json")
     record = json.load(open(os.path.join(tiny_out, "runs", "sgd_B_seed0.json")))
     del record["config"]["extend_until_converged"]  # stored before the rule
-    config = dict(paper_run.normalized_config(record["config"]),
-                  extend_until_converged=0.2)
+    config = dict(paper_run.normalized_config(record["config"]), extend_until_converged=0.2)
     record["epochs"][-1]["train_loss"] = record["epochs"][-2]["train_loss"]  # converged
     paper_run.store_run(path, record)
     assert paper_run.load_run(path, config)["config"] == config

@@ -10,7 +10,6 @@ import pytest
 
 from benchmarks.paper import verdicts as v
 
-
 # ---------------------------------------------------------------------------
 # Student's t against closed forms.
 
@@ -97,11 +96,13 @@ def test_paired_raw_scale_and_degenerate_cases():
     same_shift = v.paired({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})
     assert same_shift["ci"] == (0.5, 0.5) and same_shift["p"] == 0.0
     # A diverged run (nan) or a sharpness of 0 on the log scale: left out.
-    kept = v.paired({0: 1.0, 1: float("nan"), 2: 0.0, 3: 2.0},
-                    {0: 0.5, 1: 1.0, 2: 1.0, 3: 1.0}, log=True)
+    kept = v.paired(
+        {0: 1.0, 1: float("nan"), 2: 0.0, 3: 2.0}, {0: 0.5, 1: 1.0, 2: 1.0, 3: 1.0}, log=True
+    )
     assert kept["n"] == 2 and kept["left_out"] == 2
     assert kept["ratio"] == pytest.approx(2.0) and kept["ci"] == pytest.approx(
-        (math.log(2.0), math.log(2.0)))
+        (math.log(2.0), math.log(2.0))
+    )
     none = v.paired({0: float("inf")}, {0: 1.0})
     assert none["n"] == 0 and none["ci"] is None and none["mean_a"] is None
 
@@ -150,8 +151,12 @@ def test_convergence_rule():
 
 
 def _run(method, schedule, seed, sharpness, error):
-    return {"method": method, "schedule": schedule, "seed": seed,
-            "final": {"worst_case_sharpness": sharpness, "test_error": error}}
+    return {
+        "method": method,
+        "schedule": schedule,
+        "seed": seed,
+        "final": {"worst_case_sharpness": sharpness, "test_error": error},
+    }
 
 
 def test_verdicts_from_runs():
@@ -171,9 +176,17 @@ def test_verdicts_from_runs():
     assert flatter["verdict"] == v.REPRODUCED
     assert [c["a"] for c in flatter["comparisons"]] == [["sgd", "B"], ["sam", "B"]]
     c = flatter["comparisons"][0]
-    ref = v.paired(*[{r["seed"]: r["final"]["worst_case_sharpness"] for r in runs
-                      if r["method"] == "sgd" and r["schedule"] == s}
-                     for s in ("B", "constant")], log=True)
+    ref = v.paired(
+        *[
+            {
+                r["seed"]: r["final"]["worst_case_sharpness"]
+                for r in runs
+                if r["method"] == "sgd" and r["schedule"] == s
+            }
+            for s in ("B", "constant")
+        ],
+        log=True,
+    )
     assert c["ratio"] == ref["ratio"] and c["ci"] == ref["ci"]
     assert 0.18 < c["ratio"] < 0.22
     # C is within +-10% of constant: no side.
@@ -181,8 +194,7 @@ def test_verdicts_from_runs():
     assert results["+B has a lower test error than constant"]["verdict"] == v.REPRODUCED
     # No GSAM, no BC and no control in these runs: those comparisons are left out.
     against_sgd = results["SAM/GSAM are flatter than SGD"]["comparisons"]
-    assert {tuple(c["a"]) for c in against_sgd} == {("sam", "constant"), ("sam", "B"),
-                                                    ("sam", "C")}
+    assert {tuple(c["a"]) for c in against_sgd} == {("sam", "constant"), ("sam", "B"), ("sam", "C")}
     assert "+B and +C together (BC) are flatter than constant" not in results
     assert flatter["total"] == 3 and len(flatter["comparisons"]) == 2  # no GSAM
     assert "+B is flatter than constant with as many steps (control)" not in results

@@ -15,13 +15,11 @@ import pytest
 import tensorflow as tf
 
 from keras_sam import schedules
-from keras_sam.schedules import (
-    Constant,
-    CosineAnnealing,
-    ExponentialDecay,
-    LinearDecay,
-    PolynomialDecay,
-)
+from keras_sam.schedules import Constant
+from keras_sam.schedules import CosineAnnealing
+from keras_sam.schedules import ExponentialDecay
+from keras_sam.schedules import LinearDecay
+from keras_sam.schedules import PolynomialDecay
 
 PAPER_BATCHES = {0: 16, 40: 32, 80: 64, 120: 128, 160: 256}
 RTOL = 1e-6
@@ -67,9 +65,7 @@ def make(kind, initial, final, epochs, steps, warmup=0, power=2.5):
     elif kind == "linear":
         sched = LinearDecay(initial, final, epochs, steps, warmup_epochs=warmup)
     elif kind == "polynomial":
-        sched = PolynomialDecay(
-            initial, final, epochs, steps, warmup_epochs=warmup, power=power
-        )
+        sched = PolynomialDecay(initial, final, epochs, steps, warmup_epochs=warmup, power=power)
     elif kind == "exponential":
         sched = ExponentialDecay(initial, final, epochs, steps, warmup_epochs=warmup)
     else:
@@ -91,9 +87,7 @@ def assert_close(actual, expected, scale):
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=1e-7 * scale)
 
 
-ALL_CLASSES = [
-    CosineAnnealing, LinearDecay, PolynomialDecay, ExponentialDecay, Constant
-]
+ALL_CLASSES = [CosineAnnealing, LinearDecay, PolynomialDecay, ExponentialDecay, Constant]
 KINDS = ["cosine", "linear", "polynomial", "exponential", "constant"]
 # (steps_per_epoch, warmup_epochs) for 8 epochs.
 STEP_CASES = [
@@ -140,8 +134,13 @@ def test_every_step_matches_reference_eager_and_tf_function(kind, steps, warmup)
     start = 0
     for e in range(epochs + 1):
         f = ref_closed_form(
-            kind, e, initial, initial if kind == "constant" else final, epochs,
-            warmup, 2.5,
+            kind,
+            e,
+            initial,
+            initial if kind == "constant" else final,
+            epochs,
+            warmup,
+            2.5,
         )
         assert_close(float(sched(start)), f, initial)
         assert_close(traced[start], f, initial)
@@ -163,9 +162,7 @@ def test_fractional_epoch_is_exact_at_epoch_starts_and_extrapolates():
     sched = CosineAnnealing(0.1, 0.0, 10, [4, 2, 8])
     steps = np.arange(60)
     expected = [ref_epoch(s, [4, 2, 8]) for s in steps]
-    np.testing.assert_allclose(
-        np.asarray(sched.fractional_epoch(steps)), expected, rtol=1e-7
-    )
+    np.testing.assert_allclose(np.asarray(sched.fractional_epoch(steps)), expected, rtol=1e-7)
     assert float(sched.fractional_epoch(4)) == 1.0
     assert float(sched.fractional_epoch(6)) == 2.0
     assert float(sched.fractional_epoch(14 + 8 * 5)) == 8.0  # repeated last entry
@@ -177,9 +174,7 @@ def test_paper_batch_schedule_every_epoch_start_and_end():
     for kind in ["cosine", "linear", "polynomial", "exponential"]:
         sched, _ = make(kind, 0.1, 0.001, 200, steps)
         values = np.asarray(sched(starts))
-        expected = [
-            ref_closed_form(kind, e, 0.1, 0.001, 200, 0, 2.5) for e in range(201)
-        ]
+        expected = [ref_closed_form(kind, e, 0.1, 0.001, 200, 0, 2.5) for e in range(201)]
         assert_close(values, expected, 0.1)
         assert_close(values[-1], 0.001, 0.1)  # lands on final after the last step
     # Inside epochs too, at a sample of steps (float32 over 242k steps).
@@ -233,8 +228,11 @@ def test_warmup_values():
 def test_constant_warmup_and_plain():
     assert float(Constant(0.05)(12345)) == pytest.approx(0.05, rel=1e-7)
     sched = Constant(0.1, steps_per_epoch=[10, 20], warmup_epochs=2)
-    assert_close(np.asarray(sched([0, 5, 10, 20, 30, 31, 10**6])),
-                 [0.0, 0.025, 0.05, 0.075, 0.1, 0.1, 0.1], 0.1)
+    assert_close(
+        np.asarray(sched([0, 5, 10, 20, 30, 31, 10**6])),
+        [0.0, 0.025, 0.05, 0.075, 0.1, 0.1, 0.1],
+        0.1,
+    )
     assert sched.final_learning_rate == sched.initial_learning_rate == 0.1
 
 
@@ -324,10 +322,17 @@ def test_fit_with_growing_batch_tracks_reference():
             opt = self.model.optimizer
             seen.append((int(opt.iterations), float(opt.learning_rate)))
 
-    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
-              callbacks=[Record()])
-    model.fit(x, y, batch_size=20, epochs=4, initial_epoch=2, verbose=0,
-              shuffle=False, callbacks=[Record()])
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[Record()])
+    model.fit(
+        x,
+        y,
+        batch_size=20,
+        epochs=4,
+        initial_epoch=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[Record()],
+    )
     assert [it for it, _ in seen] == list(range(14))
     assert_close([lr for _, lr in seen], [ref(it) for it, _ in seen], 0.1)
     assert int(model.optimizer.iterations) == 14
@@ -362,9 +367,7 @@ def test_config_round_trip(sched):
     params = set(inspect.signature(type(sched).__init__).parameters) - {"self"}
     assert set(config) == params
 
-    restored = keras.optimizers.schedules.deserialize(
-        keras.optimizers.schedules.serialize(sched)
-    )
+    restored = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(sched))
     assert type(restored) is type(sched) and restored.get_config() == config
 
 
@@ -400,26 +403,27 @@ def test_save_and_load_model_keeps_schedule(tmp_path):
 # --------------------------------------------------------------------------
 # Bad input.
 
-OK = dict(initial_learning_rate=0.1, final_learning_rate=0.001, epochs=10,
-          steps_per_epoch=[5, 3], warmup_epochs=1)
+OK = dict(
+    initial_learning_rate=0.1,
+    final_learning_rate=0.001,
+    epochs=10,
+    steps_per_epoch=[5, 3],
+    warmup_epochs=1,
+)
 
-BAD_SCHEDULE_ARGS = [
-    ("initial_learning_rate", v)
-    for v in [0, -0.1, float("nan"), float("inf"), "0.1", True, None]
-] + [
-    ("final_learning_rate", v) for v in [-1e-3, float("nan"), float("inf"), None, "0"]
-] + [
-    ("epochs", v) for v in [0, -3, 2.5, "10", True, None]
-] + [
-    ("warmup_epochs", v) for v in [-1, 10, 11.5, float("nan"), "1", None]
-] + [
-    ("steps_per_epoch", v)
-    for v in [0, -1, 2.5, [], [3, 0], [3, -1], [3, 2.5], (3, True), "5", None, {0: 3}]
-]
+BAD_SCHEDULE_ARGS = (
+    [("initial_learning_rate", v) for v in [0, -0.1, float("nan"), float("inf"), "0.1", True, None]]
+    + [("final_learning_rate", v) for v in [-1e-3, float("nan"), float("inf"), None, "0"]]
+    + [("epochs", v) for v in [0, -3, 2.5, "10", True, None]]
+    + [("warmup_epochs", v) for v in [-1, 10, 11.5, float("nan"), "1", None]]
+    + [
+        ("steps_per_epoch", v)
+        for v in [0, -1, 2.5, [], [3, 0], [3, -1], [3, 2.5], (3, True), "5", None, {0: 3}]
+    ]
+)
 
 
-@pytest.mark.parametrize("cls", [CosineAnnealing, LinearDecay, PolynomialDecay,
-                                 ExponentialDecay])
+@pytest.mark.parametrize("cls", [CosineAnnealing, LinearDecay, PolynomialDecay, ExponentialDecay])
 @pytest.mark.parametrize("arg,value", BAD_SCHEDULE_ARGS, ids=repr)
 def test_bad_schedule_arguments(cls, arg, value):
     with pytest.raises(ValueError, match=f"`{arg}` must be"):
@@ -446,8 +450,10 @@ def test_exponential_requires_positive_final():
     [
         (dict(initial_learning_rate=0), "initial_learning_rate"),
         (dict(initial_learning_rate=0.1, warmup_epochs=2), "steps_per_epoch"),
-        (dict(initial_learning_rate=0.1, epochs=5, steps_per_epoch=3, warmup_epochs=5),
-         "warmup_epochs"),
+        (
+            dict(initial_learning_rate=0.1, epochs=5, steps_per_epoch=3, warmup_epochs=5),
+            "warmup_epochs",
+        ),
         (dict(initial_learning_rate=0.1, epochs=0), "epochs"),
         (dict(initial_learning_rate=0.1, steps_per_epoch=[]), "steps_per_epoch"),
     ],
@@ -500,16 +506,47 @@ NUMPY_TYPES = [
     (lambda v: np.array(v, "float32"), lambda v: np.array(v, "int64")),
 ]
 NUMPY_SCHEDULES = [
-    (CosineAnnealing, dict(initial_learning_rate=0.125, final_learning_rate=2**-7,
-                           epochs=10, steps_per_epoch=[5, 3], warmup_epochs=1)),
-    (LinearDecay, dict(initial_learning_rate=0.125, final_learning_rate=0.0,
-                       epochs=10, steps_per_epoch=4, warmup_epochs=1.5)),
-    (PolynomialDecay, dict(initial_learning_rate=0.125, final_learning_rate=2**-7,
-                           epochs=10, steps_per_epoch=(5, 3), power=2.0)),
-    (ExponentialDecay, dict(initial_learning_rate=0.125, final_learning_rate=2**-7,
-                            epochs=10, steps_per_epoch=[5, 3], warmup_epochs=2)),
-    (Constant, dict(initial_learning_rate=0.125, steps_per_epoch=[5, 3],
-                    warmup_epochs=0.5)),
+    (
+        CosineAnnealing,
+        dict(
+            initial_learning_rate=0.125,
+            final_learning_rate=2**-7,
+            epochs=10,
+            steps_per_epoch=[5, 3],
+            warmup_epochs=1,
+        ),
+    ),
+    (
+        LinearDecay,
+        dict(
+            initial_learning_rate=0.125,
+            final_learning_rate=0.0,
+            epochs=10,
+            steps_per_epoch=4,
+            warmup_epochs=1.5,
+        ),
+    ),
+    (
+        PolynomialDecay,
+        dict(
+            initial_learning_rate=0.125,
+            final_learning_rate=2**-7,
+            epochs=10,
+            steps_per_epoch=(5, 3),
+            power=2.0,
+        ),
+    ),
+    (
+        ExponentialDecay,
+        dict(
+            initial_learning_rate=0.125,
+            final_learning_rate=2**-7,
+            epochs=10,
+            steps_per_epoch=[5, 3],
+            warmup_epochs=2,
+        ),
+    ),
+    (Constant, dict(initial_learning_rate=0.125, steps_per_epoch=[5, 3], warmup_epochs=0.5)),
     (Constant, dict(initial_learning_rate=0.125, epochs=10)),
 ]
 
@@ -545,7 +582,9 @@ def test_steps_per_epoch_accepts_numpy_ints(int_type):
     got = schedules.steps_per_epoch(int_type(50000), batches, int_type(200))
     assert got == expected and all(type(s) is int for s in got)
     got = schedules.steps_per_epoch(
-        np.array(50000), lambda e: int_type(16 * 2 ** (e // 40)), np.array(200),
+        np.array(50000),
+        lambda e: int_type(16 * 2 ** (e // 40)),
+        np.array(200),
         drop_remainder=False,
     )
     assert got == schedules.steps_per_epoch(
@@ -556,8 +595,14 @@ def test_steps_per_epoch_accepts_numpy_ints(int_type):
 
 @pytest.mark.parametrize(
     "steps",
-    [np.float32(5.0), np.int64(0), np.bool_(True), [5, np.float64(3.0)],
-     [5, np.int32(-1)], np.array([5, 3])],
+    [
+        np.float32(5.0),
+        np.int64(0),
+        np.bool_(True),
+        [5, np.float64(3.0)],
+        [5, np.int32(-1)],
+        np.array([5, 3]),
+    ],
     ids=repr,
 )
 def test_numpy_bad_steps_still_rejected(steps):

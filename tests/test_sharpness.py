@@ -15,12 +15,10 @@ import itertools
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 import tensorflow as tf
-
 from strategies import mirrored
 
 from keras_sam import sharpness
@@ -39,9 +37,7 @@ def _data(d, seed=0):
 
 def _linear_model(d, use_bias, seed=1):
     rng = np.random.default_rng(seed)
-    model = keras.Sequential(
-        [keras.Input((d,)), keras.layers.Dense(1, use_bias=use_bias)]
-    )
+    model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(1, use_bias=use_bias)])
     weights = [rng.standard_normal((d, 1)).astype("float32")]
     if use_bias:
         weights.append(np.array([0.3], dtype="float32"))
@@ -104,9 +100,7 @@ def test_full_gradient_norm_closed_form(d, use_bias):
         rtol=1e-5,
     )
     np.testing.assert_allclose(
-        sharpness.full_gradient_norm(
-            model, _batches_of((x, y)), keras.losses.mean_squared_error
-        ),
+        sharpness.full_gradient_norm(model, _batches_of((x, y)), keras.losses.mean_squared_error),
         exact,
         rtol=1e-5,
     )
@@ -231,9 +225,7 @@ def test_hessian_max_eigenvalue_lanczos_defaults_and_info():
         model, (x, y), "mse", batch_size=BATCH, return_info=True
     )
     assert isinstance(got, float)
-    assert got == sharpness.hessian_max_eigenvalue(
-        model, (x, y), "mse", batch_size=BATCH
-    )
+    assert got == sharpness.hessian_max_eigenvalue(model, (x, y), "mse", batch_size=BATCH)
     np.testing.assert_allclose(got, exact[-1], rtol=1e-3)
     assert type(info["num_hvps"]) is int and 1 <= info["num_hvps"] <= 20
     assert info["converged"]
@@ -260,9 +252,7 @@ def test_hessian_max_eigenvalue_lanczos_defaults_and_info():
     # A non-finite Hessian-vector product gives NaN, not a made-up value.
     x_nan = x.copy()
     x_nan[0, 0] = np.nan
-    got, info = sharpness.hessian_max_eigenvalue(
-        model, (x_nan, y), "mse", return_info=True
-    )
+    got, info = sharpness.hessian_max_eigenvalue(model, (x_nan, y), "mse", return_info=True)
     assert np.isnan(got) and info["num_hvps"] == 1 and not info["converged"]
 
 
@@ -358,9 +348,7 @@ def test_measures_leave_all_state_bitwise_unchanged():
     before = _all_state(model)
     # Equal batches here (one trace each): unequal ones are tested above.
     kwargs = dict(batch_size=50, include_model_losses=True)
-    sharpness.worst_case_sharpness(
-        model, (x, y), "mse", rho=0.05, adaptive=True, **kwargs
-    )
+    sharpness.worst_case_sharpness(model, (x, y), "mse", rho=0.05, adaptive=True, **kwargs)
     sharpness.full_gradient_norm(model, (x, y), "mse", **kwargs)
     sharpness.hessian_max_eigenvalue(model, (x, y), "mse", iterations=3, **kwargs)
     after = _all_state(model)
@@ -372,13 +360,9 @@ def test_measures_leave_all_state_bitwise_unchanged():
 def _measure_all(model, x, y):
     return np.array(
         [
-            sharpness.worst_case_sharpness(
-                model, (x, y), "mse", rho=0.05, batch_size=50
-            ),
+            sharpness.worst_case_sharpness(model, (x, y), "mse", rho=0.05, batch_size=50),
             sharpness.full_gradient_norm(model, (x, y), "mse", batch_size=50),
-            sharpness.hessian_max_eigenvalue(
-                model, (x, y), "mse", iterations=5, batch_size=50
-            ),
+            sharpness.hessian_max_eigenvalue(model, (x, y), "mse", iterations=5, batch_size=50),
         ]
     )
 
@@ -397,9 +381,7 @@ def test_mirrored_strategy_model_gives_same_values():
     before = [v.numpy() for v in distributed.variables]
     np.testing.assert_allclose(_measure_all(distributed, x, y), expected, rtol=1e-6)
     with strategy.scope():  # Cross-replica context inside the scope too.
-        np.testing.assert_allclose(
-            _measure_all(distributed, x, y), expected, rtol=1e-6
-        )
+        np.testing.assert_allclose(_measure_all(distributed, x, y), expected, rtol=1e-6)
     for b, v in zip(before, distributed.variables):
         for local in v.value.values:  # Every replica's copy untouched.
             assert np.array_equal(b, local.numpy())
@@ -444,9 +426,7 @@ def test_sharpness_monitor_logs_every_second_epoch(wrapped):
             weights.append(model.get_weights()),
         )
     )
-    history = model.fit(
-        x, y, batch_size=BATCH, epochs=3, verbose=0, callbacks=[monitor, spy]
-    )
+    history = model.fit(x, y, batch_size=BATCH, epochs=3, verbose=0, callbacks=[monitor, spy])
     assert len(seen_keys) == 3
     for epoch, keys in enumerate(seen_keys):
         present = set(sharpness.MEASURES) & keys
@@ -477,7 +457,10 @@ def test_sharpness_monitor_fill_value_and_prefix():
     model = _linear_model(3, True)
     model.compile("sgd", "mse")
     monitor = SharpnessMonitor(
-        (x, y), every=2, measures="full_gradient_norm", prefix="train_",
+        (x, y),
+        every=2,
+        measures="full_gradient_norm",
+        prefix="train_",
         fill_value=float("nan"),
     )
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[monitor])
@@ -532,8 +515,7 @@ def test_sharpness_monitor_writes_to_tensorboard(tmp_path):
     model.compile(keras.optimizers.SGD(0.01), "mse")
     monitor = SharpnessMonitor((x, y), measures="full_gradient_norm", batch_size=BATCH)
     board = keras.callbacks.TensorBoard(str(tmp_path))
-    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
-                        callbacks=[monitor, board])
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[monitor, board])
     logged = {}
     for root, _, files in os.walk(tmp_path / "train"):
         for name in files:
@@ -542,8 +524,9 @@ def test_sharpness_monitor_writes_to_tensorboard(tmp_path):
                     if value.tag == "epoch_full_gradient_norm":
                         logged[event.step] = float(tf.make_ndarray(value.tensor))
     assert sorted(logged) == [0, 1]
-    np.testing.assert_allclose([logged[0], logged[1]], history.history["full_gradient_norm"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [logged[0], logged[1]], history.history["full_gradient_norm"], rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -562,17 +545,17 @@ def test_numpy_scalar_arguments_give_the_same_values(float_type, int_type):
     x, y = _data(3)
     model = _linear_model(3, True)
     calls = [
-        (sharpness.worst_case_sharpness,
-         dict(rho=2**-8, iterations=5, batch_size=BATCH, steps=3)),
+        (sharpness.worst_case_sharpness, dict(rho=2**-8, iterations=5, batch_size=BATCH, steps=3)),
         (sharpness.worst_case_sharpness, dict(rho=0.0, iterations=2, adaptive=True)),
         (sharpness.full_gradient_norm, dict(batch_size=BATCH, steps=3)),
-        (sharpness.hessian_max_eigenvalue,
-         dict(iterations=4, tol=2**-20, seed=3, batch_size=BATCH, steps=3)),
+        (
+            sharpness.hessian_max_eigenvalue,
+            dict(iterations=4, tol=2**-20, seed=3, batch_size=BATCH, steps=3),
+        ),
     ]
     for fn, kwargs in calls:
         as_numpy = {
-            k: v if isinstance(v, bool) else
-            (int_type(v) if isinstance(v, int) else float_type(v))
+            k: v if isinstance(v, bool) else (int_type(v) if isinstance(v, int) else float_type(v))
             for k, v in kwargs.items()
         }
         if "seed" in as_numpy:  # passed to np.random.default_rng: no 0-d array
@@ -584,12 +567,20 @@ def test_numpy_scalar_arguments_give_the_same_values(float_type, int_type):
 def test_sharpness_monitor_numpy_scalar_arguments(float_type, int_type):
     x, y = _data(3)
     model = _linear_model(3, True)
-    kwargs = dict(every=2, rho=2**-8, iterations=3, hessian_iterations=2,
-                  hessian_tol=2**-20, seed=1, batch_size=BATCH, steps=2,
-                  measures=sharpness.MEASURES, fill_value=0.5)
+    kwargs = dict(
+        every=2,
+        rho=2**-8,
+        iterations=3,
+        hessian_iterations=2,
+        hessian_tol=2**-20,
+        seed=1,
+        batch_size=BATCH,
+        steps=2,
+        measures=sharpness.MEASURES,
+        fill_value=0.5,
+    )
     as_numpy = {
-        k: v if isinstance(v, tuple) else
-        (int_type(v) if isinstance(v, int) else float_type(v))
+        k: v if isinstance(v, tuple) else (int_type(v) if isinstance(v, int) else float_type(v))
         for k, v in kwargs.items()
     }
     as_numpy["measures"] = tuple(np.str_(m) for m in sharpness.MEASURES)
@@ -604,11 +595,14 @@ def test_sharpness_monitor_numpy_scalar_arguments(float_type, int_type):
 
 @pytest.mark.parametrize(
     "kwargs,arg",
-    [(dict(rho=np.float32(-0.5)), "rho"), (dict(rho="0.1"), "rho"),
-     (dict(iterations=np.float64(5.0)), "iterations"),
-     (dict(iterations=np.bool_(True)), "iterations"),
-     (dict(batch_size=np.int64(0)), "batch_size"),
-     (dict(steps=np.float32(2.0)), "steps")],
+    [
+        (dict(rho=np.float32(-0.5)), "rho"),
+        (dict(rho="0.1"), "rho"),
+        (dict(iterations=np.float64(5.0)), "iterations"),
+        (dict(iterations=np.bool_(True)), "iterations"),
+        (dict(batch_size=np.int64(0)), "batch_size"),
+        (dict(steps=np.float32(2.0)), "steps"),
+    ],
     ids=repr,
 )
 def test_bad_numpy_arguments_name_the_argument(kwargs, arg):

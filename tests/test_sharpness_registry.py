@@ -2,10 +2,9 @@
 logging a registered measure, and of the one read of the model's variables
 per measure call."""
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from keras_sam import sharpness
 from keras_sam.callbacks.sharpness_monitor import SharpnessMonitor
@@ -24,8 +23,7 @@ def _data(seed=0):
 def _model(seed=1):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
-         keras.layers.Dense(1)]
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
     )
     return model
 
@@ -43,7 +41,9 @@ def registry():
 
 def test_builtin_measures_are_registered_in_order():
     assert sharpness.MEASURES == (
-        "worst_case_sharpness", "full_gradient_norm", "hessian_max_eigenvalue"
+        "worst_case_sharpness",
+        "full_gradient_norm",
+        "hessian_max_eigenvalue",
     )
     assert sharpness.measure_names()[:3] == sharpness.MEASURES
     for name in sharpness.MEASURES:
@@ -56,18 +56,24 @@ def test_builtin_measures_follow_the_calling_convention():
     x, y = _data()
     model = _model()
     batches = sharpness.Batches((x, y), batch_size=BATCH)
-    settings = dict(rho=0.05, adaptive=True, iterations=3, hessian_iterations=4,
-                    hessian_tol=1e-6, seed=2, include_model_losses=False)
+    settings = dict(
+        rho=0.05,
+        adaptive=True,
+        iterations=3,
+        hessian_iterations=4,
+        hessian_tol=1e-6,
+        seed=2,
+        include_model_losses=False,
+    )
     assert set(settings) == set(sharpness.MEASURE_SETTINGS)
     expected = {
         "worst_case_sharpness": sharpness.worst_case_sharpness(
-            model, (x, y), "mse", rho=0.05, adaptive=True, iterations=3,
-            batch_size=BATCH),
-        "full_gradient_norm": sharpness.full_gradient_norm(
-            model, (x, y), "mse", batch_size=BATCH),
+            model, (x, y), "mse", rho=0.05, adaptive=True, iterations=3, batch_size=BATCH
+        ),
+        "full_gradient_norm": sharpness.full_gradient_norm(model, (x, y), "mse", batch_size=BATCH),
         "hessian_max_eigenvalue": sharpness.hessian_max_eigenvalue(
-            model, (x, y), "mse", iterations=4, tol=1e-6, seed=2,
-            batch_size=BATCH),
+            model, (x, y), "mse", iterations=4, tol=1e-6, seed=2, batch_size=BATCH
+        ),
     }
     for name, value in expected.items():
         got = sharpness.get_measure(name)(model, batches, "mse", **settings)
@@ -111,30 +117,47 @@ def test_sharpness_monitor_logs_a_registered_measure(registry):
     def weight_norm(model, data, loss, **settings):
         batches = list(data)
         calls.append((loss, settings, batches))
-        return np.float32(np.sqrt(sum(
-            np.sum(np.square(keras.ops.convert_to_numpy(v)))
-            for v in model.trainable_variables
-        )))
+        return np.float32(
+            np.sqrt(
+                sum(
+                    np.sum(np.square(keras.ops.convert_to_numpy(v)))
+                    for v in model.trainable_variables
+                )
+            )
+        )
 
     sharpness.register_measure("weight_norm", weight_norm)
     monitor = SharpnessMonitor(
-        (x, y), measures=("full_gradient_norm", "weight_norm"), every=2,
-        rho=0.05, iterations=3, hessian_iterations=4, hessian_tol=1e-6, seed=5,
-        batch_size=BATCH, steps=3, prefix="train_",
+        (x, y),
+        measures=("full_gradient_norm", "weight_norm"),
+        every=2,
+        rho=0.05,
+        iterations=3,
+        hessian_iterations=4,
+        hessian_tol=1e-6,
+        seed=5,
+        batch_size=BATCH,
+        steps=3,
+        prefix="train_",
     )
     weights = []
     spy = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: weights.append(model.get_weights())
     )
-    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
-                        callbacks=[monitor, spy])
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[monitor, spy])
 
     assert len(calls) == 1  # epoch 2 only
     loss, settings, batches = calls[0]
     assert loss == "mse"  # the model's compiled loss
-    assert settings == dict(rho=0.05, adaptive=False, iterations=3,
-                            hessian_iterations=4, hessian_tol=1e-6, seed=5,
-                            include_model_losses=False)
+    assert settings == dict(
+        rho=0.05,
+        adaptive=False,
+        iterations=3,
+        hessian_iterations=4,
+        hessian_tol=1e-6,
+        seed=5,
+        include_model_losses=False,
+    )
     assert len(batches) == 3  # `steps` applied; (x, y, sample_weight)
     assert [tuple(b[0].shape) for b in batches] == [(BATCH, 3)] * 3
     assert all(b[2] is None for b in batches)
@@ -191,8 +214,8 @@ def test_sharpness_monitor_reads_the_variables_once_per_measure(read_counter):
     x, y = _data()
     model = _model()
     model.compile("sgd", "mse")
-    monitor = SharpnessMonitor((x, y), measures=sharpness.MEASURES,
-                               iterations=3, hessian_iterations=3,
-                               batch_size=BATCH)
+    monitor = SharpnessMonitor(
+        (x, y), measures=sharpness.MEASURES, iterations=3, hessian_iterations=3, batch_size=BATCH
+    )
     monitor.measure(model)
     assert read_counter == {"model": 3, "lists": 6}

@@ -62,8 +62,8 @@ def test_integer_accepts_integer_scalars_as_python_ints(value):
 
 
 @pytest.mark.parametrize(
-    "value", NOT_NUMBERS + [float("nan"), np.float32("nan"), float("inf"),
-                            -np.inf, 10**400],
+    "value",
+    NOT_NUMBERS + [float("nan"), np.float32("nan"), float("inf"), -np.inf, 10**400],
     ids=repr,
 )
 def test_real_rejects_non_numbers_and_non_finite(value):
@@ -72,7 +72,8 @@ def test_real_rejects_non_numbers_and_non_finite(value):
 
 
 @pytest.mark.parametrize(
-    "value", NOT_NUMBERS + [1.5, 2.0, np.float32(2.0), np.array(2.0), float("nan")],
+    "value",
+    NOT_NUMBERS + [1.5, 2.0, np.float32(2.0), np.array(2.0), float("nan")],
     ids=repr,
 )
 def test_integer_rejects_bools_floats_and_non_numbers(value):
@@ -95,8 +96,7 @@ def test_message_names_argument_range_value_and_type():
     with pytest.raises(ValueError) as info:
         integer("num_batch_splits", np.int64(0), low=1, allow_none=True)
     assert str(info.value) == (
-        "`num_batch_splits` must be None or an int >= 1; received: "
-        f"{np.int64(0)!r} (int64)."
+        f"`num_batch_splits` must be None or an int >= 1; received: {np.int64(0)!r} (int64)."
     )
 
 
@@ -109,8 +109,12 @@ def test_message_names_argument_range_value_and_type():
         (dict(high=1, high_inclusive=False), [0.999], [1], "< 1"),
         (dict(low=0, high=1), [0, 1], [-0.1, 1.1], "in [0, 1]"),
         (dict(low=0, high=10, high_inclusive=False), [0, 9.5], [10, -1], "in [0, 10)"),
-        (dict(low=0, high=1, low_inclusive=False, high_inclusive=False),
-         [0.5], [0, 1], "in (0, 1)"),
+        (
+            dict(low=0, high=1, low_inclusive=False, high_inclusive=False),
+            [0.5],
+            [0, 1],
+            "in (0, 1)",
+        ),
     ],
 )
 def test_real_bounds(kwargs, good, bad, text):

@@ -16,11 +16,11 @@ from benchmarks.paper import report
 from benchmarks.paper import run as run_lib
 from benchmarks.paper.protocol import DATASETS
 from benchmarks.paper.protocol import EXTEND_UNTIL_CONVERGED
+from benchmarks.paper.protocol import INCREASING
 from benchmarks.paper.protocol import INPUT_KIND
+from benchmarks.paper.protocol import METHODS
 from benchmarks.paper.protocol import MNIST1D_EPOCHS
 from benchmarks.paper.protocol import MODEL_INPUT
-from benchmarks.paper.protocol import INCREASING
-from benchmarks.paper.protocol import METHODS
 from benchmarks.paper.protocol import MODELS
 from benchmarks.paper.protocol import RESULTS
 from benchmarks.paper.protocol import SCHEDULES
@@ -98,7 +98,8 @@ def _fraction(text):
         value = -1.0
     if not 0.0 <= value <= 10.0:
         raise argparse.ArgumentTypeError(
-            f"expected a fraction of the epochs between 0 and 10, got {text!r}")
+            f"expected a fraction of the epochs between 0 and 10, got {text!r}"
+        )
     return value
 
 
@@ -111,58 +112,114 @@ def build_parser():
         "runs alone: python -m benchmarks.paper.report --out FOLDER/MODEL",
     )
     p.add_argument("--dataset", default="mnist1d", choices=sorted(DATASETS))
-    p.add_argument("--model", type=_models, default=None,
-                   help="comma separated; default mnist1d_cnn,mnist1d_mlp for "
-                   "mnist1d, resnet18 for CIFAR")
-    p.add_argument("--methods", type=_csv_choice("method", METHODS),
-                   default=None, help=f"comma separated, from {','.join(METHODS)}")
-    p.add_argument("--schedules", type=_csv_choice("schedule", SCHEDULES),
-                   default=None, help=f"comma separated, from {','.join(SCHEDULES)}")
+    p.add_argument(
+        "--model",
+        type=_models,
+        default=None,
+        help="comma separated; default mnist1d_cnn,mnist1d_mlp for mnist1d, resnet18 for CIFAR",
+    )
+    p.add_argument(
+        "--methods",
+        type=_csv_choice("method", METHODS),
+        default=None,
+        help=f"comma separated, from {','.join(METHODS)}",
+    )
+    p.add_argument(
+        "--schedules",
+        type=_csv_choice("schedule", SCHEDULES),
+        default=None,
+        help=f"comma separated, from {','.join(SCHEDULES)}",
+    )
     p.add_argument("--seeds", type=_seeds, default=None, help="default 0,1,2,3,4")
-    p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="total epochs (a multiple of 5 with B/BC/constant_steps); "
-                   "default: " + ", ".join(f"{e} for {m}" for m, e in MNIST1D_EPOCHS.items())
-                   + ", 200 (the paper's) for CIFAR")
-    p.add_argument("--batch", type=_positive_int, default=128,
-                   help="constant batch size (default 128)")
-    p.add_argument("--initial-batch", type=_positive_int, default=16,
-                   help="first batch size of B/BC, doubled 4 times (default 16)")
-    p.add_argument("--num-samples", type=_positive_int, default=None,
-                   help="mnist1d: examples in total (80%% train), default 4000; "
-                   "cifar: training examples used (default all)")
-    p.add_argument("--data-seed", type=int, default=0,
-                   help="seed of the MNIST-1D generation (default 0)")
-    p.add_argument("--sharpness-examples", type=_positive_int, default=None,
-                   help="first N training examples for the worst-case "
-                   "sharpness (default 1024, as the paper)")
-    p.add_argument("--sharpness-iterations", type=_positive_int, default=None,
-                   help="Auto-PGD iterations (default 20)")
-    p.add_argument("--sharpness-every", type=int, default=0,
-                   help="also measure sharpness/gradient norm every k epochs "
-                   "(0: at the end only, default)")
-    p.add_argument("--extend-until-converged", type=_fraction, default=None,
-                   metavar="FRACTION",
-                   help="a run whose training loss still moves after its epochs "
-                   "trains on at its final batch size and rate until it has "
-                   "stopped, for at most FRACTION x its epochs more (default "
-                   f"{EXTEND_UNTIL_CONVERGED}; 0: never)")
-    p.add_argument("--jobs", type=_nonnegative_int, default=None,
-                   help="runs trained side by side, each in its own worker "
-                   "process; default: one per CPU core without a GPU, 1 with "
-                   "one; 0: in this process (TensorFlow's threads untouched)")
-    p.add_argument("--threads", type=_nonnegative_int, default=None,
-                   help="TensorFlow intra-op threads of each worker; default 1 "
-                   "without a GPU, 0 (TensorFlow's default) with one. Results "
-                   "depend on it at the rounding level, not on --jobs")
-    p.add_argument("--steps-per-execution", type=_positive_int, default=32,
-                   help="training steps per call of the compiled step (default "
-                   "32; the results do not depend on it)")
-    p.add_argument("--out", default=None,
-                   help="output folder, one subfolder per model (default "
-                   "benchmarks/results/<dataset>)")
-    p.add_argument("--tiny", action="store_true",
-                   help="a tiny grid for tests: " + ", ".join(
-                       f"{k}={v}" for k, v in TINY.items()))
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="total epochs (a multiple of 5 with B/BC/constant_steps); "
+        "default: "
+        + ", ".join(f"{e} for {m}" for m, e in MNIST1D_EPOCHS.items())
+        + ", 200 (the paper's) for CIFAR",
+    )
+    p.add_argument(
+        "--batch", type=_positive_int, default=128, help="constant batch size (default 128)"
+    )
+    p.add_argument(
+        "--initial-batch",
+        type=_positive_int,
+        default=16,
+        help="first batch size of B/BC, doubled 4 times (default 16)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=None,
+        help="mnist1d: examples in total (80%% train), default 4000; "
+        "cifar: training examples used (default all)",
+    )
+    p.add_argument(
+        "--data-seed", type=int, default=0, help="seed of the MNIST-1D generation (default 0)"
+    )
+    p.add_argument(
+        "--sharpness-examples",
+        type=_positive_int,
+        default=None,
+        help="first N training examples for the worst-case sharpness (default 1024, as the paper)",
+    )
+    p.add_argument(
+        "--sharpness-iterations",
+        type=_positive_int,
+        default=None,
+        help="Auto-PGD iterations (default 20)",
+    )
+    p.add_argument(
+        "--sharpness-every",
+        type=int,
+        default=0,
+        help="also measure sharpness/gradient norm every k epochs (0: at the end only, default)",
+    )
+    p.add_argument(
+        "--extend-until-converged",
+        type=_fraction,
+        default=None,
+        metavar="FRACTION",
+        help="a run whose training loss still moves after its epochs "
+        "trains on at its final batch size and rate until it has "
+        "stopped, for at most FRACTION x its epochs more (default "
+        f"{EXTEND_UNTIL_CONVERGED}; 0: never)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_nonnegative_int,
+        default=None,
+        help="runs trained side by side, each in its own worker "
+        "process; default: one per CPU core without a GPU, 1 with "
+        "one; 0: in this process (TensorFlow's threads untouched)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_nonnegative_int,
+        default=None,
+        help="TensorFlow intra-op threads of each worker; default 1 "
+        "without a GPU, 0 (TensorFlow's default) with one. Results "
+        "depend on it at the rounding level, not on --jobs",
+    )
+    p.add_argument(
+        "--steps-per-execution",
+        type=_positive_int,
+        default=32,
+        help="training steps per call of the compiled step (default "
+        "32; the results do not depend on it)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder, one subfolder per model (default benchmarks/results/<dataset>)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny grid for tests: " + ", ".join(f"{k}={v}" for k, v in TINY.items()),
+    )
     return p
 
 
@@ -207,8 +264,10 @@ def parse_args(argv):
     if args.out is None:
         args.out = os.path.join(RESULTS, args.dataset)
     if args.jobs == 0 and args.threads is not None:
-        parser.error("--threads sets the threads of worker processes; with "
-                     "--jobs 0 (this process) leave it out")
+        parser.error(
+            "--threads sets the threads of worker processes; with "
+            "--jobs 0 (this process) leave it out"
+        )
     if args.jobs is None or args.threads is None:
         gpu = args.jobs != 0 and _has_gpu()
         if args.jobs is None:
@@ -255,6 +314,7 @@ def _progress(text):
 # ---------------------------------------------------------------------------
 # Training one run, in this process or in a worker process.
 
+
 def _init_worker(threads):
     """Runs first in each worker process, before TensorFlow runs an op."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -287,8 +347,11 @@ def _executor(args):
     import multiprocessing
 
     return concurrent.futures.ProcessPoolExecutor(
-        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(args.threads,))
+        max_workers=args.jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(args.threads,),
+    )
 
 
 def _run_grid(args, todo, on_done):
@@ -319,8 +382,13 @@ def main(argv=None):
     args = parse_args(argv_used)
     data_lib.check_memory(args)
     per_model = {m: model_args(args, m) for m in args.models}
-    grid = [(m, method, schedule, seed) for m in args.models for seed in args.seeds
-            for method in args.methods for schedule in args.schedules]
+    grid = [
+        (m, method, schedule, seed)
+        for m in args.models
+        for seed in args.seeds
+        for method in args.methods
+        for schedule in args.schedules
+    ]
     total = len(grid)
     stats = {"trained": 0, "skipped": 0}
     todo = []
@@ -330,12 +398,15 @@ def main(argv=None):
         path = run_lib.run_path(os.path.join(margs.out, "runs"), method, schedule, seed)
         if run_lib.load_run(path, run_lib.run_config(margs)) is not None:
             stats["skipped"] += 1
-            _progress(f"[{i}/{total}] {model} {method} {schedule} seed={seed}: "
-                      "done before, skipped")
+            _progress(
+                f"[{i}/{total}] {model} {method} {schedule} seed={seed}: done before, skipped"
+            )
         else:
             todo.append((vars(margs), method, schedule, seed, path))
-    _progress(f"{len(todo)} runs to train, {max(args.jobs, 1)} at a time"
-              + (f" ({args.threads} thread(s) each)" if args.jobs else ""))
+    _progress(
+        f"{len(todo)} runs to train, {max(args.jobs, 1)} at a time"
+        + (f" ({args.threads} thread(s) each)" if args.jobs else "")
+    )
     durations = []
     t_start = time.perf_counter()
 
@@ -348,12 +419,14 @@ def main(argv=None):
         trained[margs["model"]] += 1
         left = len(todo) - len(durations)
         eta = statistics.fmean(durations) * left / max(args.jobs, 1) / 60
-        _progress(f"[{stats['trained'] + stats['skipped']}/{total}] {margs['model']} "
-                  f"{method} {schedule} seed={seed}: test error "
-                  f"{100 * final['test_error']:.2f}%, sharpness "
-                  f"{final['worst_case_sharpness']:.3g}, grad norm "
-                  f"{final['full_gradient_norm']:.3g}, {seconds:.0f} s "
-                  f"({left} left, ETA {eta:.1f} min)")
+        _progress(
+            f"[{stats['trained'] + stats['skipped']}/{total}] {margs['model']} "
+            f"{method} {schedule} seed={seed}: test error "
+            f"{100 * final['test_error']:.2f}%, sharpness "
+            f"{final['worst_case_sharpness']:.3g}, grad norm "
+            f"{final['full_gradient_norm']:.3g}, {seconds:.0f} s "
+            f"({left} left, ETA {eta:.1f} min)"
+        )
 
     try:
         _run_grid(args, todo, on_done)
@@ -375,16 +448,17 @@ def main(argv=None):
                     finished.append(record)
             if not finished:
                 continue
-            head = report.header(margs, argv_used, total // len(per_model), wall_s,
-                                 trained[model])
+            head = report.header(margs, argv_used, total // len(per_model), wall_s, trained[model])
             kept = report.stored_header(margs.out, run_lib.run_config(margs))
             if not trained[model] and kept is not None:
                 head.update(kept)  # nothing new: the header of the runs' invocation
             report.write_report(margs, finished, head)
         # Every model folder of the grid folder, also ones of other invocations.
         report.write_summary(args.out, report.model_folders_with_reports(args.out))
-    _progress(f"trained {stats['trained']}, skipped {stats['skipped']} of {total} "
-              f"runs in {time.perf_counter() - t_start:.0f} s; results in {args.out}")
+    _progress(
+        f"trained {stats['trained']}, skipped {stats['skipped']} of {total} "
+        f"runs in {time.perf_counter() - t_start:.0f} s; results in {args.out}"
+    )
     return stats
 
 

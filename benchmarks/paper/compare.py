@@ -55,22 +55,26 @@ EPOCH_KEYS = ("train_loss", "test_loss", "test_error", "learning_rate", "iterati
 def same_results(x, y):
     """Two run records with equal results: the final measures and every
     epoch's losses, errors, rate and step count (times are left out)."""
-    return (all(x["final"][k] == y["final"][k] for k in RESULT_KEYS)
-            and len(x["epochs"]) == len(y["epochs"])
-            and all(ex[k] == ey[k] for ex, ey in zip(x["epochs"], y["epochs"])
-                    for k in EPOCH_KEYS))
+    return (
+        all(x["final"][k] == y["final"][k] for k in RESULT_KEYS)
+        and len(x["epochs"]) == len(y["epochs"])
+        and all(ex[k] == ey[k] for ex, ey in zip(x["epochs"], y["epochs"]) for k in EPOCH_KEYS)
+    )
 
 
 def _check_timed(stored, folder):
     if stored.get("wall_s") is None:
-        raise SystemExit(f"error: {folder}/runs.json records no wall time (a report "
-                         "rebuilt without the header of the invocation that trained it)")
+        raise SystemExit(
+            f"error: {folder}/runs.json records no wall time (a report "
+            "rebuilt without the header of the invocation that trained it)"
+        )
     trained = stored.get("trained")
     if trained is not None and trained != len(stored["runs"]):
         raise SystemExit(
             f"error: the wall time in {folder} covers {trained} of its "
             f"{len(stored['runs'])} runs (the others were stored before); compare "
-            "grids trained whole by one invocation")
+            "grids trained whole by one invocation"
+        )
 
 
 def _without_out(command):
@@ -79,7 +83,7 @@ def _without_out(command):
     words = command.split(" ")
     if "--out" in words:
         i = words.index("--out")
-        words = words[:i] + words[i + 2:]
+        words = words[:i] + words[i + 2 :]
     return " ".join(words)
 
 
@@ -87,8 +91,9 @@ def compare(before, after):
     """Markdown comparing the grids in folders `before` and `after`."""
     a, b = _load(before), _load(after)
     if a["config"] != b["config"]:
-        diff = {k: (a["config"].get(k), v) for k, v in b["config"].items()
-                if a["config"].get(k) != v}
+        diff = {
+            k: (a["config"].get(k), v) for k, v in b["config"].items() if a["config"].get(k) != v
+        }
         raise SystemExit(f"error: the grids differ in their configuration: {diff}")
     _check_timed(a, before)
     _check_timed(b, after)
@@ -130,24 +135,27 @@ def compare(before, after):
             f"{100 * mean(ra, 'test_error'):.2f} | {100 * mean(rb, 'test_error'):.2f} | "
             f"{100 * spread(ra, 'test_error'):.2f} | "
             f"{mean(ra, 'worst_case_sharpness'):.3g} | {mean(rb, 'worst_case_sharpness'):.3g} | "
-            f"{spread(ra, 'worst_case_sharpness'):.2g} | {same}/{len(seeds)} |")
-    threads = [sorted({r.get("intra_op_threads") for r in s["runs"]} - {None})
-               for s in (a, b)]
-    lines += ["", f"Runs bitwise equal (final measures and every epoch's losses, "
-              f"errors, rate and steps): {equal_runs} of {total_runs}. TensorFlow "
-              f"intra-op threads per run: before {threads[0] or 'not recorded (default)'}, "
-              f"after {threads[1] or 'not recorded (default)'}."]
+            f"{spread(ra, 'worst_case_sharpness'):.2g} | {same}/{len(seeds)} |"
+        )
+    threads = [sorted({r.get("intra_op_threads") for r in s["runs"]} - {None}) for s in (a, b)]
+    lines += [
+        "",
+        f"Runs bitwise equal (final measures and every epoch's losses, "
+        f"errors, rate and steps): {equal_runs} of {total_runs}. TensorFlow "
+        f"intra-op threads per run: before {threads[0] or 'not recorded (default)'}, "
+        f"after {threads[1] or 'not recorded (default)'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.paper.compare",
-        description="Compare the wall time and results of two runs of one grid.")
+        description="Compare the wall time and results of two runs of one grid.",
+    )
     parser.add_argument("before", help="model folder of the first run (has runs.json)")
     parser.add_argument("after", help="model folder of the second run")
-    parser.add_argument("--out", default=None, help="write the markdown here "
-                        "(default: print it)")
+    parser.add_argument("--out", default=None, help="write the markdown here (default: print it)")
     args = parser.parse_args(argv)
     text = compare(args.before, args.after)
     if args.out:

@@ -37,8 +37,9 @@ def load_cifar(name, num_samples=None):
                 ys.append(yb)
             return np.concatenate(xs), np.concatenate(ys)
 
-        train, test = tfds.load(name, split=["train", "test"], as_supervised=True,
-                                shuffle_files=False)
+        train, test = tfds.load(
+            name, split=["train", "test"], as_supervised=True, shuffle_files=False
+        )
         (x, y), (xt, yt) = arrays(train), arrays(test)
         if num_samples is not None:
             x, y = x[:num_samples], y[:num_samples]
@@ -53,8 +54,9 @@ def channel_stats(x):
     """Per-channel mean and std of uint8 images, in [0, 1] units."""
     x = x.astype(np.float64) / 255.0
     axes = tuple(range(x.ndim - 1))
-    return x.mean(axis=axes).astype(np.float32), np.maximum(
-        x.std(axis=axes), 1e-6).astype(np.float32)
+    return x.mean(axis=axes).astype(np.float32), np.maximum(x.std(axis=axes), 1e-6).astype(
+        np.float32
+    )
 
 
 class Data:
@@ -63,13 +65,11 @@ class Data:
     def __init__(self, dataset, num_samples, data_seed):
         self.dataset = dataset
         if dataset == "mnist1d":
-            (self.x, self.y), (self.x_test, self.y_test) = load_mnist1d(
-                num_samples, data_seed)
+            (self.x, self.y), (self.x_test, self.y_test) = load_mnist1d(num_samples, data_seed)
             self.image = False
             self.mean = self.std = None
         else:
-            (self.x, self.y), (self.x_test, self.y_test) = load_cifar(
-                dataset, num_samples)
+            (self.x, self.y), (self.x_test, self.y_test) = load_cifar(dataset, num_samples)
             self.image = True
             self.mean, self.std = channel_stats(self.x)
         self.classes = DATASETS[dataset][1]
@@ -105,10 +105,8 @@ class Data:
         ds = ds.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
         if self.image:
             if augment:
-                ds = ds.map(lambda x, y: (self.augment(x), y),
-                            num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.map(lambda x, y: (self._normalize(x), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+                ds = ds.map(lambda x, y: (self.augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(lambda x, y: (self._normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def eval_arrays(self, x):
@@ -197,9 +195,14 @@ def estimate_memory_bytes(args):
         total += 3 * 4 * max_batch * activations
     jobs = max(getattr(args, "jobs", 1), 1)
     total *= jobs
-    return int(total), dict(data_bytes=data_bytes, params=params, jobs=jobs,
-                            activations_per_example=activations,
-                            max_batch=max_batch, on_gpu=on_gpu)
+    return int(total), dict(
+        data_bytes=data_bytes,
+        params=params,
+        jobs=jobs,
+        activations_per_example=activations,
+        max_batch=max_batch,
+        on_gpu=on_gpu,
+    )
 
 
 def check_memory(args):
@@ -214,6 +217,7 @@ def check_memory(args):
             f"{parts['max_batch']}) but only {have / 2**30:.2f} GiB available "
             "(MemAvailable). Lower --jobs, --num-samples, --batch / "
             "--initial-batch, or pick a smaller --model (choices: "
-            + ", ".join(sorted(MODELS)) + ")."
+            + ", ".join(sorted(MODELS))
+            + ")."
         )
     return need, have

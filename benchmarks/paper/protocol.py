@@ -24,8 +24,13 @@ MNIST1D_EPOCHS = {"mnist1d_cnn": 100, "mnist1d_mlp": 200}
 training loss to stop moving (`CONVERGENCE_*` below; 3,200 training examples
 give 25 steps per epoch at batch 128). The MLP learns more slowly at lr 0.1."""
 INPUT_KIND = {"mnist1d": "signal", "cifar10": "image", "cifar100": "image"}
-MODEL_INPUT = {"mnist1d_cnn": "signal", "mnist1d_mlp": "signal", "resnet18": "image",
-               "wrn28_10": "image", "tiny_cnn2d": "image"}
+MODEL_INPUT = {
+    "mnist1d_cnn": "signal",
+    "mnist1d_mlp": "signal",
+    "resnet18": "image",
+    "wrn28_10": "image",
+    "tiny_cnn2d": "image",
+}
 """Which data sets a model takes: MNIST-1D's (40, 1) signals or 32x32 images."""
 CIFAR_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000)}
 
@@ -47,7 +52,7 @@ SCHEDULE_TEXT = {
     "BC": "batch {b0}->{bmax} doubling + cosine lr 0.1->0.001 per step",
     "linear": "batch {batch}, linear lr 0.1->0.001 per step",
     "constant_steps": "batch {batch}, lr 0.1, as many steps as B ({control_epochs} "
-                      "epochs; the steps-matched control)",
+    "epochs; the steps-matched control)",
 }
 
 EXTEND_UNTIL_CONVERGED = 0.2
@@ -62,8 +67,7 @@ CONVERGENCE_ABSOLUTE = 0.01
 than 5% or by less than 0.01 (whichever is larger) over the last 10% of its
 epochs: |L(E) - L(E - w)| < max(0.05 L(E - w), 0.01), w = max(1, round(0.1 E))."""
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "results")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 """benchmarks/results: the default output folders are below it."""
 
 COMMAND = "python -m benchmarks.paper"

@@ -65,18 +65,22 @@ def summarize(args, runs):
         for schedule in args.schedules:
             rs = [r for r in runs if r["method"] == method and r["schedule"] == schedule]
             f = [r["final"] for r in rs]
-            rows.append({
-                "method": method, "schedule": schedule, "n": len(rs),
-                "test_error": _mean_std([x["test_error"] for x in f]),
-                "sharpness": _mean_std([x["worst_case_sharpness"] for x in f]),
-                "grad_norm": _mean_std([x["full_gradient_norm"] for x in f]),
-                "train_loss": _mean_std([x["train_loss"] for x in f]),
-                "time": _mean_std([x["train_time_s"] for x in f]),
-                "epochs": sorted({len(r["epochs"]) for r in rs}),
-                "steps": sorted({sum(r["steps_per_epoch"]) for r in rs}),
-                "examples": sorted({r.get("examples") for r in rs} - {None}),
-                "converged": sum(convergence(r)["converged"] for r in rs),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "schedule": schedule,
+                    "n": len(rs),
+                    "test_error": _mean_std([x["test_error"] for x in f]),
+                    "sharpness": _mean_std([x["worst_case_sharpness"] for x in f]),
+                    "grad_norm": _mean_std([x["full_gradient_norm"] for x in f]),
+                    "train_loss": _mean_std([x["train_loss"] for x in f]),
+                    "time": _mean_std([x["train_time_s"] for x in f]),
+                    "epochs": sorted({len(r["epochs"]) for r in rs}),
+                    "steps": sorted({sum(r["steps_per_epoch"]) for r in rs}),
+                    "examples": sorted({r.get("examples") for r in rs} - {None}),
+                    "converged": sum(convergence(r)["converged"] for r in rs),
+                }
+            )
     return rows
 
 
@@ -102,7 +106,8 @@ def table_markdown(rows):
             f"{_fmt(*r['test_error'], scale=100)} | {_fmt_sci(*r['sharpness'])} | "
             f"{_fmt_sci(*r['grad_norm'])} | {_fmt(*r['train_loss'], digits=3)} | "
             f"{r['converged']}/{r['n']} | {_one(r['epochs'])} | {_one(r['steps'])} | "
-            f"{_one(r['examples'])} | {_fmt(*r['time'], digits=1)} |")
+            f"{_one(r['examples'])} | {_fmt(*r['time'], digits=1)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -123,15 +128,18 @@ def verdict_markdown(results):
     for v in results:
         present = len(v["comparisons"])
         count = f"{present} comparisons" + (
-            f" (of {v['total']}; the grid lacks the others)" if present < v["total"] else "")
+            f" (of {v['total']}; the grid lacks the others)" if present < v["total"] else ""
+        )
         lines.append(f"| **{v['claim']}** | {count} | | | | | | **{v['verdict']}** |")
         for c in v["comparisons"]:
             name = f"{' '.join(c['a'])} vs {' '.join(c['b'])}"
             if v["metric"] == "worst_case_sharpness":
-                diff = (f"{c['mean_a'] - c['mean_b']:+.3g} (ratio "
-                        f"{c['ratio']:.3g})")
-                ci = ("—" if c["ratio_ci"] is None else
-                      f"ratio [{c['ratio_ci'][0]:.3g}, {c['ratio_ci'][1]:.3g}]")
+                diff = f"{c['mean_a'] - c['mean_b']:+.3g} (ratio {c['ratio']:.3g})"
+                ci = (
+                    "—"
+                    if c["ratio_ci"] is None
+                    else f"ratio [{c['ratio_ci'][0]:.3g}, {c['ratio_ci'][1]:.3g}]"
+                )
                 ma, mb = f"{c['mean_a']:.3g}", f"{c['mean_b']:.3g}"
             else:
                 diff = f"{100 * c['mean_difference']:+.2f} pp"
@@ -143,8 +151,9 @@ def verdict_markdown(results):
             if c["n"] == 0:
                 lines.append(f"| | {name} (n=0) | — | — | — | — | — | {c['verdict']} |")
                 continue
-            lines.append(f"| | {name} (n={c['n']}) | {ma} | {mb} | {diff} | {ci} | "
-                         f"{p} | {c['verdict']} |")
+            lines.append(
+                f"| | {name} (n={c['n']}) | {ma} | {mb} | {diff} | {ci} | {p} | {c['verdict']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -158,13 +167,15 @@ VERDICT_RULE = (
     "*not settled* when it contains 0 (no difference). A claim is reproduced "
     "when all its comparisons are, not reproduced when none is and at least "
     "one is on the other side, else not settled. Each line is its own 95% "
-    "interval: among many lines, one may fall on a side by chance.")
+    "interval: among many lines, one may fall on a side by chance."
+)
 
 CONVERGENCE_RULE = (
     "converged: the epoch-mean training loss changed by less than 5% or by "
     "less than 0.01 (whichever is larger) over the last 10% of the epochs, "
     "|L(E) − L(E − w)| < max(0.05·L(E − w), 0.01) with w = max(1, round(0.1·E)); "
-    "`runs.md` lists it per run")
+    "`runs.md` lists it per run"
+)
 
 
 def runs_markdown(runs):
@@ -182,7 +193,8 @@ def runs_markdown(runs):
             f"{c['change']:.4f} ({100 * c['relative_change']:.1f}%) | "
             f"{c['tolerance']:.4f} | {'yes' if c['converged'] else '**no**'} | "
             f"{100 * r['final']['test_error']:.2f} | "
-            f"{r['final']['worst_case_sharpness']:.3g} |")
+            f"{r['final']['worst_case_sharpness']:.3g} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -228,15 +240,19 @@ def header(args, argv_used, total, wall_s, trained):
     date, machine, versions, wall time and how many runs of this model it
     trained (`trained`; the others were stored before)."""
     return {
-        "command": COMMAND + (
-            " " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else ""),
+        "command": COMMAND
+        + (" " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else ""),
         "date": now(),
         "machine": machine_description(),
         "versions": versions(),
         "wall_s": wall_s,
         "trained": trained,
-        "grid": {"methods": list(args.methods), "schedules": list(args.schedules),
-                 "seeds": list(args.seeds), "total": total},
+        "grid": {
+            "methods": list(args.methods),
+            "schedules": list(args.schedules),
+            "seeds": list(args.seeds),
+            "total": total,
+        },
     }
 
 
@@ -264,19 +280,30 @@ def write_report(args, runs, head):
     v = head["versions"]
     wall_s = head.get("wall_s")
     control = [len(r["epochs"]) for r in runs if r["schedule"] == STEPS_CONTROL]
-    fmt = dict(batch=args.batch, b0=args.initial_batch,
-               bmax=args.initial_batch * 2 ** (STAGES - 1),
-               control_epochs=control[0] if control else "?")
-    runs = sorted(runs, key=lambda r: (
-        args.methods.index(r["method"]), args.schedules.index(r["schedule"]),
-        r["seed"]))
+    fmt = dict(
+        batch=args.batch,
+        b0=args.initial_batch,
+        bmax=args.initial_batch * 2 ** (STAGES - 1),
+        control_epochs=control[0] if control else "?",
+    )
+    runs = sorted(
+        runs,
+        key=lambda r: (
+            args.methods.index(r["method"]),
+            args.schedules.index(r["schedule"]),
+            r["seed"],
+        ),
+    )
     results = verdicts_lib.verdicts(runs)
     converged = sum(convergence(r)["converged"] for r in runs)
     # With runs that missed the criterion: the verdicts once more without them
     # (their seeds drop out of the comparisons they are in), beside the main ones.
     unconverged = [r["name"] for r in runs if not convergence(r)["converged"]]
-    results_converged = (verdicts_lib.verdicts(
-        [r for r in runs if convergence(r)["converged"]]) if unconverged else None)
+    results_converged = (
+        verdicts_lib.verdicts([r for r in runs if convergence(r)["converged"]])
+        if unconverged
+        else None
+    )
     threads = sorted({r.get("intra_op_threads") for r in runs} - {None})
     md = [
         f"# Paper benchmark: {args.dataset} / {args.model}",
@@ -287,19 +314,27 @@ def write_report(args, runs, head):
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- completed runs: {len(runs)} / {head['grid']['total']}"
         + (f"; wall time of this invocation {wall_s:.0f} s" if wall_s is not None else "")
-        + (f" (it trained {head['trained']} of them; the wall time covers every "
-           "model of the invocation)" if head.get("trained") is not None else ""),
+        + (
+            f" (it trained {head['trained']} of them; the wall time covers every "
+            "model of the invocation)"
+            if head.get("trained") is not None
+            else ""
+        ),
         f"- protocol: plain SGD (no momentum, no weight decay), lr {config['lr']}, "
         f"SAM/GSAM rho {config['rho']} (constant), GSAM alpha {config['alpha']}, "
         f"cross-entropy, last partial batch dropped; {args.epochs} epochs"
-        + (f" (a run whose training loss still moves then trains on at its final "
-           f"batch size and rate until it stops, for at most "
-           f"{config.get('extend_until_converged', 0.0):.0%} more epochs)"
-           if config.get("extend_until_converged") else "") + "; "
+        + (
+            f" (a run whose training loss still moves then trains on at its final "
+            f"batch size and rate until it stops, for at most "
+            f"{config.get('extend_until_converged', 0.0):.0%} more epochs)"
+            if config.get("extend_until_converged")
+            else ""
+        )
+        + "; "
         f"{'num_samples ' + str(args.num_samples) + ', ' if args.num_samples else ''}"
         f"seeds {','.join(map(str, args.seeds))}",
-        "- schedules: " + "; ".join(
-            f"{s}: {SCHEDULE_TEXT[s].format(**fmt)}" for s in args.schedules),
+        "- schedules: "
+        + "; ".join(f"{s}: {SCHEDULE_TEXT[s].format(**fmt)}" for s in args.schedules),
         f"- test error: after the last epoch; worst-case sharpness: L-inf Auto-PGD, "
         f"rho {config['sharpness_rho']}, {args.sharpness_iterations} iterations, first "
         f"{args.sharpness_examples} training examples in batches of "
@@ -312,8 +347,11 @@ def write_report(args, runs, head):
         "`constant_steps` takes as many optimizer steps (whole epochs, so up to "
         "one epoch more); the table's steps and examples columns give the counts.",
         "- TensorFlow intra-op threads per run: "
-        + (", ".join("default (one per core)" if t == 0 else str(t) for t in threads)
-           or "not recorded") + ".",
+        + (
+            ", ".join("default (one per core)" if t == 0 else str(t) for t in threads)
+            or "not recorded"
+        )
+        + ".",
         "",
         table_markdown(rows),
         "## The paper's claims",
@@ -332,13 +370,26 @@ def write_report(args, runs, head):
             verdict_markdown(results_converged),
         ]
     run_lib.write_atomic(os.path.join(out, "results.md"), "\n".join(md))
-    run_lib.write_atomic(os.path.join(out, "runs.md"), "\n".join([
-        f"# Runs of {args.dataset} / {args.model}", "", f"{CONVERGENCE_RULE}.", "",
-        runs_markdown(runs)]))
+    run_lib.write_atomic(
+        os.path.join(out, "runs.md"),
+        "\n".join(
+            [
+                f"# Runs of {args.dataset} / {args.model}",
+                "",
+                f"{CONVERGENCE_RULE}.",
+                "",
+                runs_markdown(runs),
+            ]
+        ),
+    )
     summary = {
-        "command": head["command"], "versions": v, "machine": head["machine"],
+        "command": head["command"],
+        "versions": v,
+        "machine": head["machine"],
         "config": config,
-        "date": head["date"], "wall_s": wall_s, "trained": head.get("trained"),
+        "date": head["date"],
+        "wall_s": wall_s,
+        "trained": head.get("trained"),
         "grid": head["grid"],
         "converged": converged,
         "verdicts": results,
@@ -346,9 +397,14 @@ def write_report(args, runs, head):
         "verdicts_converged": results_converged,
         # Each run without its per-epoch records (those are in runs/<name>.json
         # only), with its convergence test.
-        "runs": [dict({k: v for k, v in r.items() if k != "epochs"},
-                      epochs_trained=len(r["epochs"]), convergence=convergence(r))
-                 for r in runs],
+        "runs": [
+            dict(
+                {k: v for k, v in r.items() if k != "epochs"},
+                epochs_trained=len(r["epochs"]),
+                convergence=convergence(r),
+            )
+            for r in runs
+        ],
     }
     run_lib.write_atomic(os.path.join(out, "runs.json"), json.dumps(summary, indent=1))
     write_plots(args, runs)
@@ -362,8 +418,14 @@ def write_plots(args, runs):
     import matplotlib.pyplot as plt
 
     colors = {"sgd": "tab:blue", "sam": "tab:orange", "gsam": "tab:green"}
-    styles = {"constant": "-", "B": "--", "C": ":", "BC": "-.",
-              "linear": (0, (5, 1, 1, 1, 1, 1)), STEPS_CONTROL: (0, (1, 3))}
+    styles = {
+        "constant": "-",
+        "B": "--",
+        "C": ":",
+        "BC": "-.",
+        "linear": (0, (5, 1, 1, 1, 1, 1)),
+        STEPS_CONTROL: (0, (1, 3)),
+    }
     groups = []
     for method in args.methods:
         for schedule in args.schedules:
@@ -375,17 +437,24 @@ def write_plots(args, runs):
 
     save = _saver(plt, args.out)
 
-    curves = [("train_loss", "training loss", True, "train_loss.png"),
-              ("test_error", "test error", False, "test_error.png"),
-              ("batch_size", "batch size", True, "batch_size.png"),
-              ("learning_rate", "learning rate (end of epoch)", True, "learning_rate.png")]
+    curves = [
+        ("train_loss", "training loss", True, "train_loss.png"),
+        ("test_error", "test error", False, "test_error.png"),
+        ("batch_size", "batch size", True, "batch_size.png"),
+        ("learning_rate", "learning rate (end of epoch)", True, "learning_rate.png"),
+    ]
     for key, label, log, fname in curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method, schedule, rs in groups:
             n = min(len(r["epochs"]) for r in rs)
             ys = np.array([[e[key] for e in r["epochs"][:n]] for r in rs], float)
-            ax.plot(range(1, n + 1), ys.mean(axis=0), color=colors[method],
-                    linestyle=styles[schedule], label=f"{method} {schedule}")
+            ax.plot(
+                range(1, n + 1),
+                ys.mean(axis=0),
+                color=colors[method],
+                linestyle=styles[schedule],
+                label=f"{method} {schedule}",
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         if log:
@@ -395,8 +464,10 @@ def write_plots(args, runs):
         ax.grid(alpha=0.3)
         save(fig, fname)
 
-    for key, label, fname in (("worst_case_sharpness", "worst-case sharpness", "sharpness.png"),
-                              ("full_gradient_norm", "full-gradient norm", "grad_norm.png")):
+    for key, label, fname in (
+        ("worst_case_sharpness", "worst-case sharpness", "sharpness.png"),
+        ("full_gradient_norm", "full-gradient norm", "grad_norm.png"),
+    ):
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) + 2), 4.5))
         means, stds, labels, cols = [], [], [], []
         for method, schedule, rs in groups:
@@ -421,6 +492,7 @@ def _saver(plt, out):
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         run_lib.write_atomic(os.path.join(out, name), buf.getvalue())
+
     return save
 
 
@@ -434,18 +506,26 @@ def write_verdict_plot(args, results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {verdicts_lib.REPRODUCED: "tab:green",
-              verdicts_lib.NOT_REPRODUCED: "tab:red",
-              verdicts_lib.NOT_SETTLED: "tab:gray"}
-    panels = [("worst_case_sharpness", "sharpness ratio a/b (log scale)"),
-              ("test_error", "test error a − b (percentage points)")]
-    panels = [(k, label) for k, label in panels
-              if any(v["metric"] == k for v in results)]
-    heights = [sum(len(v["comparisons"]) + 1 for v in results if v["metric"] == k)
-               for k, _ in panels]
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                             figsize=(8, 0.22 * sum(heights) + 1.5),
-                             gridspec_kw={"height_ratios": heights})
+    colors = {
+        verdicts_lib.REPRODUCED: "tab:green",
+        verdicts_lib.NOT_REPRODUCED: "tab:red",
+        verdicts_lib.NOT_SETTLED: "tab:gray",
+    }
+    panels = [
+        ("worst_case_sharpness", "sharpness ratio a/b (log scale)"),
+        ("test_error", "test error a − b (percentage points)"),
+    ]
+    panels = [(k, label) for k, label in panels if any(v["metric"] == k for v in results)]
+    heights = [
+        sum(len(v["comparisons"]) + 1 for v in results if v["metric"] == k) for k, _ in panels
+    ]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        squeeze=False,
+        figsize=(8, 0.22 * sum(heights) + 1.5),
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, (metric, label) in zip(axes[:, 0], panels):
         y, ticks, names = 0, [], []
         for v in results:
@@ -461,29 +541,40 @@ def write_verdict_plot(args, results):
                 else:
                     mid = 100 * c["mean_difference"]
                     lo, hi = (100 * c["ci"][0], 100 * c["ci"][1]) if c["ci"] else (mid, mid)
-                ax.errorbar([mid], [y], xerr=[[mid - lo], [hi - mid]], fmt="o",
-                            color=colors[c["verdict"]], capsize=2, markersize=3)
+                ax.errorbar(
+                    [mid],
+                    [y],
+                    xerr=[[mid - lo], [hi - mid]],
+                    fmt="o",
+                    color=colors[c["verdict"]],
+                    capsize=2,
+                    markersize=3,
+                )
                 ticks.append(y)
                 names.append(f"{' '.join(c['a'])} vs {' '.join(c['b'])}")
                 y -= 1
-        ax.axvline(1.0 if metric == "worst_case_sharpness" else 0.0, color="black",
-                   linewidth=0.8)
+        ax.axvline(1.0 if metric == "worst_case_sharpness" else 0.0, color="black", linewidth=0.8)
         if metric == "worst_case_sharpness":
             ax.set_xscale("log")
         ax.set_yticks(ticks)
         ax.set_yticklabels(names, fontsize=6)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, axis="x")
-    axes[0, 0].set_title(f"the paper's claims, {args.dataset} / {args.model} "
-                         "(green reproduced, red not reproduced, grey not settled)",
-                         fontsize=8)
+    axes[0, 0].set_title(
+        f"the paper's claims, {args.dataset} / {args.model} "
+        "(green reproduced, red not reproduced, grey not settled)",
+        fontsize=8,
+    )
     _saver(plt, args.out)(fig, "verdicts.png")
 
 
 def model_folders_with_reports(root):
     """The subfolders of a grid folder that hold a model's report."""
-    return [os.path.join(root, d) for d in sorted(os.listdir(root))
-            if os.path.exists(os.path.join(root, d, "runs.json"))]
+    return [
+        os.path.join(root, d)
+        for d in sorted(os.listdir(root))
+        if os.path.exists(os.path.join(root, d, "runs.json"))
+    ]
 
 
 def write_summary(out, model_dirs):
@@ -494,10 +585,12 @@ def write_summary(out, model_dirs):
     def cell(v):
         words = [c["verdict"] for c in v["comparisons"]]
         total = v.get("total", len(words))
-        return (f"{v['verdict']} ({sum(w == verdicts_lib.REPRODUCED for w in words)}"
-                f" of {len(words)} reproduced"
-                + (f"; {total - len(words)} not in the grid" if total > len(words) else "")
-                + ")")
+        return (
+            f"{v['verdict']} ({sum(w == verdicts_lib.REPRODUCED for w in words)}"
+            f" of {len(words)} reproduced"
+            + (f"; {total - len(words)} not in the grid" if total > len(words) else "")
+            + ")"
+        )
 
     for folder in model_dirs:
         stored = run_lib.read_run(os.path.join(folder, "runs.json"))
@@ -507,33 +600,35 @@ def write_summary(out, model_dirs):
         models.append((model, stored))
         views = [(model, stored["verdicts"])]
         if stored.get("verdicts_converged"):
-            views.append((f"{model}, converged runs only",
-                          stored["verdicts_converged"]))
+            views.append((f"{model}, converged runs only", stored["verdicts_converged"]))
         for column, results in views:
             columns.append(column)
             for v in results:
                 by_claim.setdefault(v["claim"], {})[column] = cell(v)
     if not models:
         return None
-    lines = ["| claim | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = ["| claim | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for claim, cells in by_claim.items():
-        lines.append(f"| {claim} | " + " | ".join(cells.get(c, "—") for c in columns)
-                     + " |")
+        lines.append(f"| {claim} | " + " | ".join(cells.get(c, "—") for c in columns) + " |")
     conv = ", ".join(
         f"{m}: {s['converged']}/{len(s['runs'])}"
         + (f" (not: {', '.join(s['unconverged'])})" if s.get("unconverged") else "")
-        for m, s in models)
+        for m, s in models
+    )
     text = "\n".join(lines) + (
         f"\n\nRuns meeting the convergence criterion: {conv}. Seeds per setting: "
         + ", ".join(f"{m}: {','.join(map(str, s['grid']['seeds']))}" for m, s in models)
         + ". The comparisons behind each cell, the tables and the plots: "
-        + ", ".join(f"`{os.path.relpath(os.path.join(f, 'results.md'), out)}`"
-                    for f in model_dirs) + ".\n")
+        + ", ".join(f"`{os.path.relpath(os.path.join(f, 'results.md'), out)}`" for f in model_dirs)
+        + ".\n"
+    )
     run_lib.write_atomic(os.path.join(out, "summary.md"), text)
-    run_lib.write_atomic(os.path.join(out, "summary.json"), json.dumps(
-        {"models": [m for m, _ in models], "columns": columns, "verdicts": by_claim},
-        indent=1))
+    run_lib.write_atomic(
+        os.path.join(out, "summary.json"),
+        json.dumps(
+            {"models": [m for m, _ in models], "columns": columns, "verdicts": by_claim}, indent=1
+        ),
+    )
     return text
 
 
@@ -543,26 +638,41 @@ def write_summary(out, model_dirs):
 
 def _rerun_command(config, grid, out):
     """A command line that reruns (or, with the runs stored, skips) the grid."""
-    argv = ["--dataset", config["dataset"], "--model", config["model"],
-            "--methods", ",".join(grid["methods"]),
-            "--schedules", ",".join(grid["schedules"]),
-            "--seeds", ",".join(map(str, grid["seeds"])),
-            "--epochs", str(config["epochs"]), "--batch", str(config["batch"]),
-            "--initial-batch", str(config["initial_batch"])]
+    argv = [
+        "--dataset",
+        config["dataset"],
+        "--model",
+        config["model"],
+        "--methods",
+        ",".join(grid["methods"]),
+        "--schedules",
+        ",".join(grid["schedules"]),
+        "--seeds",
+        ",".join(map(str, grid["seeds"])),
+        "--epochs",
+        str(config["epochs"]),
+        "--batch",
+        str(config["batch"]),
+        "--initial-batch",
+        str(config["initial_batch"]),
+    ]
     if config["num_samples"] is not None:
         argv += ["--num-samples", str(config["num_samples"])]
     if config["data_seed"] is not None:
         argv += ["--data-seed", str(config["data_seed"])]
     argv += ["--extend-until-converged", f"{config.get('extend_until_converged', 0.0):g}"]
-    argv += ["--sharpness-examples", str(config["sharpness_examples"]),
-             "--sharpness-iterations", str(config["sharpness_iterations"])]
+    argv += [
+        "--sharpness-examples",
+        str(config["sharpness_examples"]),
+        "--sharpness-iterations",
+        str(config["sharpness_iterations"]),
+    ]
     if config["sharpness_every"]:
         argv += ["--sharpness-every", str(config["sharpness_every"])]
     argv += ["--out", os.path.dirname(os.path.normpath(out)) or "."]
     command = COMMAND + " " + " ".join(shlex.quote(a) for a in argv)
     if os.path.basename(os.path.normpath(out)) != config["model"]:
-        command += (f" (the grid writes to <out>/{config['model']}; these runs "
-                    f"are in {out})")
+        command += f" (the grid writes to <out>/{config['model']}; these runs are in {out})"
     return command
 
 
@@ -578,40 +688,62 @@ def rebuild(out):
         raise SystemExit(
             f"error: the runs in {out}/runs were made with different "
             f"configurations ({runs[0]['name']} vs {', '.join(other)}); move "
-            "the ones of another configuration elsewhere")
-    unknown = sorted({r["method"] for r in runs} - set(METHODS)
-                     | {r["schedule"] for r in runs} - set(SCHEDULES))
+            "the ones of another configuration elsewhere"
+        )
+    unknown = sorted(
+        {r["method"] for r in runs} - set(METHODS) | {r["schedule"] for r in runs} - set(SCHEDULES)
+    )
     if unknown:
         raise SystemExit(
             f"error: {out}/runs holds runs of {', '.join(unknown)}, not of this "
-            "grid (benchmarks.efficient writes its own report)")
+            "grid (benchmarks.efficient writes its own report)"
+        )
     found = {
         "methods": [m for m in METHODS if any(r["method"] == m for r in runs)],
         "schedules": [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)],
         "seeds": sorted({r["seed"] for r in runs}),
     }
     found["total"] = len(found["methods"]) * len(found["schedules"]) * len(found["seeds"])
-    head = {"command": _rerun_command(config, found, out),
-            "date": f"{now()} (report rebuilt from the stored runs)",
-            "machine": machine_description(), "versions": versions(),
-            "wall_s": None, "grid": found}
+    head = {
+        "command": _rerun_command(config, found, out),
+        "date": f"{now()} (report rebuilt from the stored runs)",
+        "machine": machine_description(),
+        "versions": versions(),
+        "wall_s": None,
+        "grid": found,
+    }
     # The header of the invocation that made these runs, where runs.json
     # (older ones have no date, wall time or grid) belongs to them.
     stored = stored_header(out, config)
     if stored is not None:
         head.update({key: stored[key] for key in HEADER_KEYS if key in stored})
         grid = stored.get("grid")
-        if (isinstance(grid, dict)
-                and {r["method"] for r in runs} <= set(grid.get("methods", ()))
-                and {r["schedule"] for r in runs} <= set(grid.get("schedules", ()))
-                and {r["seed"] for r in runs} <= set(grid.get("seeds", ()))):
+        if (
+            isinstance(grid, dict)
+            and {r["method"] for r in runs} <= set(grid.get("methods", ()))
+            and {r["schedule"] for r in runs} <= set(grid.get("schedules", ()))
+            and {r["seed"] for r in runs} <= set(grid.get("seeds", ()))
+        ):
             head["grid"] = grid
     args = argparse.Namespace(
-        out=out, methods=list(head["grid"]["methods"]),
-        schedules=list(head["grid"]["schedules"]), seeds=list(head["grid"]["seeds"]),
-        **{key: config[key] for key in (
-            "dataset", "model", "epochs", "batch", "initial_batch", "num_samples",
-            "sharpness_examples", "sharpness_iterations")})
+        out=out,
+        methods=list(head["grid"]["methods"]),
+        schedules=list(head["grid"]["schedules"]),
+        seeds=list(head["grid"]["seeds"]),
+        **{
+            key: config[key]
+            for key in (
+                "dataset",
+                "model",
+                "epochs",
+                "batch",
+                "initial_batch",
+                "num_samples",
+                "sharpness_examples",
+                "sharpness_iterations",
+            )
+        },
+    )
     write_report(args, runs, head)
     return len(runs)
 
@@ -623,11 +755,16 @@ def model_folders(out):
         return [out], os.path.dirname(os.path.normpath(out)) or "."
     if not os.path.isdir(out):
         raise SystemExit(f"error: no folder {out}")
-    folders = [os.path.join(out, d) for d in sorted(os.listdir(out))
-               if os.path.isdir(os.path.join(out, d, "runs"))]
+    folders = [
+        os.path.join(out, d)
+        for d in sorted(os.listdir(out))
+        if os.path.isdir(os.path.join(out, d, "runs"))
+    ]
     if not folders:
-        raise SystemExit(f"error: no stored runs in {os.path.join(out, 'runs')} "
-                         f"or in a model folder of {out} (<model>/runs)")
+        raise SystemExit(
+            f"error: no stored runs in {os.path.join(out, 'runs')} "
+            f"or in a model folder of {out} (<model>/runs)"
+        )
     return folders, out
 
 
@@ -636,16 +773,21 @@ def main(argv=None):
         prog="python -m benchmarks.paper.report",
         description="Rebuild results.md, runs.md, runs.json, the plots and the "
         "verdicts of a paper benchmark folder from its stored runs "
-        "(MODEL/runs/*.json), without training; then the grid's summary.md.")
-    parser.add_argument("--out", required=True,
-                        help="a grid folder (e.g. benchmarks/results/mnist1d) or "
-                        "one model's folder in it")
+        "(MODEL/runs/*.json), without training; then the grid's summary.md.",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="a grid folder (e.g. benchmarks/results/mnist1d) or one model's folder in it",
+    )
     args = parser.parse_args(argv)
     folders, root = model_folders(args.out)
     n = sum(rebuild(folder) for folder in folders)
     write_summary(root, model_folders_with_reports(root))
-    print(f"report of {n} stored runs written to {', '.join(folders)}; "
-          f"summary in {root}", file=sys.stderr)
+    print(
+        f"report of {n} stored runs written to {', '.join(folders)}; summary in {root}",
+        file=sys.stderr,
+    )
     return n
 
 

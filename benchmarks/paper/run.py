@@ -30,7 +30,8 @@ def batch_schedule(args, schedule):
     """`{epoch: batch_size}` of a schedule, for `BatchSizeScheduler`."""
     if schedule in INCREASING:
         return keras_sam.callbacks.doubling_schedule(
-            args.initial_batch, STAGES, args.epochs // STAGES)
+            args.initial_batch, STAGES, args.epochs // STAGES
+        )
     return {0: args.batch}
 
 
@@ -38,7 +39,8 @@ def steps_of(args, schedule, num_train, epochs=None):
     """Optimizer steps of each epoch of `schedule` over `num_train` examples."""
     epochs = args.epochs if epochs is None else epochs
     return keras_sam.BatchSchedule(batch_schedule(args, schedule)).steps_per_epoch(
-        num_train, epochs)
+        num_train, epochs
+    )
 
 
 def schedule_epochs(args, schedule, num_train):
@@ -52,7 +54,8 @@ def schedule_epochs(args, schedule, num_train):
     if per_epoch == 0:
         raise SystemExit(
             f"error: {num_train} training examples give no full batch of "
-            f"{args.batch}; raise --num-samples or lower --batch")
+            f"{args.batch}; raise --num-samples or lower --batch"
+        )
     return -(-target // per_epoch)
 
 
@@ -77,7 +80,10 @@ def run_config(args):
         "sharpness_examples": args.sharpness_examples,
         "sharpness_iterations": args.sharpness_iterations,
         "sharpness_every": args.sharpness_every,
-        "lr": LR, "lr_final": LR_FINAL, "rho": RHO, "alpha": ALPHA,
+        "lr": LR,
+        "lr_final": LR_FINAL,
+        "rho": RHO,
+        "alpha": ALPHA,
         "sharpness_rho": SHARPNESS_RHO,
     }
 
@@ -141,8 +147,7 @@ class StopWhenConverged(keras.callbacks.Callback):
         self.epochs, self.log = epochs, log
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.epochs and verdicts_lib.convergence_of(
-                self.log.epochs)["converged"]:
+        if epoch + 1 >= self.epochs and verdicts_lib.convergence_of(self.log.epochs)["converged"]:
             self.model.stop_training = True
 
 
@@ -178,8 +183,7 @@ def plain_sgd(learning_rate):
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.0)
 
 
-def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
-              optimizer=plain_sgd):
+def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), optimizer=plain_sgd):
     """Trains one grid point; returns its record (a JSON-able dict).
 
     `wrappers` maps method names to functions that wrap the network
@@ -190,14 +194,14 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
     keras.utils.set_random_seed(seed)
     epochs = schedule_epochs(args, schedule, data.num_train)
     sizes = batch_schedule(args, schedule)
-    scheduler = keras_sam.callbacks.BatchSizeScheduler(
-        sizes, lambda b: data.train_dataset(b, seed))
+    scheduler = keras_sam.callbacks.BatchSizeScheduler(sizes, lambda b: data.train_dataset(b, seed))
     batch_size_at = scheduler.batch_size_at  # the scheduler's own lookup
     largest = max(batch_size_at(e) for e in range(epochs))
     if data.num_train < largest:
         raise SystemExit(
             f"error: {data.num_train} training examples give no full batch of "
-            f"{largest}; raise --num-samples or lower --batch / --initial-batch")
+            f"{largest}; raise --num-samples or lower --batch / --initial-batch"
+        )
 
     if schedule in INCREASING:
         steps = scheduler.steps_per_epoch(epochs)
@@ -218,8 +222,10 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
     # same order (bitwise equal results, tested), less Python per step.
     model.compile(
         optimizer=optimizer(lr),
-        loss=loss, metrics=["accuracy"],
-        steps_per_execution=getattr(args, "steps_per_execution", 1))
+        loss=loss,
+        metrics=["accuracy"],
+        steps_per_execution=getattr(args, "steps_per_execution", 1),
+    )
 
     # Worst-case sharpness on the first k training examples, the gradient
     # norm on all of them; every `--sharpness-every` epochs during training
@@ -227,11 +233,22 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
     k = min(args.sharpness_examples, data.num_train)
     every = max(args.sharpness_every, 1)
     monitors = [
-        _Monitor((data.eval_arrays(data.x[:k]), data.y[:k]), loss=loss, every=every,
-                 measures="worst_case_sharpness", rho=SHARPNESS_RHO,
-                 iterations=args.sharpness_iterations, batch_size=SHARPNESS_BATCH),
-        _Monitor((data.eval_arrays(data.x), data.y), loss=loss, every=every,
-                 measures="full_gradient_norm", batch_size=GRADIENT_NORM_BATCH),
+        _Monitor(
+            (data.eval_arrays(data.x[:k]), data.y[:k]),
+            loss=loss,
+            every=every,
+            measures="worst_case_sharpness",
+            rho=SHARPNESS_RHO,
+            iterations=args.sharpness_iterations,
+            batch_size=SHARPNESS_BATCH,
+        ),
+        _Monitor(
+            (data.eval_arrays(data.x), data.y),
+            loss=loss,
+            every=every,
+            measures="full_gradient_norm",
+            batch_size=GRADIENT_NORM_BATCH,
+        ),
     ]
     log = EpochLog(batch_size_at)
     fit_callbacks = ([scheduler] if scheduler else []) + [log]
@@ -244,8 +261,14 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
     fit_callbacks += list(callbacks)
     train_ds = data.train_dataset(batch_size_at(0), seed)
     t0 = time.perf_counter()
-    model.fit(train_ds, epochs=most_epochs, validation_data=data.test_dataset(),
-              callbacks=fit_callbacks, verbose=0, shuffle=False)
+    model.fit(
+        train_ds,
+        epochs=most_epochs,
+        validation_data=data.test_dataset(),
+        callbacks=fit_callbacks,
+        verbose=0,
+        shuffle=False,
+    )
     train_time = time.perf_counter() - t0
 
     for epoch, record in enumerate(log.epochs):
@@ -283,8 +306,9 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(),
             "train_time_s": train_time,
             "measure_time_s": measure_s,
         },
-        "normalization": None if data.mean is None else {
-            "mean": data.mean.tolist(), "std": data.std.tolist()},
+        "normalization": None
+        if data.mean is None
+        else {"mean": data.mean.tolist(), "std": data.std.tolist()},
     }
 
 
@@ -351,8 +375,9 @@ def load_run(path, config):
         return None
     stored = normalized_config(record.get("config", {}))
     if stored != config:
-        if _without_extension(stored) == _without_extension(config) and \
-                converged_at_its_epochs(record):
+        if _without_extension(stored) == _without_extension(config) and converged_at_its_epochs(
+            record
+        ):
             # Trained with another extension rule but never extended: the
             # same run under this one. Stored again with this configuration.
             record["config"] = dict(config)
@@ -361,7 +386,8 @@ def load_run(path, config):
         diff = {k: (stored.get(k), v) for k, v in config.items() if stored.get(k) != v}
         raise SystemExit(
             f"error: {path} was made with another configuration "
-            f"(stored vs requested: {diff}); use another --out or delete it")
+            f"(stored vs requested: {diff}); use another --out or delete it"
+        )
     record["config"] = stored
     return record
 

@@ -42,8 +42,13 @@ def convergence(losses):
     against max(5% of the earlier loss, 0.01)."""
     epochs = len(losses)
     if epochs < 2:
-        return {"window": 0, "change": math.nan, "relative_change": math.nan,
-                "tolerance": math.nan, "converged": False}
+        return {
+            "window": 0,
+            "change": math.nan,
+            "relative_change": math.nan,
+            "tolerance": math.nan,
+            "converged": False,
+        }
     window = min(max(1, round(CONVERGENCE_WINDOW * epochs)), epochs - 1)
     before, last = losses[-1 - window], losses[-1]
     change = abs(last - before)
@@ -131,6 +136,7 @@ def paired(a, b, log=False, level=LEVEL):
         fewer than 2 pairs), `p` (two-sided paired t-test, None likewise) and
         `ratio`/`ratio_ci` (exp of the log difference) when `log`.
     """
+
     def usable(value):
         return math.isfinite(value) and (value > 0 or not log)
 
@@ -140,11 +146,15 @@ def paired(a, b, log=False, level=LEVEL):
     f = math.log if log else (lambda v: v)
     d = [f(x) - f(y) for x, y in zip(xs, ys)]
     n = len(d)
-    out = {"n": n, "left_out": len(shared) - n,
-           "mean_a": statistics.fmean(xs) if n else None,
-           "mean_b": statistics.fmean(ys) if n else None,
-           "mean_difference": statistics.fmean(d) if n else None,
-           "ci": None, "p": None}
+    out = {
+        "n": n,
+        "left_out": len(shared) - n,
+        "mean_a": statistics.fmean(xs) if n else None,
+        "mean_b": statistics.fmean(ys) if n else None,
+        "mean_difference": statistics.fmean(d) if n else None,
+        "ci": None,
+        "p": None,
+    }
     if n >= 2:
         mean, se = out["mean_difference"], statistics.stdev(d) / math.sqrt(n)
         if se > 0:
@@ -156,8 +166,7 @@ def paired(a, b, log=False, level=LEVEL):
             out["p"] = 1.0 if mean == 0 else 0.0
     if log and n:
         out["ratio"] = math.exp(out["mean_difference"])
-        out["ratio_ci"] = None if out["ci"] is None else tuple(
-            math.exp(c) for c in out["ci"])
+        out["ratio_ci"] = None if out["ci"] is None else tuple(math.exp(c) for c in out["ci"])
     return out
 
 
@@ -207,27 +216,48 @@ def _against_sgd(schedules=BASE_SCHEDULES):
 
 CLAIMS = (
     # (claim, metric, direction of a vs b, comparisons [((method, schedule) a, b)])
-    ("+B is flatter than constant", "worst_case_sharpness", "less",
-     _same_method("B", "constant")),
-    ("+B is flatter than constant with as many steps (control)",
-     "worst_case_sharpness", "less", _same_method("B", "constant_steps")),
-    ("+C is sharper than constant", "worst_case_sharpness", "greater",
-     _same_method("C", "constant")),
-    ("+B and +C together (BC) are flatter than constant", "worst_case_sharpness",
-     "less", _same_method("BC", "constant")),
+    ("+B is flatter than constant", "worst_case_sharpness", "less", _same_method("B", "constant")),
+    (
+        "+B is flatter than constant with as many steps (control)",
+        "worst_case_sharpness",
+        "less",
+        _same_method("B", "constant_steps"),
+    ),
+    (
+        "+C is sharper than constant",
+        "worst_case_sharpness",
+        "greater",
+        _same_method("C", "constant"),
+    ),
+    (
+        "+B and +C together (BC) are flatter than constant",
+        "worst_case_sharpness",
+        "less",
+        _same_method("BC", "constant"),
+    ),
     ("SAM/GSAM are flatter than SGD", "worst_case_sharpness", "less", _against_sgd()),
-    ("+B has a lower test error than constant", "test_error", "less",
-     _same_method("B", "constant")),
-    ("+C has a lower test error than constant", "test_error", "less",
-     _same_method("C", "constant")),
-    ("SAM/GSAM have a lower test error than SGD", "test_error", "less",
-     _against_sgd()),
+    (
+        "+B has a lower test error than constant",
+        "test_error",
+        "less",
+        _same_method("B", "constant"),
+    ),
+    (
+        "+C has a lower test error than constant",
+        "test_error",
+        "less",
+        _same_method("C", "constant"),
+    ),
+    ("SAM/GSAM have a lower test error than SGD", "test_error", "less", _against_sgd()),
 )
 
 
 def _values(runs, method, schedule, metric):
-    return {r["seed"]: r["final"][metric] for r in runs
-            if r["method"] == method and r["schedule"] == schedule}
+    return {
+        r["seed"]: r["final"][metric]
+        for r in runs
+        if r["method"] == method and r["schedule"] == schedule
+    }
 
 
 def verdicts(runs):
@@ -245,10 +275,18 @@ def verdicts(runs):
             if not (set(va) & set(vb)):
                 continue
             stats = paired(va, vb, log=metric == "worst_case_sharpness")
-            comparisons.append({"a": list(a), "b": list(b), **stats,
-                                "verdict": decide(stats["ci"], direction)})
+            comparisons.append(
+                {"a": list(a), "b": list(b), **stats, "verdict": decide(stats["ci"], direction)}
+            )
         if comparisons:
-            out.append({"claim": claim, "metric": metric, "direction": direction,
-                        "verdict": overall(c["verdict"] for c in comparisons),
-                        "total": len(pairs), "comparisons": comparisons})
+            out.append(
+                {
+                    "claim": claim,
+                    "metric": metric,
+                    "direction": direction,
+                    "verdict": overall(c["verdict"] for c in comparisons),
+                    "total": len(pairs),
+                    "comparisons": comparisons,
+                }
+            )
     return out

@@ -37,9 +37,7 @@ __all__ = [
 
 def value_and_grad(fn):
     def wrapped(values, *args, **kwargs):
-        return jax.value_and_grad(
-            lambda v: fn(v, *args, **kwargs), has_aux=True
-        )(list(values))
+        return jax.value_and_grad(lambda v: fn(v, *args, **kwargs), has_aux=True)(list(values))
 
     return wrapped
 

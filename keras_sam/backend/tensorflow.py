@@ -32,9 +32,7 @@ __all__ = [
 
 
 def _dense(grads):
-    return [
-        tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads
-    ]
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
 
 def value_and_grad(fn):
@@ -43,9 +41,7 @@ def value_and_grad(fn):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(values)
             value, aux = fn(values, *args, **kwargs)
-        grads = tape.gradient(
-            value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
+        grads = tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return (value, aux), _dense(grads)
 
     return wrapped
@@ -59,16 +55,10 @@ def hessian_vector_product(fn, values, vector):
             inner.watch(values)
             value = fn(values)
         grads = _dense(
-            inner.gradient(
-                value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
+            inner.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         )
-        dot = tf.add_n(
-            [tf.reduce_sum(g * tf.stop_gradient(v)) for g, v in zip(grads, vector)]
-        )
-    return _dense(
-        outer.gradient(dot, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    )
+        dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(v)) for g, v in zip(grads, vector)])
+    return _dense(outer.gradient(dot, values, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
 
 def compile(fn):  # noqa: A001 (the backend's name for the operation)
@@ -126,9 +116,7 @@ def loop_over(n, body, carry):
         return python_loop(n, body, carry)
     carry, first = body(tf.constant(0, n.dtype), carry)
     flat = tree.flatten(first)
-    arrays = [
-        tf.TensorArray(t.dtype, size=n, infer_shape=False).write(0, t) for t in flat
-    ]
+    arrays = [tf.TensorArray(t.dtype, size=n, infer_shape=False).write(0, t) for t in flat]
 
     def step(i, carry, arrays):
         carry, out = body(i, carry)

@@ -5,10 +5,10 @@ import torch
 from keras import tree
 
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
-from keras_sam.backend._single_replica import loop_over  # noqa: F401
 from keras_sam.backend._single_replica import keras_loss_share  # noqa: F401
-from keras_sam.backend._single_replica import replica_loss  # noqa: F401
+from keras_sam.backend._single_replica import loop_over  # noqa: F401
 from keras_sam.backend._single_replica import num_replicas  # noqa: F401
+from keras_sam.backend._single_replica import replica_loss  # noqa: F401
 
 __all__ = [
     "value_and_grad",
@@ -27,9 +27,7 @@ __all__ = [
 
 
 def _detach(structure):
-    return tree.map_structure(
-        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, structure
-    )
+    return tree.map_structure(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, structure)
 
 
 def value_and_grad(fn):
@@ -38,9 +36,7 @@ def value_and_grad(fn):
         with torch.enable_grad():
             value, aux = fn(leaves, *args, **kwargs)
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
-        grads = [
-            torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)
-        ]
+        grads = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
         return (value.detach(), _detach(aux)), grads
 
     return wrapped

@@ -171,7 +171,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self._batch_schedule = BatchSchedule(schedule, name="schedule")
         if not callable(dataset_fn):
             raise _validation.error(
-                "dataset_fn", "a callable batch_size -> batched tf.data.Dataset",
+                "dataset_fn",
+                "a callable batch_size -> batched tf.data.Dataset",
                 dataset_fn,
             )
         self.schedule = schedule
@@ -260,7 +261,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             return
         dataset = self._training_dataset(batch_size)
         steps = _keras_compat.set_epoch_iterator_dataset(
-            self._fit.epoch_iterator, dataset, self._fit.class_weight,
+            self._fit.epoch_iterator,
+            dataset,
+            self._fit.class_weight,
             process_local=self._per_process(),
         )
         self._current = batch_size
@@ -301,7 +304,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             )
         if sharding.per_process and self.relax_batch_shape:
             raise ValueError(
-                f"`relax_batch_shape=True` cannot be used across processes: "
+                "`relax_batch_shape=True` cannot be used across processes: "
                 "keras.distribution reads the global batch size from the "
                 "dataset to split it between the processes. Leave it None."
             )
@@ -417,9 +420,7 @@ def _check_full_batches(dataset, batch_size):
 
     for spec in tf.nest.flatten(dataset.element_spec):
         shape = getattr(spec, "shape", None)
-        if shape is None or shape.rank is None or shape.rank == 0 or (
-            shape[0] != batch_size
-        ):
+        if shape is None or shape.rank is None or shape.rank == 0 or (shape[0] != batch_size):
             raise ValueError(
                 f"Across processes (keras.distribution), `dataset_fn` must "
                 f"batch with `drop_remainder=True`: dataset_fn({batch_size}) "

@@ -106,9 +106,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         fill_value=None,
     ):
         super().__init__()
-        if data is None or (
-            not isinstance(data, (tuple, list)) and _is_one_shot(data)
-        ):
+        if data is None or (not isinstance(data, (tuple, list)) and _is_one_shot(data)):
             # A one-shot iterator would be exhausted after one epoch.
             raise _validation.error(
                 "data",
@@ -116,9 +114,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
                 "batches or a tuple of arrays), not a one-shot iterator",
                 data,
             )
-        self._batches = sharpness.Batches(
-            data, batch_size=batch_size, steps=steps
-        )
+        self._batches = sharpness.Batches(data, batch_size=batch_size, steps=steps)
         if loss is not None:
             sharpness.check_loss(loss)  # Validates it now.
         self.data = data
@@ -135,9 +131,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         )
         self.hessian_tol = _validation.real("hessian_tol", hessian_tol, low=0)
         self.seed = _validation.integer("seed", seed, low=0, allow_none=True)
-        self.batch_size = _validation.integer(
-            "batch_size", batch_size, low=1, allow_none=True
-        )
+        self.batch_size = _validation.integer("batch_size", batch_size, low=1, allow_none=True)
         self.steps = _validation.integer("steps", steps, low=1, allow_none=True)
         self.include_model_losses = bool(include_model_losses)
         if not isinstance(prefix, str):
@@ -213,9 +207,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
                 "SharpnessMonitor: `loss` was not given and the model has no "
                 "compiled loss; pass `loss=`."
             )
-        if isinstance(loss, (list, tuple)) or (
-            isinstance(loss, dict) and "class_name" not in loss
-        ):
+        if isinstance(loss, (list, tuple)) or (isinstance(loss, dict) and "class_name" not in loss):
             raise ValueError(
                 "SharpnessMonitor: the model's compiled loss has several "
                 "parts; pass a single `loss=` (a callable may take the whole "
@@ -242,9 +234,7 @@ def _check_measures(measures):
         names = tuple(measures)
     except TypeError:
         raise _validation.error("measures", expected, measures) from None
-    names = tuple(
-        _validation.one_of("measures", name, registered) for name in names
-    )
+    names = tuple(_validation.one_of("measures", name, registered) for name in names)
     if not names or len(set(names)) != len(names):
         raise _validation.error("measures", expected, measures)
     return names

@@ -47,8 +47,16 @@ class AESAMModel(SAMModel):
     ```
     """
 
-    def __init__(self, model, rho=0.05, threshold=0.7, threshold_end=None,
-                 total_steps=None, decay=0.9, **kwargs):
+    def __init__(
+        self,
+        model,
+        rho=0.05,
+        threshold=0.7,
+        threshold_end=None,
+        total_steps=None,
+        decay=0.9,
+        **kwargs,
+    ):
         self.threshold = _validation.real("threshold", threshold)
         self.threshold_end = _validation.real("threshold_end", threshold_end, allow_none=True)
         self.total_steps = _validation.integer("total_steps", total_steps, low=1, allow_none=True)
@@ -70,8 +78,12 @@ class AESAMModel(SAMModel):
     def get_config(self):
         config = super().get_config()
         config.pop("sam_every")
-        config.update(threshold=self.threshold, threshold_end=self.threshold_end,
-                      total_steps=self.total_steps, decay=self.decay)
+        config.update(
+            threshold=self.threshold,
+            threshold_end=self.threshold_end,
+            total_steps=self.total_steps,
+            decay=self.decay,
+        )
         return config
 
     def _switches_steps(self):
@@ -79,8 +91,14 @@ class AESAMModel(SAMModel):
 
     def _build_own_state(self):
         self._moments = [
-            self.add_weight(shape=(), dtype="float32", initializer="zeros",
-                            trainable=False, autocast=False, name=name)
+            self.add_weight(
+                shape=(),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name=name,
+            )
             for name in ("aesam_mean", "aesam_variance")
         ]
 
@@ -96,7 +114,5 @@ class AESAMModel(SAMModel):
         if self.total_steps is not None:
             progress = ops.minimum(iteration / self.total_steps, 1.0)
             c = c + (self.threshold_end - c) * progress
-        mean, variance, do_sam = rules.aesam_decision(
-            squared_norm, own[0], own[1], self.decay, c
-        )
+        mean, variance, do_sam = rules.aesam_decision(squared_norm, own[0], own[1], self.decay, c)
         return do_sam, [mean, variance]

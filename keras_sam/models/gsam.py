@@ -70,9 +70,7 @@ class GSAMModel(SAMModel):
     ):
         super().__init__(model, rho=rho, **kwargs)
         self.alpha = _validation.real("alpha", alpha, low=0)
-        self.rho_min = _validation.real(
-            "rho_min", rho_min, low=0, high=self.rho, allow_none=True
-        )
+        self.rho_min = _validation.real("rho_min", rho_min, low=0, high=self.rho, allow_none=True)
         self.lr_max = _validation.real("lr_max", lr_max, low=0, allow_none=True)
         self.lr_min = _validation.real("lr_min", lr_min, low=0, allow_none=True)
         if self.lr_max is not None and self.lr_min is None:
@@ -81,9 +79,7 @@ class GSAMModel(SAMModel):
                 "`lr_max` is read from the optimizer when `fit` starts)."
             )
         if self.lr_max is not None and self.lr_min > self.lr_max:
-            raise ValueError(
-                f"`lr_min`={self.lr_min} must be <= `lr_max`={self.lr_max}."
-            )
+            raise ValueError(f"`lr_min`={self.lr_min} must be <= `lr_max`={self.lr_max}.")
         self._lr_range = None
 
     def get_config(self):
@@ -139,9 +135,7 @@ class GSAMModel(SAMModel):
                 )
             self._lr_range = self.learning_rate_range()
         lr_max, lr_min = self._lr_range
-        return rules.gsam_rho(
-            self.optimizer.learning_rate, self.rho, self.rho_min, lr_max, lr_min
-        )
+        return rules.gsam_rho(self.optimizer.learning_rate, self.rho, self.rho_min, lr_max, lr_min)
 
     _descent_uses_clean_gradient = True
 

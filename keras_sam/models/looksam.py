@@ -58,8 +58,12 @@ class LookSAMModel(SAMModel):
         # so freezing a layer later leaves the other slots in place.
         self._g_v = {
             v.path: self.add_weight(
-                shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
-                autocast=False, name=f"looksam_direction_{i}",
+                shape=v.shape,
+                dtype=v.dtype,
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name=f"looksam_direction_{i}",
             )
             for i, v in enumerate(self.inner.trainable_variables)
         }

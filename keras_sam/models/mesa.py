@@ -22,7 +22,8 @@ from keras_sam.models.sam import SAMModel
 from keras_sam.models.sam import _refuse_sam_keywords
 
 _PROBABILITY_LOSSES = (
-    "sparse_categorical_crossentropy", "categorical_crossentropy",
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
 )
 """Loss names whose model outputs are probabilities (`from_logits=False`)."""
 
@@ -90,22 +91,35 @@ class MESAModel(SAMModel):
 
     _logged_statistics = ("grad_norm",)
 
-    def __init__(self, model, kl_weight=0.8, temperature=5.0, ema_decay=0.9998,
-                 kl_start_epoch=5, kl_end_epoch=None, from_logits=None,
-                 kl_output=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        kl_weight=0.8,
+        temperature=5.0,
+        ema_decay=0.9998,
+        kl_start_epoch=5,
+        kl_end_epoch=None,
+        from_logits=None,
+        kl_output=None,
+        **kwargs,
+    ):
         _refuse_sam_keywords(
-            "MESAModel", kwargs, "it takes one gradient per step, of the loss "
+            "MESAModel",
+            kwargs,
+            "it takes one gradient per step, of the loss "
             "plus the distillation term. Pass `kl_weight`, `temperature`, "
             "`ema_decay`, `kl_start_epoch` (and keras.Model keywords such as `name`).",
         )
         kwargs.pop("rho", None)  # a SAMModel config key, meaningless here
         self.kl_weight = _validation.real("kl_weight", kl_weight, low=0)
         self.temperature = _validation.real("temperature", temperature, low=0, low_inclusive=False)
-        self.ema_decay = _validation.real("ema_decay", ema_decay, low=0, high=1,
-                                          high_inclusive=False)
+        self.ema_decay = _validation.real(
+            "ema_decay", ema_decay, low=0, high=1, high_inclusive=False
+        )
         self.kl_start_epoch = _validation.integer("kl_start_epoch", kl_start_epoch, low=-1)
-        self.kl_end_epoch = _validation.integer("kl_end_epoch", kl_end_epoch, low=0,
-                                                allow_none=True)
+        self.kl_end_epoch = _validation.integer(
+            "kl_end_epoch", kl_end_epoch, low=0, allow_none=True
+        )
         if from_logits is not None and not isinstance(from_logits, bool):
             raise ValueError(
                 f"`from_logits` must be True, False or None; received: {from_logits!r}."
@@ -126,9 +140,12 @@ class MESAModel(SAMModel):
         for key in SAM_ONLY_KEYWORDS + ("rho",):
             config.pop(key)
         config.update(
-            kl_weight=self.kl_weight, temperature=self.temperature,
-            ema_decay=self.ema_decay, kl_start_epoch=self.kl_start_epoch,
-            kl_end_epoch=self.kl_end_epoch, from_logits=self.from_logits,
+            kl_weight=self.kl_weight,
+            temperature=self.temperature,
+            ema_decay=self.ema_decay,
+            kl_start_epoch=self.kl_start_epoch,
+            kl_end_epoch=self.kl_end_epoch,
+            from_logits=self.from_logits,
             kl_output=self.kl_output,
         )
         return config
@@ -139,16 +156,26 @@ class MESAModel(SAMModel):
         # path (freezing a layer later leaves the others in place).
         self._ema = {
             v.path: self.add_weight(
-                shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
-                autocast=False, name=f"mesa_ema_{i}",
+                shape=v.shape,
+                dtype=v.dtype,
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name=f"mesa_ema_{i}",
             )
             for i, v in enumerate(self.inner.variables)
             if keras.backend.is_float_dtype(v.dtype)
         }
         # [the average holds weights (0 / 1), the epoch fit is in]
         self._counters = [
-            self.add_weight(shape=(), dtype="float32", initializer="zeros",
-                            trainable=False, autocast=False, name=name)
+            self.add_weight(
+                shape=(),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name=name,
+            )
             for name in ("mesa_ema_started", "mesa_epoch")
         ]
 
@@ -234,7 +261,8 @@ class MESAModel(SAMModel):
             teacher_outputs, _ = self.inner.stateless_call(
                 [teacher[v.path] for v in self.inner.trainable_variables],
                 [teacher.get(v.path, current(v)) for v in self.inner.non_trainable_variables],
-                x, training=False,
+                x,
+                training=False,
             )
             teacher_logits = ops.stop_gradient(self._logits_of(teacher_outputs))
             on = epoch > self.kl_start_epoch
@@ -257,9 +285,12 @@ class MESAModel(SAMModel):
             new_state[i] = value
         grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
         stats = dict(
-            loss=ops.cast(loss, "float32"), sharpness=zero,
+            loss=ops.cast(loss, "float32"),
+            sharpness=zero,
             grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
-            rho=zero, sam_step=zero, kl=kl,
+            rho=zero,
+            sam_step=zero,
+            kl=kl,
         )
         return list(grads), new_state, new_metrics, stats, y_pred
 
@@ -270,9 +301,8 @@ class MESAModel(SAMModel):
         index = {id(v): i for i, v in enumerate(self.trainable_variables)}
         slots = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
         averaged = self._averaged()
-        new = [trainable[index[id(v)]] if id(v) in index else state[slots[id(v)]]
-               for v in averaged]
-        old = [state[i] for i in positions[:len(averaged)]]
+        new = [trainable[index[id(v)]] if id(v) in index else state[slots[id(v)]] for v in averaged]
+        old = [state[i] for i in positions[: len(averaged)]]
         for i, value in zip(positions, rules.ema_update(old, new, self.ema_decay)):
             state[i] = value
         state[positions[-2]] = ops.ones_like(state[positions[-2]])  # started

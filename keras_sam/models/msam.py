@@ -74,7 +74,9 @@ class MSAMModel(SAMModel):
 
     def __init__(self, model, rho=0.3, **kwargs):
         _refuse_sam_keywords(
-            "MSAMModel", kwargs, "it perturbs along the optimizer's momentum with "
+            "MSAMModel",
+            kwargs,
+            "it perturbs along the optimizer's momentum with "
             "one gradient per step. Pass `rho` (and keras.Model keywords such as `name`).",
         )
         super().__init__(model, rho=rho, **kwargs)

@@ -160,9 +160,7 @@ class SAMModel(keras.Model):
         self.rho = _validation.real("rho", rho, low=0)
         self.eta = _validation.real("eta", eta, low=0)
         self.adaptive = bool(adaptive)
-        self.adaptive_scope = _validation.one_of(
-            "adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES
-        )
+        self.adaptive_scope = _validation.one_of("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
         self.sync_perturbation = bool(sync_perturbation)
         self.num_batch_splits = _validation.integer(
             "num_batch_splits", num_batch_splits, low=1, allow_none=True
@@ -171,9 +169,7 @@ class SAMModel(keras.Model):
             "sub_batch_size", sub_batch_size, low=1, allow_none=True
         )
         if self.num_batch_splits and self.sub_batch_size:
-            raise ValueError(
-                "Pass at most one of `num_batch_splits` and `sub_batch_size`."
-            )
+            raise ValueError("Pass at most one of `num_batch_splits` and `sub_batch_size`.")
         self.sam_every = _validation.integer("sam_every", sam_every, low=1)
         super().__init__(**kwargs)
         self.inner = model
@@ -338,8 +334,7 @@ class SAMModel(keras.Model):
         """How the two gradients combine; SAM takes the perturbed one."""
         return list(perturbed_grads)
 
-    def _loss_and_state(self, weights, state, metrics_state, x, y, sample_weight,
-                        extra_loss=None):
+    def _loss_and_state(self, weights, state, metrics_state, x, y, sample_weight, extra_loss=None):
         """One stateless forward pass in training mode at `weights`, `state`.
 
         `extra_loss(y_pred)`, when given, is a batch-mean term added to the
@@ -395,7 +390,7 @@ class SAMModel(keras.Model):
             if missing:
                 flat = sam_backend.all_reduce([g for n in missing for g in local[n]], "sum")
                 for n in missing:
-                    reduced[n], flat = flat[:len(local[n])], flat[len(local[n]):]
+                    reduced[n], flat = flat[: len(local[n])], flat[len(local[n]) :]
             return [reduced[n] for n in names]
 
         positions = self._own_state_positions()
@@ -410,7 +405,11 @@ class SAMModel(keras.Model):
             sam_backend.set_random_state(random_state)  # the same dropout mask
             (_, (loss_adv, _, _, _)), perturbed = grad_fn(
                 [w + ei for w, ei in zip(weights, e)],
-                state, metrics_state, x, y, sample_weight,
+                state,
+                metrics_state,
+                x,
+                y,
+                sample_weight,
             )
             sharpness = ops.cast((loss_adv - loss) * replicas, "float32")
             return list(perturbed), sharpness, ops.cast(rho, "float32")
@@ -507,8 +506,10 @@ class SAMModel(keras.Model):
         is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
 
         def part(t, i):
-            return None if t is None else tree.map_structure(
-                lambda a: a[i * size // n:(i + 1) * size // n], t
+            return (
+                None
+                if t is None
+                else tree.map_structure(lambda a: a[i * size // n : (i + 1) * size // n], t)
             )
 
         def body(i, carry):
@@ -629,16 +630,12 @@ class SAMModel(keras.Model):
                 )
             reduce = sam_backend.all_reduce
             descent = reduce(descent, "sum")  # each device's loss is 1/devices
-            new_state = [
-                reduce([n], "mean")[0] if f else n for n, f in zip(new_state, is_float)
-            ]
+            new_state = [reduce([n], "mean")[0] if f else n for n, f in zip(new_state, is_float)]
             deltas = reduce([n - m for n, m in zip(new_metrics, metrics_vars)], "sum")
             new_metrics = [m + d for m, d in zip(metrics_vars, deltas)]
             # The loss is each device's share of the global mean; the other
             # statistics are the devices' average.
-            stats = {
-                k: reduce([v], "sum" if k == "loss" else "mean")[0] for k, v in stats.items()
-            }
+            stats = {k: reduce([v], "sum" if k == "loss" else "mean")[0] for k, v in stats.items()}
             return (descent, new_state, new_metrics, stats), y_pred
 
         mesh, axis = mesh_and_axis
@@ -663,9 +660,7 @@ class SAMModel(keras.Model):
 
     def _track(self, x, stats):
         replicas = sam_backend.num_replicas()
-        self._loss_tracker.update_state(
-            stats["loss"] * replicas, sample_weight=_batch_size(x)
-        )
+        self._loss_tracker.update_state(stats["loss"] * replicas, sample_weight=_batch_size(x))
         # sharpness and rho exist on SAM steps only.
         if self._sharpness_tracker is not None:
             self._sharpness_tracker.update_state(
@@ -683,8 +678,13 @@ def _without_training_statistics(logs):
 
 
 SAM_ONLY_KEYWORDS = (
-    "adaptive", "eta", "adaptive_scope", "sync_perturbation",
-    "num_batch_splits", "sub_batch_size", "sam_every",
+    "adaptive",
+    "eta",
+    "adaptive_scope",
+    "sync_perturbation",
+    "num_batch_splits",
+    "sub_batch_size",
+    "sam_every",
 )
 """SAMModel keywords that mean nothing to a one-gradient method (MSAM, MESA)."""
 
@@ -692,10 +692,7 @@ SAM_ONLY_KEYWORDS = (
 def _refuse_sam_keywords(cls_name, kwargs, what):
     unknown = sorted(set(kwargs) & set(SAM_ONLY_KEYWORDS))
     if unknown:
-        raise ValueError(
-            f"{cls_name} does not take {', '.join(f'`{k}`' for k in unknown)}: "
-            f"{what}"
-        )
+        raise ValueError(f"{cls_name} does not take {', '.join(f'`{k}`' for k in unknown)}: {what}")
 
 
 def _no_splits(cls_name, model):
@@ -704,6 +701,7 @@ def _no_splits(cls_name, model):
             f"{cls_name} keeps one direction per step for the whole batch: "
             "`num_batch_splits` and `sub_batch_size` must be None."
         )
+
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class SharpnessAwareMinimization(SAMModel):
@@ -723,6 +721,4 @@ class SharpnessAwareMinimization(SAMModel):
     """
 
     def __init__(self, model, rho=0.05, num_batch_splits=None, name=None, **kwargs):
-        super().__init__(
-            model, rho=rho, num_batch_splits=num_batch_splits, name=name, **kwargs
-        )
+        super().__init__(model, rho=rho, num_batch_splits=num_batch_splits, name=name, **kwargs)

@@ -70,10 +70,7 @@ class Batches:
             isinstance(data, (tuple, list))
             and len(data) in (2, 3)
             and _is_array_tree(data[0])
-            and (
-                _is_array(data[1])
-                or (isinstance(data[1], dict) and _is_array_tree(data[1]))
-            )
+            and (_is_array(data[1]) or (isinstance(data[1], dict) and _is_array_tree(data[1])))
         ):
             # Arrays (x, y[, sample_weight]); x may be a structure of arrays,
             # y an array or a dict (a tuple y would read as a list of batches).
@@ -85,10 +82,7 @@ class Batches:
                 raise ValueError("`data` is empty: the arrays have 0 rows.")
             for name, part in (("y", y), ("sample_weight", sw)):
                 if part is not None and _num_rows(part) != n:
-                    raise ValueError(
-                        f"`data`: x has {n} rows but {name} has "
-                        f"{_num_rows(part)}."
-                    )
+                    raise ValueError(f"`data`: x has {n} rows but {name} has {_num_rows(part)}.")
             self._arrays = (x, y, sw)
             return
         if hasattr(data, "cardinality"):  # tf.data.Dataset
@@ -99,9 +93,7 @@ class Batches:
             if card == 0:
                 raise ValueError("`data` is an empty dataset.")
             if card == -1 and self.steps is None:
-                raise ValueError(
-                    "`data` is an infinite dataset: pass `steps` to bound it."
-                )
+                raise ValueError("`data` is an infinite dataset: pass `steps` to bound it.")
         try:
             it = iter(data)
         except TypeError:

@@ -127,9 +127,7 @@ class LossSpec:
             try:
                 resolved = keras.losses.get(loss)
             except (ValueError, TypeError) as e:
-                raise ValueError(
-                    f"`loss` could not be resolved: {loss!r} ({e})"
-                ) from None
+                raise ValueError(f"`loss` could not be resolved: {loss!r} ({e})") from None
             if resolved is None:
                 raise ValueError(f"Unknown `loss`: {loss!r}")
             loss = resolved
@@ -156,12 +154,8 @@ class LossSpec:
     def batch_terms(self, y_true, y_pred, sample_weight):
         """Returns `(weighted_sum, normalizer)` as float32 scalars."""
         values = self._fn(
-            keras.tree.map_structure(
-                lambda t: ops.convert_to_tensor(t, dtype=self.dtype), y_true
-            ),
-            keras.tree.map_structure(
-                lambda t: ops.convert_to_tensor(t, dtype=self.dtype), y_pred
-            ),
+            keras.tree.map_structure(lambda t: ops.convert_to_tensor(t, dtype=self.dtype), y_true),
+            keras.tree.map_structure(lambda t: ops.convert_to_tensor(t, dtype=self.dtype), y_pred),
         )
         if len(values.shape) == 0:
             # A scalar: taken as the mean over the batch's examples.
@@ -179,9 +173,7 @@ class LossSpec:
             count_weight = sample_weight
         else:
             count_weight = None
-        normalizer = _SumOf(ops.ones_like(values))(
-            y_pred, y_pred, count_weight
-        )
+        normalizer = _SumOf(ops.ones_like(values))(y_pred, y_pred, count_weight)
         return ops.cast(total, "float32"), ops.cast(normalizer, "float32")
 
 
@@ -211,9 +203,7 @@ def make_objective(model, spec, include_model_losses):
     model_ref = weakref.ref(model)
 
     def objective(train_values, other_values, x, y, sw):
-        mapping = list(zip(trainable, train_values)) + list(
-            zip(others, other_values)
-        )
+        mapping = list(zip(trainable, train_values)) + list(zip(others, other_values))
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             y_pred = model_ref()(x, training=False)
             total, normalizer = spec.batch_terms(y, y_pred, sw)

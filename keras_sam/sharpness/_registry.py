@@ -64,14 +64,10 @@ def _worst_case_measure(
     )
 
 
-def _gradient_norm_measure(
-    model, data, loss, *, include_model_losses=False, **settings
-):
+def _gradient_norm_measure(model, data, loss, *, include_model_losses=False, **settings):
     """`full_gradient_norm`."""
     del settings
-    return full_gradient_norm(
-        model, data, loss, include_model_losses=include_model_losses
-    )
+    return full_gradient_norm(model, data, loss, include_model_losses=include_model_losses)
 
 
 def _hessian_measure(
@@ -99,9 +95,7 @@ def _hessian_measure(
     )
 
 
-_BUILTIN = dict(
-    zip(MEASURES, (_worst_case_measure, _gradient_norm_measure, _hessian_measure))
-)
+_BUILTIN = dict(zip(MEASURES, (_worst_case_measure, _gradient_norm_measure, _hessian_measure)))
 _REGISTRY = dict(_BUILTIN)
 
 
@@ -193,9 +187,7 @@ def register_measure(name, fn):
             name,
         )
     if not callable(fn):
-        raise _validation.error(
-            "fn", "a callable fn(model, data, loss, **settings)", fn
-        )
+        raise _validation.error("fn", "a callable fn(model, data, loss, **settings)", fn)
     _REGISTRY[name] = fn
     return fn
 
@@ -215,7 +207,9 @@ def unregister_measure(name):
     user = tuple(n for n in _REGISTRY if n not in _BUILTIN)
     if isinstance(name, str) and name in _BUILTIN:
         raise _validation.error(
-            "name", f"a measure registered by the user, one of {user!r} (the "
-            "built-in ones cannot be removed)", name
+            "name",
+            f"a measure registered by the user, one of {user!r} (the "
+            "built-in ones cannot be removed)",
+            name,
         )
     return _REGISTRY.pop(_validation.one_of("name", name, user))

@@ -5,7 +5,6 @@ host in float64)."""
 import math
 
 import numpy as np
-
 from keras import ops
 
 from keras_sam import _validation
@@ -145,10 +144,7 @@ def hessian_max_eigenvalue(
 
     def product(q):
         """`H q` for a flat float64 `q`, as a flat float64 vector."""
-        tensors = [
-            ops.convert_to_tensor(p, dtype=d)
-            for p, d in zip(unflatten(q), dtypes)
-        ]
+        tensors = [ops.convert_to_tensor(p, dtype=d) for p, d in zip(unflatten(q), dtypes)]
         sums = [np.zeros(s, dtype="float64") for s in shapes]
         for x, y, sw in batches:
             accumulate(sums, hvp(train_values, other_values, tensors, x, y, sw))

@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-
 from keras import ops
 
 from keras_sam import backend as sam_backend

@@ -6,7 +6,6 @@ function (built here as a plain function, compiled and cached by
 """
 
 import numpy as np
-
 from keras import ops
 
 from keras_sam import _validation
@@ -80,58 +79,53 @@ def _build_search(model, spec, include_model_losses, rho, adaptive, iterations):
         positions = ops.arange(iterations, dtype="float32")
 
         def body(i, state):
-            (u, u_old, grad, u_best, grad_best, f_best, eta, steps_f,
-             reduced_last, f_best_last) = state
+            (u, u_old, grad, u_best, grad_best, f_best, eta, steps_f, reduced_last, f_best_last) = (
+                state
+            )
             fi = ops.cast(i, "float32")
             a = ops.where(fi > 0, _APGD_MOMENTUM, 1.0)
             move = [uu - uo for uu, uo in zip(u, u_old)]
             u_old = u
-            z = project(
-                [uu + ops.cast(eta, uu.dtype) * ops.sign(g)
-                 for uu, g in zip(u, grad)]
+            z = project([uu + ops.cast(eta, uu.dtype) * ops.sign(g) for uu, g in zip(u, grad)])
+            u = project(
+                [
+                    uu + (zz - uu) * ops.cast(a, uu.dtype) + mm * ops.cast(1.0 - a, uu.dtype)
+                    for uu, zz, mm in zip(u, z, move)
+                ]
             )
-            u = project([
-                uu + (zz - uu) * ops.cast(a, uu.dtype)
-                + mm * ops.cast(1.0 - a, uu.dtype)
-                for uu, zz, mm in zip(u, z, move)
-            ])
             f, grad = value_and_u_grad(u)
             steps_f = ops.where(positions == fi, f, steps_f)
             improved = f > f_best
             u_best = [ops.where(improved, uu, ub) for uu, ub in zip(u, u_best)]
-            grad_best = [
-                ops.where(improved, g, gb) for g, gb in zip(grad, grad_best)
-            ]
+            grad_best = [ops.where(improved, g, gb) for g, gb in zip(grad, grad_best)]
             f_best = ops.maximum(f, f_best)
 
             # Auto-PGD step-size rule at the checkpoints.
             check = ops.take(is_check, i) > 0
             window = ops.take(windows, i)
-            previous = ops.concatenate(
-                [ops.reshape(f0, (1,)), steps_f[:-1]], axis=0
-            )
+            previous = ops.concatenate([ops.reshape(f0, (1,)), steps_f[:-1]], axis=0)
             in_window = ops.logical_and(positions <= fi, positions > fi - window)
-            increases = ops.sum(
-                ops.where(
-                    ops.logical_and(in_window, steps_f > previous), 1.0, 0.0
-                )
-            )
+            increases = ops.sum(ops.where(ops.logical_and(in_window, steps_f > previous), 1.0, 0.0))
             oscillating = increases <= window * _APGD_OSCILLATION_RATIO
-            no_improvement = ops.logical_and(
-                reduced_last < 0.5, f_best_last >= f_best
-            )
-            reduce = ops.logical_and(
-                check, ops.logical_or(oscillating, no_improvement)
-            )
-            reduced_last = ops.where(
-                check, ops.where(reduce, 1.0, 0.0), reduced_last
-            )
+            no_improvement = ops.logical_and(reduced_last < 0.5, f_best_last >= f_best)
+            reduce = ops.logical_and(check, ops.logical_or(oscillating, no_improvement))
+            reduced_last = ops.where(check, ops.where(reduce, 1.0, 0.0), reduced_last)
             f_best_last = ops.where(check, f_best, f_best_last)
             eta = ops.where(reduce, eta * 0.5, eta)
             u = [ops.where(reduce, ub, uu) for ub, uu in zip(u_best, u)]
             grad = [ops.where(reduce, gb, g) for gb, g in zip(grad_best, grad)]
-            return (u, u_old, grad, u_best, grad_best, f_best, eta, steps_f,
-                    reduced_last, f_best_last)
+            return (
+                u,
+                u_old,
+                grad,
+                u_best,
+                grad_best,
+                f_best,
+                eta,
+                steps_f,
+                reduced_last,
+                f_best_last,
+            )
 
         state = (
             zeros,
@@ -219,9 +213,7 @@ def worst_case_sharpness(
     search = _objective.compiled(
         model,
         ("wcs", spec.key, include_model_losses, rho, bool(adaptive), iterations),
-        lambda: _build_search(
-            model, spec, include_model_losses, rho, bool(adaptive), iterations
-        ),
+        lambda: _build_search(model, spec, include_model_losses, rho, bool(adaptive), iterations),
     )
     train_values, other_values = _objective.read_model_values(model)
     total = 0.0
