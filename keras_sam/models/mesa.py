@@ -241,26 +241,53 @@ class MESAModel(SAMModel):
             "`from_logits=False` to MESAModel."
         )
 
+    def _ema_layout(self):
+        """Where the step finds what the average needs, worked out once (no
+        per-step Python over the variables on an eager backend):
+
+        - `sources`: for each averaged variable, `("weights", i)` or
+          `("state", i)`, its position in the step's weights or state;
+        - `teacher_trainable`: for each trainable variable of the inner
+          model, the index of its average;
+        - `teacher_state`: for each non-trainable variable of the inner model,
+          the index of its average, or its `sources` entry when it is not
+          averaged (an integer counter, say).
+        """
+        layout = self.__dict__.get("_ema_layout_cache")
+        if layout is None:
+            index = {id(v): ("weights", i) for i, v in enumerate(self.trainable_variables)}
+            index.update({id(v): ("state", i) for i, v in enumerate(self.non_trainable_variables)})
+            averaged = self._averaged()
+            by_path = {v.path: k for k, v in enumerate(averaged)}
+            layout = (
+                tuple(index[id(v)] for v in averaged),
+                tuple(by_path[v.path] for v in self.inner.trainable_variables),
+                tuple(
+                    by_path.get(v.path, index[id(v)]) for v in self.inner.non_trainable_variables
+                ),
+            )
+            # Not a tracked attribute: plain data, rebuilt by each new instance.
+            self.__dict__["_ema_layout_cache"] = layout
+        return layout
+
     # ------------------------------------------------------------- the step
     def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
         positions = self._own_state_positions()
         own = [state[i] for i in positions]
         ema, (started, epoch) = own[:-2], own[-2:]
+        sources, teacher_trainable, teacher_state = self._ema_layout()
+
+        def current(source):
+            kind, i = source
+            return weights[i] if kind == "weights" else state[i]
+
         # The average starts from the weights of the first step.
-        index = {id(v): i for i, v in enumerate(self.trainable_variables)}
-        index.update({id(v): ("state", i) for i, v in enumerate(self.non_trainable_variables)})
-
-        def current(v):
-            i = index[id(v)]
-            return state[i[1]] if isinstance(i, tuple) else weights[i]
-
-        ema = [ops.where(started > 0, a, current(v)) for a, v in zip(ema, self._averaged())]
+        ema = [ops.where(started > 0, a, current(s)) for a, s in zip(ema, sources)]
         extra = None
         if self.kl_weight:
-            teacher = dict(zip((v.path for v in self._averaged()), ema))
             teacher_outputs, _ = self.inner.stateless_call(
-                [teacher[v.path] for v in self.inner.trainable_variables],
-                [teacher.get(v.path, current(v)) for v in self.inner.non_trainable_variables],
+                [ema[k] for k in teacher_trainable],
+                [ema[k] if isinstance(k, int) else current(k) for k in teacher_state],
                 x,
                 training=False,
             )
@@ -298,11 +325,9 @@ class MESAModel(SAMModel):
         """The average moves toward the weights (and statistics) after the step."""
         state = list(state)
         positions = self._own_state_positions()
-        index = {id(v): i for i, v in enumerate(self.trainable_variables)}
-        slots = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
-        averaged = self._averaged()
-        new = [trainable[index[id(v)]] if id(v) in index else state[slots[id(v)]] for v in averaged]
-        old = [state[i] for i in positions[: len(averaged)]]
+        sources = self._ema_layout()[0]
+        new = [trainable[i] if kind == "weights" else state[i] for kind, i in sources]
+        old = [state[i] for i in positions[: len(sources)]]
         for i, value in zip(positions, rules.ema_update(old, new, self.ema_decay)):
             state[i] = value
         state[positions[-2]] = ops.ones_like(state[positions[-2]])  # started
