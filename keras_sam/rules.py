@@ -201,3 +201,39 @@ def mesa_kl(student_logits, teacher_logits, temperature):
 def ema_update(average, value, decay):
     """One step of an exponential moving average, `decay * a + (1 - decay) v`."""
     return [decay * a + (1 - decay) * v for a, v in zip(average, value)]
+
+
+def noise_scale_terms(small_squared_norm, large_squared_norm, small_batch, large_batch):
+    """Unbiased estimates of `|G|^2` and `tr(Sigma)` from gradients of two batch sizes.
+
+    McCandlish, Kaplan, Amodei et al. (2018), "An Empirical Model of
+    Large-Batch Training", appendix A: with `|G_b|^2` the squared norm of a
+    gradient averaged over `b` examples drawn independently,
+    `E|G_b|^2 = |G|^2 + tr(Sigma) / b`, so two sizes `b < B` give
+
+        |G|^2    ~ (B |G_B|^2 - b |G_b|^2) / (B - b)
+        tr(Sigma) ~ (|G_b|^2 - |G_B|^2) / (1 / b - 1 / B)
+
+    Each estimate is unbiased but noisy; average each over steps (e.g. with
+    `ema_update`) before taking the ratio `noise_scale = tr(Sigma) / |G|^2`
+    (the "simple" noise scale `B_simple`, the batch size beyond which a larger
+    batch stops cutting the steps needed in proportion).
+
+    Args:
+        small_squared_norm: `|G_b|^2`, a scalar tensor (for several small
+            batches, their mean).
+        large_squared_norm: `|G_B|^2`, a scalar tensor.
+        small_batch, large_batch: the batch sizes `b < B`, numbers.
+
+    Returns:
+        `(squared_gradient_norm, trace)`: the two estimates, scalar tensors.
+    """
+    b, big = float(small_batch), float(large_batch)
+    if not 0 < b < big:
+        raise ValueError(
+            f"`small_batch` must be > 0 and below `large_batch`; got {small_batch!r} and "
+            f"{large_batch!r}."
+        )
+    squared = (big * large_squared_norm - b * small_squared_norm) / (big - b)
+    trace = (small_squared_norm - large_squared_norm) / (1.0 / b - 1.0 / big)
+    return squared, trace
