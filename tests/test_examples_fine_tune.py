@@ -94,16 +94,17 @@ def test_fine_tune_backbone_with_the_batch_ramp_checkpoint_and_tensorboard(tmp_p
     if method == "gsam":  # rho follows the cosine rate from rho down towards rho / 10
         assert logs["rho"][0] > logs["rho"][-1] >= 0.005
     else:
-        assert logs["rho"] == pytest.approx([0.05] * 4)
+        assert [float(r) for r in logs["rho"]] == pytest.approx([0.05] * 4)
 
     # ModelCheckpoint kept the best epoch; the saved model evaluates to it.
-    best = max(logs["val_accuracy"])
+    best = max(float(v) for v in logs["val_accuracy"])
     with tfds.testing.mock_data(num_examples=48):
         _, val, _, _ = fine_tune.load_data(fine_tune.parse_args(argv))
     restored = keras.saving.load_model(os.path.join(out, "best.keras"))
     assert type(restored) is type(history.model)
     _, accuracy = restored.evaluate(val, verbose=0)
-    assert accuracy == pytest.approx(best, abs=1e-6)
+    # Keras 3.12 returns a tensor here, newer ones a float.
+    assert float(accuracy) == pytest.approx(best, abs=1e-6)
 
 
 def test_fine_tune_refuses_bad_arguments_before_training(capsys):
