@@ -149,8 +149,7 @@ def efficient():
     return (
         f"`{r['command']}` ({r['machine']}; {r['versions']['backend']}, "
         f"Keras {r['versions']['keras']}; {r['runs']} runs, {r['converged']} converged; "
-        f"the runs took {r['runs_s'] / 60:.1f} min, this invocation "
-        f"{r['wall_s'] / 60:.1f} min). Protocol: {r['protocol']}.\n\n"
+        f"the runs took {r['runs_s'] / 60:.1f} min in all). Protocol: {r['protocol']}.\n\n"
         "Verdict, \"keeps >= 90% of SAM's sharpness reduction at <= 1.25x SGD's step "
         'cost without costing accuracy":\n\n'
         + r["verdict_table"]
@@ -180,9 +179,13 @@ def paper_summary():
     """summary.md, its paths (relative to the summary) made relative to the
     repository root."""
     text = from_markdown(os.path.join("mnist1d", "summary.md"))()
-    return re.sub(
+    text = re.sub(
         r"`([\w.-]+/results\.md)`", lambda m: f"`benchmarks/results/mnist1d/{m.group(1)}`", text
     )
+    # The command and machine, from the header of the first model's report.
+    header = from_markdown(os.path.join("mnist1d", "mnist1d_cnn", "results.md"))()
+    found = dict(re.findall(r"^- (command|machine): (.*)$", header, re.M))
+    return text + f"\n\n(from {found['command']}; {found['machine']})"
 
 
 BLOCKS = {

@@ -11,7 +11,7 @@ classification set with `image` and `label` features; it downloads on first
 use). The backbone starts from random weights unless you pass
 `--weights imagenet` (Keras downloads the file, or reads it from its cache).
 
-    pip install "keras_sam[examples]"
+    pip install ".[examples]"        # from the repository root
     python examples/fine_tune.py --dataset tf_flowers --weights imagenet --epochs 12
     tensorboard --logdir fine_tune_out/logs
 """
@@ -27,12 +27,16 @@ import tensorflow as tf
 import keras_sam
 
 BACKBONES = {
-    # name: (constructor, its preprocess_input)
-    "mobilenet_v3_small": ("MobileNetV3Small", "mobilenet_v3"),
-    "mobilenet_v2": ("MobileNetV2", "mobilenet_v2"),
-    "efficientnet_b0": ("EfficientNetB0", "efficientnet"),
-    "resnet50": ("ResNet50", "resnet"),
+    # name: (constructor, the scaling its weights expect as a layer, or None
+    # when the backbone scales its input itself)
+    "mobilenet_v3_small": ("MobileNetV3Small", None),
+    "efficientnet_b0": ("EfficientNetB0", None),
+    "mobilenet_v2": ("MobileNetV2", (1 / 127.5, -1.0)),
+    "resnet50_v2": ("ResNet50V2", (1 / 127.5, -1.0)),
 }
+"""Each takes raw 0-255 RGB pixels: the preprocessing is part of the model,
+so the saved checkpoint serves raw images and the data pipeline uses
+TensorFlow ops only (it works under every Keras backend)."""
 
 
 def build_parser():
@@ -86,36 +90,38 @@ def parse_args(argv=None):
 
 
 def load_data(args):
-    """Train and validation datasets of (image, label) with the backbone's
-    preprocessing, unbatched, and the number of training examples."""
+    """Train (unbatched) and validation datasets of (resized image, label),
+    the number of training examples and of classes."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(args.dataset)
+    builder.download_and_prepare()  # first: the split information is then local
     splits = builder.info.splits
     train_split = "train"
     val_split = next((s for s in ("validation", "test") if s in splits), None)
     if val_split is None:  # e.g. tf_flowers has only "train": hold out 10%
         train_split, val_split = "train[:90%]", "train[90%:]"
-    builder.download_and_prepare()
     classes = builder.info.features["label"].num_classes
-    preprocess = getattr(keras.applications, BACKBONES[args.backbone][1]).preprocess_input
     size = (args.image_size, args.image_size)
 
     def prepare(example):
-        image = tf.image.resize(tf.cast(example["image"], "float32"), size)
-        return preprocess(image), example["label"]
+        image = example["image"]
+        if image.shape[-1] == 1:  # grayscale sets (MNIST and the like)
+            image = tf.image.grayscale_to_rgb(image)
+        return tf.image.resize(tf.cast(image, "float32"), size), example["label"]
 
     train = builder.as_dataset(split=train_split)
     if args.train_examples is not None:
         train = train.take(args.train_examples)
-    train = train.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    train = train.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     num_train = int(train.reduce(0, lambda n, _: n + 1))
     val = builder.as_dataset(split=val_split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return train, val.batch(64).cache(), num_train, classes
 
 
 def build_model(args, classes):
-    constructor = getattr(keras.applications, BACKBONES[args.backbone][0])
+    name, scaling = BACKBONES[args.backbone]
+    constructor = getattr(keras.applications, name)
     backbone = constructor(
         include_top=False,
         weights=None if args.weights == "none" else args.weights,
@@ -123,7 +129,8 @@ def build_model(args, classes):
         pooling="avg",
     )
     inputs = keras.Input((args.image_size, args.image_size, 3))
-    x = backbone(inputs)
+    x = inputs if scaling is None else keras.layers.Rescaling(*scaling)(inputs)
+    x = backbone(x)
     x = keras.layers.Dropout(0.2)(x)
     return keras.Model(inputs, keras.layers.Dense(classes)(x), name="fine_tuned")
 
@@ -139,7 +146,8 @@ def main(argv=None):
 
     def dataset_fn(batch_size):
         return (
-            train.shuffle(num_train, seed=0)
+            # A bounded buffer: the decoded images of a large set fill memory.
+            train.shuffle(min(num_train, 2048), seed=0)
             .batch(batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE)
         )

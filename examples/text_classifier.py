@@ -8,7 +8,7 @@ Datasets (`--dataset`, any set with `text` and `label` features; IMDB reviews
 by default, downloaded on first use) and is tokenized by
 `keras.layers.TextVectorization`.
 
-    pip install "keras_sam[examples]"
+    pip install ".[examples]"        # from the repository root
     python examples/text_classifier.py --epochs 3
 """
 

@@ -5,7 +5,7 @@ the trial's `rho` (and `alpha` for GSAM) and trains it with a cosine learning
 rate; KerasTuner keeps the setting with the best validation accuracy.
 MNIST-1D is generated on the spot (no download).
 
-    pip install "keras_sam[examples]"
+    pip install ".[examples]"        # from the repository root
     python examples/tune_rho.py --max-trials 12 --epochs 20
 """
 

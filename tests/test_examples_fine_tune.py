@@ -52,8 +52,12 @@ def tf_make_ndarray(proto):
     return tf.make_ndarray(proto)
 
 
-@pytest.mark.parametrize("method", ["sam", "gsam"])
-def test_fine_tune_backbone_with_the_batch_ramp_checkpoint_and_tensorboard(tmp_path, method):
+@pytest.mark.parametrize(
+    "method, backbone", [("sam", "mobilenet_v3_small"), ("gsam", "mobilenet_v2")]
+)
+def test_fine_tune_backbone_with_the_batch_ramp_checkpoint_and_tensorboard(
+    tmp_path, method, backbone
+):
     out = str(tmp_path / "out")
     argv = [
         "--dataset",
@@ -70,6 +74,8 @@ def test_fine_tune_backbone_with_the_batch_ramp_checkpoint_and_tensorboard(tmp_p
         "8",
         "--method",
         method,
+        "--backbone",
+        backbone,
         "--out",
         out,
     ]
@@ -86,6 +92,11 @@ def test_fine_tune_backbone_with_the_batch_ramp_checkpoint_and_tensorboard(tmp_p
         isinstance(layer, keras.Model) and "mobilenet" in layer.name.lower()
         for layer in history.model.inner.layers
     )
+    # MobileNetV2's scaling to [-1, 1] is a layer of the model (raw pixels in).
+    rescaling = [
+        layer for layer in history.model.inner.layers if isinstance(layer, keras.layers.Rescaling)
+    ]
+    assert len(rescaling) == (backbone == "mobilenet_v2")
 
     # TensorBoard: SAM's statistics and the batch size, as History logged them.
     scalars = _scalars(os.path.join(out, "logs", "train"))
