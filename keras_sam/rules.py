@@ -223,17 +223,29 @@ def noise_scale_terms(small_squared_norm, large_squared_norm, small_batch, large
         small_squared_norm: `|G_b|^2`, a scalar tensor (for several small
             batches, their mean).
         large_squared_norm: `|G_B|^2`, a scalar tensor.
-        small_batch, large_batch: the batch sizes `b < B`, numbers.
+        small_batch, large_batch: the batch sizes `b < B`, numbers or
+            scalar tensors (checked when they are numbers).
 
     Returns:
         `(squared_gradient_norm, trace)`: the two estimates, scalar tensors.
     """
-    b, big = float(small_batch), float(large_batch)
-    if not 0 < b < big:
-        raise ValueError(
-            f"`small_batch` must be > 0 and below `large_batch`; got {small_batch!r} and "
-            f"{large_batch!r}."
-        )
+    b, big = small_batch, large_batch
+    if isinstance(b, (int, float)) and isinstance(big, (int, float)):
+        b, big = float(b), float(big)
+        if not 0 < b < big:
+            raise ValueError(
+                f"`small_batch` must be > 0 and below `large_batch`; got {small_batch!r} "
+                f"and {large_batch!r}."
+            )
     squared = (big * large_squared_norm - b * small_squared_norm) / (big - b)
     trace = (small_squared_norm - large_squared_norm) / (1.0 / b - 1.0 / big)
     return squared, trace
+
+
+def noise_scale(average_squared_norm, average_trace):
+    """The simple noise scale `B_simple = tr(Sigma) / |G|^2` from averages of
+    the `noise_scale_terms` estimates; `inf` while the averaged `|G|^2` is not
+    positive (the measured gradient is all noise)."""
+    positive = ops.greater(average_squared_norm, 0)
+    safe = ops.where(positive, average_squared_norm, 1.0)
+    return ops.where(positive, average_trace / safe, float("inf"))

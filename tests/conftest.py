@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import pytest  # noqa: E402
 
 NUM_LOGICAL_CPUS = 4
 
@@ -19,3 +20,45 @@ if keras.backend.backend() == "tensorflow":
     tf.config.set_logical_device_configuration(
         _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
     )
+
+
+# ---------------------------------------------------------------------------
+# tests/noise_scale_check.py on every backend, once per session (used by
+# test_noise_scale.py and test_adaptive_batch_size.py).
+
+NOISE_SCALE_RUNS = [("tensorflow", False), ("jax", False), ("jax", True), ("torch", False)]
+"""(backend, DataParallel over two forced host devices)"""
+
+
+def _run_noise_scale_check(backend, parallel, folder):
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    out = os.path.join(folder, f"{backend}_{parallel}.json")
+    root = os.path.dirname(here)  # this checkout's keras_sam, not an installed one
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    cmd = [sys.executable, os.path.join(here, "noise_scale_check.py"), out]
+    if parallel:
+        cmd.append("--data-parallel")
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{backend}:\n{proc.stderr[-4000:]}"
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def noise_scale_backends(tmp_path_factory):
+    """`{(backend, parallel): results}` of tests/noise_scale_check.py for the
+    installed backends."""
+    import importlib.util
+
+    folder = str(tmp_path_factory.mktemp("noise_scale"))
+    return {
+        (backend, parallel): _run_noise_scale_check(backend, parallel, folder)
+        for backend, parallel in NOISE_SCALE_RUNS
+        if importlib.util.find_spec(backend) is not None
+    }

@@ -531,6 +531,8 @@ def test_evaluate_and_validation_logs_are_plain_keras(name, variant):
     x, y = family.data()
     x_val, y_val = family.data(seed=2)
     model = VARIANTS[variant](family.build(0))
+    # The noise scale estimate is a training statistic too.
+    model = type(model).from_config({**model.get_config(), "noise_scale": True})
     model.compile(**family.compile_kwargs())
     history = fit(model, family, x, y, batch_size=N, validation_data=(x_val, y_val))
 
@@ -539,15 +541,15 @@ def test_evaluate_and_validation_logs_are_plain_keras(name, variant):
     copy_state(model.inner, plain)
     want = plain.evaluate(x, y, batch_size=N, verbose=0, return_dict=True)
     got = model.evaluate(x, y, batch_size=N, verbose=0, return_dict=True)
-    leaked = [k for k in got if k in SAM_KEYS]
+    leaked = [k for k in got if k in SAM_KEYS + ("noise_scale",)]
     assert not leaked, f"evaluate() reports SAM training statistics {leaked}: {got}"
     assert sorted(got) == sorted(want)
     assert_logs_equal(got, want, rtol=1e-5, atol=1e-6)
 
     logs = history.history
-    leaked = [k for k in logs if k in {"val_" + s for s in SAM_KEYS}]
+    leaked = [k for k in logs if k in {"val_" + s for s in SAM_KEYS + ("noise_scale",)}]
     assert not leaked, f"validation logs carry SAM training statistics {leaked}"
-    for key in SAM_KEYS:  # the training statistics are still there
+    for key in SAM_KEYS + ("noise_scale",):  # the training statistics are still there
         assert key in logs, sorted(logs)
     want_val = plain.evaluate(x_val, y_val, batch_size=N, verbose=0, return_dict=True)
     assert_logs_equal(
@@ -831,3 +833,64 @@ def test_mesa_step_equals_hand_written_step(name):
         atol=1e-6,
         names=names,
     )
+
+
+# ------------------------------------- the noise scale leaves training as is
+@pytest.mark.parametrize("name", ["text_lstm", "transformer", "multi_io", "cnn_bn_dropout"])
+def test_noise_scale_estimate_keeps_the_training(name):
+    """Without BatchNorm or Dropout the halves' mean gradient is the batch's:
+    the same weights and logs as without the estimate (float32 rounding),
+    plus `noise_scale` (inf where the averaged |G|^2 estimate is not positive,
+    as on these few random examples). With them each half normalizes and
+    draws its masks on its own, and only the logs' keys are checked."""
+    family = FAMILIES[name]
+    x, y = family.data()
+    runs = {}
+    for on in (False, True):
+        inner = family.build(0)
+        model = keras_sam.SAMModel(inner, rho=SAM_RHO, noise_scale=on)
+        model.compile(**family.compile_kwargs())
+        runs[on] = (values(inner.trainable_variables), fit(model, family, x, y, epochs=2).history)
+    (w_off, logs_off), (w_on, logs_on) = runs[False], runs[True]
+    noise = np.asarray(logs_on.pop("noise_scale"))
+    assert noise.shape == (2,) and not np.any(np.isnan(noise)), noise
+    assert sorted(logs_on) == sorted(logs_off)
+    if name != "cnn_bn_dropout":
+        assert_weights_close(w_on, w_off, rtol=1e-5, atol=1e-6)
+        assert_logs_equal(logs_on, logs_off, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["text_lstm", "transformer", "multi_io"])
+def test_noise_scale_equals_the_estimate_from_hand_gradients(name):
+    """At fixed weights (lr 0), two steps of 4 examples: the logged noise
+    scale is the moving average of the two-size estimates from the halves'
+    and the batch's gradients, taken here with the backend's own autodiff."""
+    family = FAMILIES[name]
+    x, y = family.data()
+    inner = family.build(0)
+    tv, ntv = values(inner.trainable_variables), values(inner.non_trainable_variables)
+    decay, half = 0.5, BATCH // 2
+    average = np.zeros(2)
+    for step in range(N // BATCH):
+
+        def rows(start, stop, step=step):
+            return tree.map_structure(
+                lambda t: t[step * BATCH + start : step * BATCH + stop], (x, y)
+            )
+
+        halves = [loss_and_grad(inner, family, tv, ntv, *rows(a, a + half))[1] for a in (0, half)]
+        whole = loss_and_grad(inner, family, tv, ntv, *rows(0, BATCH))[1]
+        small = np.mean([_norm(g) ** 2 for g in halves])
+        large = _norm(whole) ** 2
+        b, big = half, BATCH
+        terms = [(big * large - b * small) / (big - b), (small - large) / (1 / b - 1 / big)]
+        average = decay * average + (1 - decay) * np.array(terms)
+    want = average[1] / average[0] if average[0] > 0 else np.inf
+
+    model = keras_sam.SAMModel(inner, rho=SAM_RHO, noise_scale=True, noise_scale_decay=decay)
+    model.compile(**family.compile_kwargs(keras.optimizers.SGD(0.0)))
+    got = fit(model, family, x, y).history["noise_scale"][-1]
+    if np.isinf(want):
+        assert np.isinf(got)
+    else:
+        assert got == pytest.approx(want, rel=1e-4)

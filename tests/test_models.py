@@ -281,9 +281,14 @@ def test_both_passes_run_in_training_mode_with_the_same_dropout_mask():
     model.fit(x, y[:, :1], batch_size=BATCH, epochs=1, verbose=0)
     assert seen and all(t is True for t in seen[-2:]), seen
 
-    # Same dropout mask in both passes: with rho=0 the perturbed gradient
-    # equals the clean one bit for bit, so the step equals plain training.
-    w = keras_sam.SAMModel(inner, rho=0.0)
+    # Same dropout mask in both passes: with a radius of 0 the perturbed
+    # gradient equals the clean one bit for bit. (`rho=0` itself skips the
+    # second pass; a radius of 0 from `current_rho` still runs it.)
+    class ZeroRadius(keras_sam.SAMModel):
+        def current_rho(self):
+            return 0.0
+
+    w = ZeroRadius(inner, rho=0.05)
     grads = []
     real_descent = keras_sam.SAMModel._descent
 
@@ -697,3 +702,24 @@ def test_gsam_lr_min_above_the_starting_rate_is_an_error_before_training():
     with pytest.raises(ValueError, match="lr_min"):
         model.fit(x, y, verbose=0)
     assert int(model.optimizer.iterations) == 0
+
+
+@pytest.mark.parametrize("rho, passes", [(0.0, 1), (0.05, 2)])
+def test_rho_zero_takes_one_forward_pass_per_step(rho, passes):
+    """`rho=0` is plain training at plain cost: the second pass (at `w + 0`,
+    the same gradient) is skipped when the step is traced."""
+    calls = []
+
+    class Count(keras.layers.Layer):
+        def call(self, x):
+            calls.append(1)
+            return x
+
+    inputs = keras.Input((D,))
+    inner = keras.Model(inputs, keras.layers.Dense(1)(Count()(inputs)))
+    model = keras_sam.SAMModel(inner, rho=rho)
+    model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    x, y, _ = make_data()
+    calls.clear()
+    model.fit(x[: 3 * BATCH], y[: 3 * BATCH, :1], batch_size=BATCH, epochs=1, verbose=0)
+    assert len(calls) == 3 * passes

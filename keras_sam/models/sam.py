@@ -25,7 +25,7 @@ from keras_sam.models._batches import _static_batch_size
 ADAPTIVE_SCOPES = ("weights", "kernels", "all")
 """Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
 
-TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho", "sam_fraction", "kl")
+TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho", "sam_fraction", "kl", "noise_scale")
 """Logged by the training step only; `evaluate` and validation omit them."""
 
 
@@ -120,6 +120,19 @@ class SAMModel(keras.Model):
             `keras_sam.callbacks.BatchSizeScheduler`). A batch of `b` examples
             is cut into `ceil(b / sub_batch_size)` parts, also when its size is
             known only when the step runs.
+        noise_scale: estimate the gradient noise scale `B_simple =
+            tr(Sigma) / |G|^2` (McCandlish et al. 2018) in every step and log
+            it in History as `noise_scale` (the value after the epoch's last
+            step), for `keras_sam.callbacks.AdaptiveBatchSize`. It compares
+            the clean gradients of the step's parts (its sub-batches and
+            replicas) with their mean, so it costs no gradient evaluation;
+            with one part (one device, no sub-batches) the clean gradient is
+            evaluated as the mean of the gradients of the two halves of the
+            batch (the same work; with BatchNorm each half is normalized by
+            its own statistics, and Dropout draws its own mask per half).
+        noise_scale_decay: the decay of the moving averages of `|G|^2` and
+            `tr(Sigma)` over steps, in `[0, 1)`; they are non-trainable
+            variables of the wrapper, so checkpoints keep them.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -143,6 +156,8 @@ class SAMModel(keras.Model):
         sub_batch_size=None,
         adaptive_scope="weights",
         sam_every=1,
+        noise_scale=False,
+        noise_scale_decay=0.99,
         **kwargs,
     ):
         allow_unbuilt = kwargs.pop("_allow_unbuilt", False)
@@ -171,6 +186,17 @@ class SAMModel(keras.Model):
         if self.num_batch_splits and self.sub_batch_size:
             raise ValueError("Pass at most one of `num_batch_splits` and `sub_batch_size`.")
         self.sam_every = _validation.integer("sam_every", sam_every, low=1)
+        self.noise_scale = _validation.one_of("noise_scale", noise_scale, (False, True))
+        self.noise_scale_decay = _validation.real(
+            "noise_scale_decay", noise_scale_decay, low=0, high=1, high_inclusive=False
+        )
+        if self.noise_scale and type(self)._sam_step is not SAMModel._sam_step:
+            raise ValueError(
+                f"{type(self).__name__} does not estimate the gradient noise scale: "
+                "`noise_scale` must be False (SAMModel, GSAMModel, LookSAMModel and "
+                "AESAMModel estimate it)."
+            )
+        self._noise_average = None
         super().__init__(**kwargs)
         self.inner = model
         logged = self._logged_statistics
@@ -186,6 +212,7 @@ class SAMModel(keras.Model):
         if model.built:
             self.built = True
             self._build_own_state()
+            self._build_noise_state()
 
     _logged_statistics = ("sharpness", "grad_norm", "rho")
     """The training statistics History gets besides the loss and metrics."""
@@ -197,6 +224,18 @@ class SAMModel(keras.Model):
     def _build_own_state(self):
         """Creates the variables of `_own_state_variables` (none here)."""
 
+    def _build_noise_state(self):
+        """The moving averages of `|G|^2` and `tr(Sigma)` (`noise_scale=True`)."""
+        if self.noise_scale and self._noise_average is None:
+            self._noise_average = self.add_weight(
+                shape=(2,),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name="noise_scale_averages",
+            )
+
     # ----------------------------------------------------------- keras.Model
     def call(self, inputs, training=None):
         return self.inner(inputs, training=training)
@@ -206,6 +245,7 @@ class SAMModel(keras.Model):
             self.inner.build(input_shape)
         if not self.built:
             self._build_own_state()
+            self._build_noise_state()
         self.built = True
 
     @property
@@ -235,6 +275,8 @@ class SAMModel(keras.Model):
             sub_batch_size=self.sub_batch_size,
             adaptive_scope=self.adaptive_scope,
             sam_every=self.sam_every,
+            noise_scale=self.noise_scale,
+            noise_scale_decay=self.noise_scale_decay,
         )
         return config
 
@@ -359,7 +401,57 @@ class SAMModel(keras.Model):
         scaled = self.optimizer.scale_loss(loss) if self.optimizer else loss
         return scaled, (loss, y_pred, new_state, new_metrics)
 
-    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
+    def _clean_pass(self, grad_fn, halves, weights, state, metrics_state, x, y, sample_weight):
+        """The clean pass at `w`: `((loss, y_pred, new_state, new_metrics),
+        grads, squared_norms)`.
+
+        With `halves` the gradient is the size-weighted mean of the gradients
+        of the batch's two halves (the same work as one evaluation), and
+        `squared_norms` is the mean of their squared global norms; else it is
+        one evaluation and `squared_norms` is `||grads||^2`. Float state
+        (BatchNorm statistics) becomes the mean of the halves' updates, other
+        state and the metrics are carried from the first half to the second.
+        """
+        if not halves:
+            outputs, grads = grad_fn(weights, state, metrics_state, x, y, sample_weight)
+            return outputs[1], grads, rules.dot(grads, grads)
+        size = _batch_size(x)
+        half = size // 2
+        parts = [(0, half), (half, size)]
+        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
+        results, carried, metrics = [], list(state), list(metrics_state)
+        for start, stop in parts:
+
+            def cut(t, start=start, stop=stop):
+                return None if t is None else tree.map_structure(lambda a: a[start:stop], t)
+
+            begin = [s if f else c for s, c, f in zip(state, carried, is_float)]
+            (_, (loss, y_pred, carried, metrics)), grads = grad_fn(
+                weights, begin, metrics, cut(x), cut(y), cut(sample_weight)
+            )
+            share = ops.cast(stop - start, "float32") / ops.cast(size, "float32")
+            results.append((share, loss, y_pred, carried, grads))
+        (s1, l1, p1, n1, g1), (s2, l2, p2, n2, g2) = results
+        grads = [ops.cast(s1, a.dtype) * a + ops.cast(s2, b.dtype) * b for a, b in zip(g1, g2)]
+        loss = ops.cast(s1, l1.dtype) * l1 + ops.cast(s2, l2.dtype) * l2
+        y_pred = tree.map_structure(lambda a, b: ops.concatenate([a, b], axis=0), p1, p2)
+        new_state = [(a + b) / 2 if f else b for a, b, f in zip(n1, n2, is_float)]
+        squared = (rules.dot(g1, g1) + rules.dot(g2, g2)) / 2
+        static = _static_batch_size(x)
+        if static is None or static < 2:
+            # A batch of one example (a last partial batch): its empty first
+            # half would put NaN into BatchNorm statistics; the second half
+            # is the whole batch then (`_noise_terms` leaves the step out).
+            two = ops.greater(half, 0)
+            grads = [ops.where(two, g, b) for g, b in zip(grads, g2)]
+            loss = ops.where(two, loss, l2)
+            new_state = [
+                ops.where(two, a, b) if f else a for a, b, f in zip(new_state, n2, is_float)
+            ]
+            squared = ops.where(two, squared, rules.dot(g2, g2))
+        return (loss, y_pred, new_state, metrics), grads, squared
+
+    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight, noise=None):
         """Descent gradients and new state for one batch (one replica).
 
         The clean pass always runs; the perturbed pass only on the steps
@@ -377,8 +469,9 @@ class SAMModel(keras.Model):
         replicas = sam_backend.num_replicas()
 
         random_state = sam_backend.random_state()
-        (_, (loss, y_pred, new_state, new_metrics)), grads = grad_fn(
-            weights, state, metrics_state, x, y, sample_weight
+        halves = noise == "step" and replicas == 1
+        (loss, y_pred, new_state, new_metrics), grads, squared = self._clean_pass(
+            grad_fn, halves, weights, state, metrics_state, x, y, sample_weight
         )
         local, reduced = {"clean": grads}, {}
         ascent = grads
@@ -396,6 +489,16 @@ class SAMModel(keras.Model):
         positions = self._own_state_positions()
         own = [state[i] for i in positions]
         do_sam, own = self._decide(grads, own, summed)
+        noise_stats = {}
+        if noise == "step":  # the whole batch: its parts are the halves or the replicas
+            (global_grads,) = summed("clean") if replicas > 1 else (grads,)
+            noise_stats = dict(
+                noise_small=squared,
+                noise_large=rules.dot(global_grads, global_grads),
+                noise_parts=ops.convert_to_tensor(2.0 if halves else 1.0),
+            )
+        elif noise == "part":  # one sub-batch: `_step_on_batch` combines them
+            noise_stats = dict(noise_small=squared, noise_clean=list(grads))
 
         # Only the second gradient evaluation is conditional: collectives
         # (all-reduce under MirroredStrategy) cannot run inside a branch.
@@ -420,20 +523,24 @@ class SAMModel(keras.Model):
 
         if do_sam is True:
             perturbed, sharpness, rho = second_pass()
+        elif do_sam is False:
+            perturbed, sharpness, rho = no_second_pass()
         else:
             perturbed, sharpness, rho = ops.cond(do_sam, second_pass, no_second_pass)
         local["perturbed"] = perturbed
-        if self.sync_perturbation and replicas > 1 and self._descent_uses_clean_gradient:
+        if do_sam is False:  # a plain step, decided when the step is traced
+            descent = self._plain_descent(grads, own, summed)
+        elif self.sync_perturbation and replicas > 1 and self._descent_uses_clean_gradient:
             # The combination needs the global gradients; every replica
             # computes the same global direction and hands apply() its share.
             (gp_all,) = summed("perturbed")
             descent = [d / replicas for d in self._descent(ascent, gp_all)]
         else:
             descent = self._descent(grads, perturbed)
-        sam_own = self._after_sam(grads, perturbed, own, summed)
         if do_sam is True:
-            own = sam_own
-        else:
+            own = self._after_sam(grads, perturbed, own, summed)
+        elif do_sam is not False:
+            sam_own = self._after_sam(grads, perturbed, own, summed)
             plain = self._plain_descent(grads, own, summed)
             descent = [ops.where(do_sam, d, p) for d, p in zip(descent, plain)]
             own = [ops.where(do_sam, n, o) for n, o in zip(sam_own, own)]
@@ -448,6 +555,7 @@ class SAMModel(keras.Model):
             grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
             rho=rho,
             sam_step=ops.cast(do_sam, "float32"),
+            **noise_stats,
         )
         return descent, new_state, new_metrics, stats, y_pred
 
@@ -465,6 +573,8 @@ class SAMModel(keras.Model):
         """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
         scalar tensor, the same on every replica) and the updated own state.
         `summed("clean")` is the global clean gradient (see `_sam_step`)."""
+        if self.rho == 0 and type(self).current_rho is SAMModel.current_rho:
+            return False, own  # e = 0: the perturbed gradient is the clean one
         if self.sam_every == 1:
             return True, own
         iteration = ops.convert_to_tensor(self.optimizer.iterations)
@@ -501,7 +611,15 @@ class SAMModel(keras.Model):
         """
         n = self._splits_in_step(x)
         if isinstance(n, int) and n == 1:
-            return self._sam_step(weights, state, metrics_state, x, y, sample_weight)
+            noise = {"noise": "step"} if self.noise_scale else {}
+            descent, new_state, metrics, stats, y_pred = self._sam_step(
+                weights, state, metrics_state, x, y, sample_weight, **noise
+            )
+            if self.noise_scale:
+                parts = stats.pop("noise_parts") * sam_backend.num_replicas()
+                stats.update(self._noise_terms(stats, parts, x))
+            return descent, new_state, metrics, stats, y_pred
+        noise = {"noise": "part"} if self.noise_scale else {}
         size = _batch_size(x)
         is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
 
@@ -516,14 +634,14 @@ class SAMModel(keras.Model):
             descent_sum, state_sum, carried, metrics, stats_sum = carry
             start = [s if f else c for s, c, f in zip(state, carried, is_float)]
             descent, new_state, metrics, stats, y_pred = self._sam_step(
-                weights, start, metrics, part(x, i), part(y, i), part(sample_weight, i)
+                weights, start, metrics, part(x, i), part(y, i), part(sample_weight, i), **noise
             )
             carry = (
                 [a + b for a, b in zip(descent_sum, descent)],
                 [a + b if f else a for a, b, f in zip(state_sum, new_state, is_float)],
                 new_state,
                 metrics,
-                {k: stats_sum[k] + stats[k] for k in stats_sum},
+                tree.map_structure(lambda a, b: a + b, stats_sum, stats),
             )
             return carry, y_pred
 
@@ -535,6 +653,8 @@ class SAMModel(keras.Model):
             list(metrics_state),
             dict(loss=zero, sharpness=zero, grad_norm=zero, rho=zero, sam_step=zero),
         )
+        if self.noise_scale:
+            carry[-1].update(noise_small=zero, noise_clean=[ops.zeros_like(w) for w in weights])
         carry, y_pred = sam_backend.loop_over(n, body, carry)
         descent_sum, state_sum, carried, metrics, stats_sum = carry
 
@@ -542,8 +662,53 @@ class SAMModel(keras.Model):
             return t / ops.cast(n, t.dtype)
 
         new_state = [mean(s) if f else c for s, c, f in zip(state_sum, carried, is_float)]
-        stats = {k: mean(v) for k, v in stats_sum.items()}
+        stats = tree.map_structure(mean, stats_sum)
+        if self.noise_scale:
+            # The parts: the sub-batches of every replica, all at `w`.
+            clean = sam_backend.all_reduce(stats.pop("noise_clean"), "sum")
+            stats["noise_large"] = rules.dot(clean, clean)
+            parts = ops.cast(n, "float32") * sam_backend.num_replicas()
+            stats.update(self._noise_terms(stats, parts, x))
         return [mean(d) for d in descent_sum], new_state, metrics, stats, y_pred
+
+    def _noise_terms(self, stats, parts, x):
+        """This step's estimates of `|G|^2` and `tr(Sigma)` (`noise_sq`,
+        `noise_trace`, the same on every replica) from `stats["noise_small"]`,
+        the replica's mean of `||g_part||^2`, and `stats["noise_large"]`,
+        `||g||^2` of the global clean gradient, both in the step's units
+        (the loss scale, each replica's loss a `1 / replicas` share)."""
+        replicas = sam_backend.num_replicas()
+        unit = ops.cast(replicas, "float32") / self._loss_scale()
+        (small,) = sam_backend.all_reduce([stats.pop("noise_small")], "mean")
+        small = ops.cast(small, "float32") * unit**2  # each part's own mean gradient
+        large = ops.cast(stats.pop("noise_large"), "float32") / self._loss_scale() ** 2
+        batch = ops.cast(_batch_size(x), "float32") * replicas
+        squared, trace = rules.noise_scale_terms(small, large, batch / parts, batch)
+        # Two parts at least, each of one example at least, finite estimates.
+        valid = ops.all(
+            ops.stack(
+                [
+                    ops.greater_equal(parts, 2.0),
+                    ops.greater_equal(batch, parts),
+                    ops.all(ops.isfinite(ops.stack([squared, trace]))),
+                ]
+            )
+        )
+        return dict(noise_sq=squared, noise_trace=trace, noise_valid=ops.cast(valid, "float32"))
+
+    def _with_noise_average(self, state, new_state, stats):
+        """`(new_state, noise_scale)`: the moving averages moved by this step's
+        estimates (a step whose parts hold less than one example, or whose
+        estimates are not finite, leaves them), and the noise scale they give
+        (`rules.noise_scale`; the averages' zero start cancels in the ratio)."""
+        index = [id(v) for v in self.non_trainable_variables].index(id(self._noise_average))
+        old = state[index]
+        terms = ops.stack([stats.pop("noise_sq"), stats.pop("noise_trace")])
+        moved = rules.ema_update([old], [terms], self.noise_scale_decay)[0]
+        average = ops.where(ops.greater(stats.pop("noise_valid"), 0.5), moved, old)
+        new_state = list(new_state)
+        new_state[index] = average
+        return new_state, rules.noise_scale(average[0], average[1])
 
     def _apply(self, descent, variables):
         """`optimizer.apply(descent)`; returns whether the step was taken (a
@@ -573,6 +738,8 @@ class SAMModel(keras.Model):
             y,
             sample_weight,
         )
+        if self.noise_scale:
+            new_state, noise_scale = self._with_noise_average(state, new_state, stats)
         with sam_backend.no_grad():
             finite = self._apply(descent, trainable)
             new_state = self._after_apply(sam_backend.read_values(trainable), new_state)
@@ -583,7 +750,10 @@ class SAMModel(keras.Model):
             for v, value in zip(self.metrics_variables, new_metrics):
                 v.assign(value)
         self._track(x, stats)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if self.noise_scale:
+            logs["noise_scale"] = noise_scale
+        return logs
 
     def _stateless_train_step(self, state, data):
         """`train_step` for JAX: state in, state out (see Keras' JAX trainer)."""
@@ -600,6 +770,8 @@ class SAMModel(keras.Model):
             descent, new_state, metrics_vars, stats, y_pred = self._step_per_device(
                 mesh, state, (x, y, sample_weight)
             )
+        if self.noise_scale:
+            new_state, noise_scale = self._with_noise_average(non_trainable, new_state, stats)
         new_trainable, optimizer_vars = self.optimizer.stateless_apply(
             optimizer_vars, descent, trainable
         )
@@ -611,6 +783,8 @@ class SAMModel(keras.Model):
         with keras.StatelessScope(state_mapping=mapping) as scope:
             self._track(x, stats)
             logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        if self.noise_scale:
+            logs["noise_scale"] = noise_scale
         metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
         return logs, (new_trainable, new_state, optimizer_vars, metrics_vars)
 

@@ -1,0 +1,120 @@
+"""The gradient noise scale estimate and the adaptive batch on the backend
+named by KERAS_BACKEND; writes what it got as JSON.
+
+Used by tests/test_noise_scale.py and tests/test_adaptive_batch_size.py, once
+per backend, in a subprocess (a Keras backend is fixed per process); on JAX
+also under `keras.distribution.DataParallel` over two forced host devices.
+
+    KERAS_BACKEND=jax python tests/noise_scale_check.py OUT.json [--data-parallel]
+
+Cases (`least_squares` gives the data; the weights never move, lr 0):
+- `sam`, `plain` (rho 0), `gsam`: one part per replica; on one device the
+  halves of each batch, under DataParallel the two devices' shards;
+- `splits`: `num_batch_splits=4`;
+- `adaptive`: `AdaptiveBatchSize` with a cosine rate on a linear model with
+  rho 0 (the logged batch sizes and noise scales, and the final weights).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_sam  # noqa: E402
+
+D, NOISE, BATCH, STEPS, DECAY = 5, 0.5, 64, 800, 0.999
+ADAPTIVE_N, ADAPTIVE_EPOCHS, LR, LR_FINAL, THRESHOLD, MIN_EPOCHS = 256, 8, 0.01, 0.001, 0.5, 2
+
+
+def least_squares(seed=0):
+    """`(x, y, w0)`: y = x.w* + eps, eps ~ N(0, NOISE^2), and w0 = w* + delta
+    with |delta| = 1, where the weights stay."""
+    rng = np.random.default_rng(seed)
+    w_star = rng.normal(size=D)
+    delta = rng.normal(size=D)
+    delta /= np.linalg.norm(delta)
+    x = rng.normal(size=(STEPS * BATCH, D)).astype("float32")
+    y = (x @ w_star + NOISE * rng.normal(size=STEPS * BATCH)).astype("float32")[:, None]
+    return x, y, (w_star + delta).astype("float32")
+
+
+def linear(w0):
+    inner = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=False)])
+    inner.layers[0].kernel.assign(w0[:, None])
+    return inner
+
+
+WRAPPERS = {
+    "sam": lambda m: keras_sam.SAMModel(m, rho=0.05, noise_scale=True, noise_scale_decay=DECAY),
+    "plain": lambda m: keras_sam.SAMModel(m, rho=0.0, noise_scale=True, noise_scale_decay=DECAY),
+    "gsam": lambda m: keras_sam.GSAMModel(
+        m, rho=0.05, alpha=0.1, noise_scale=True, noise_scale_decay=DECAY
+    ),
+    "splits": lambda m: keras_sam.SAMModel(
+        m, rho=0.05, num_batch_splits=4, noise_scale=True, noise_scale_decay=DECAY
+    ),
+}
+
+
+def noise_case(name):
+    x, y, w0 = least_squares()
+    model = WRAPPERS[name](linear(w0))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    return {"noise_scale": float(history.history["noise_scale"][-1])}
+
+
+def adaptive_data():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(ADAPTIVE_N, D)).astype("float32")
+    y = (x @ rng.normal(size=D) + NOISE * rng.normal(size=ADAPTIVE_N)).astype("float32")
+    return x, y[:, None]
+
+
+def adaptive_case():
+    import tensorflow as tf
+
+    x, y = adaptive_data()
+
+    def dataset_fn(batch_size):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
+
+    policy = keras_sam.callbacks.AdaptiveBatchSize(
+        4, max_batch_size=64, threshold=THRESHOLD, min_epochs=MIN_EPOCHS
+    )
+    scheduler = keras_sam.callbacks.BatchSizeScheduler(policy, dataset_fn)
+    lr = keras_sam.schedules.CosineAnnealing(
+        LR, LR_FINAL, ADAPTIVE_EPOCHS, scheduler.steps_per_epoch(ADAPTIVE_EPOCHS)
+    )
+    inner = linear(np.zeros(D, "float32"))
+    model = keras_sam.SAMModel(inner, rho=0.0, noise_scale=True, noise_scale_decay=0.9)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    history = model.fit(
+        dataset_fn(4), epochs=ADAPTIVE_EPOCHS, callbacks=[scheduler], shuffle=False, verbose=0
+    )
+    return {
+        "batch_size": [int(b) for b in history.history["batch_size"]],
+        "next_batch_size": [int(b) for b in history.history["next_batch_size"]],
+        "noise_scale": [float(v) for v in history.history["noise_scale"]],
+        "kernel": inner.layers[0].kernel.numpy().ravel().tolist()
+        if keras.backend.backend() != "torch"
+        else keras.ops.convert_to_numpy(inner.layers[0].kernel).ravel().tolist(),
+    }
+
+
+def main(out, data_parallel):
+    if data_parallel:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    results = {name: noise_case(name) for name in WRAPPERS}
+    if not data_parallel:
+        results["adaptive"] = adaptive_case()
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--data-parallel" in sys.argv[2:])
