@@ -11,7 +11,7 @@ Public names:
   (Momentum-SAM's perturbation along the momentum, MESA's EMA teacher);
 - `keras_sam.rules`: the math of one step, backend-neutral;
 - `keras_sam.schedules`: epoch-aware learning-rate schedules;
-- `keras_sam.callbacks`: `BatchSizeScheduler`, `SharpnessMonitor`;
+- `keras_sam.callbacks`: `BatchSizeScheduler`, `AdaptiveBatchSize`, `SharpnessMonitor`;
 - `BatchSchedule`: the global batch size per epoch (dict, int or callable),
   read by `BatchSizeScheduler`, `schedules.steps_per_epoch` and the benchmarks;
 - `keras_sam.sharpness`: worst-case sharpness, full-gradient norm, Hessian
@@ -33,7 +33,7 @@ from keras_sam.models import MSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "SAMModel",

@@ -364,3 +364,15 @@ def data_sharding():
         return None
     check_keras_version(_BATCH_SIZE_SCHEDULER)
     return DataSharding(distribution)
+
+
+def epoch_learning_rate_schedule(optimizer):
+    """The `keras_sam.schedules` schedule that drives `optimizer`'s learning
+    rate (through a LossScaleOptimizer too), or None."""
+    from keras_sam.schedules import _EpochSchedule
+
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if isinstance(schedule, _EpochSchedule) and schedule._steps is not None:
+        return schedule
+    return None

@@ -113,6 +113,16 @@ class _EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             # Past `epochs` the rate is constant, so later entries never matter.
             self._steps = steps[: self.epochs] if self.epochs else steps
 
+    def _set_steps_per_epoch(self, steps):
+        """Replaces the steps of each epoch (`BatchSizeScheduler` does, when an
+        adaptive batch grows); returns whether they changed."""
+        config, steps = _check_steps(steps)
+        steps = steps[: self.epochs] if self.epochs else steps
+        if self._steps == steps:
+            return False
+        self.steps_per_epoch, self._steps = config, steps
+        return True
+
     @property
     def max_learning_rate(self):
         """Largest rate of the schedule, warmup start excluded."""

@@ -14,6 +14,8 @@ process its slice. Cases:
 - `gsam`: GSAMModel with a cosine learning rate, global batch 8, 2 epochs;
 - `ramp`: SAMModel + BatchSizeScheduler {0: 4, 1: 8, 3: 16} over 4 epochs,
   interrupted at the start of epoch 2 and resumed with BackupAndRestore;
+- `adaptive`: SAMModel with `noise_scale=True` + BatchSizeScheduler with an
+  AdaptiveBatchSize (4 -> 16) and a cosine rate over 4 epochs;
 - `errors` (several processes only): the scheduler's checks that stop a
   multi-process fit before its first step (their messages are saved).
 
@@ -37,6 +39,7 @@ NO_GLOO = 3  # exit status: this jax has no gloo CPU collectives
 N = 64
 RAMP = {0: 4, 1: 8, 3: 16}
 RAMP_EPOCHS = 4
+ADAPTIVE_THRESHOLD = 0.05
 INTERRUPT_AT = 2
 
 
@@ -143,12 +146,15 @@ class Record:
                 )
                 if logs and "batch_size" in logs:
                     record.batch_size[epoch] = int(logs["batch_size"])
+                if logs and "noise_scale" in logs:
+                    record.noise_scale[epoch] = float(logs["noise_scale"])
 
         self.epoch = None
         self.batches = {}
         self.params_steps = {}
         self.iterations = {}
         self.batch_size = {}
+        self.noise_scale = {}
         self.callback = _Callback()
 
     def arrays(self, prefix):
@@ -163,6 +169,8 @@ class Record:
         }
         if self.batch_size:
             out[f"{prefix}/batch_size"] = np.array([self.batch_size.get(e, -1) for e in epochs])
+        if self.noise_scale:
+            out[f"{prefix}/noise_scale"] = np.array([self.noise_scale[e] for e in epochs])
         return out
 
 
@@ -196,6 +204,34 @@ def run_gsam():
     record = Record()
     model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False, callbacks=[record.callback])
     return {**_weights("gsam", model), **record.arrays("gsam")}
+
+
+def run_adaptive():
+    """SAM with the noise scale estimate and an AdaptiveBatchSize: every
+    process must measure the same noise scale and decide the same sizes."""
+    import keras
+
+    import keras_sam
+    from keras_sam.callbacks import AdaptiveBatchSize
+    from keras_sam.callbacks import BatchSizeScheduler
+
+    policy = AdaptiveBatchSize(4, max_batch_size=16, threshold=ADAPTIVE_THRESHOLD)
+    scheduler = BatchSizeScheduler(policy, dataset_fn)
+    steps = scheduler.steps_per_epoch(RAMP_EPOCHS)
+    lr = keras_sam.schedules.CosineAnnealing(0.1, 0.01, epochs=RAMP_EPOCHS, steps_per_epoch=steps)
+    model = keras_sam.SAMModel(
+        inner_model(), rho=0.1, sync_perturbation=True, noise_scale=True, noise_scale_decay=0.8
+    )
+    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="mse")
+    record = Record()
+    model.fit(
+        dataset_fn(4),
+        epochs=RAMP_EPOCHS,
+        verbose=0,
+        shuffle=False,
+        callbacks=[scheduler, record.callback],
+    )
+    return {**_weights("adaptive", model), **record.arrays("adaptive")}
 
 
 class Interrupt(Exception):
@@ -311,6 +347,8 @@ def main(argv=None):
                 f"{os.path.splitext(args.out)[0]}.backup{args.process_id}"
             )
             results.update(run_ramp(backup_dir))
+        elif case == "adaptive":
+            results.update(run_adaptive())
         elif case == "errors":
             results.update(run_errors())
         else:

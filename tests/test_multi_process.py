@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
     logs = [str(tmp / "one.log")] + [str(tmp / f"process{i}.log") for i in range(PROCESSES)]
     procs = []
     try:
-        procs.append(_start([WORKER, "--out", one, "--cases", "sam,gsam,ramp"], logs[0]))
+        procs.append(_start([WORKER, "--out", one, "--cases", "sam,gsam,ramp,adaptive"], logs[0]))
         for i, out in enumerate(outs):
             procs.append(
                 _start(
@@ -120,7 +120,7 @@ def runs(tmp_path_factory):
                         "--port",
                         str(port),
                         "--cases",
-                        "sam,gsam,ramp,errors",
+                        "sam,gsam,ramp,adaptive,errors",
                     ],
                     logs[i + 1],
                 )
@@ -176,6 +176,23 @@ def test_batch_ramp_with_resume_across_processes(runs):
         # interrupted at the start of epoch 2, resumed there
         assert int(results["ramp/interrupted_iterations"]) == sum(RAMP_STEPS[:2])
         np.testing.assert_array_equal(results["ramp/resumed_epochs"], [2, 3])
+
+
+def test_adaptive_batch_decides_alike_in_every_process(runs):
+    """The noise scale is measured on the global batch: every process logs
+    the same value (one replicated array) as the one-process run, and so
+    takes the same decisions and trains the same weights."""
+    _check_same_as_one_process(runs, "adaptive")
+    one, processes = runs
+    assert len(set(one["adaptive/batch_size"])) >= 2, one["adaptive/batch_size"]
+    for results in processes:
+        np.testing.assert_array_equal(results["adaptive/batch_size"], one["adaptive/batch_size"])
+        np.testing.assert_array_equal(
+            results["adaptive/noise_scale"], processes[0]["adaptive/noise_scale"]
+        )
+        np.testing.assert_allclose(
+            results["adaptive/noise_scale"], one["adaptive/noise_scale"], rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize(

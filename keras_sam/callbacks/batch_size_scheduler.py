@@ -33,11 +33,12 @@ import keras
 from keras_sam import _keras_compat
 from keras_sam import _validation
 from keras_sam.batch_schedule import BatchSchedule
+from keras_sam.callbacks.adaptive_batch_size import AdaptiveBatchSize
 
 _FEATURE = "BatchSizeScheduler"
 _SCHEDULE = (
     "a dict {epoch: batch_size} of int epochs >= 0 (key 0 required) to int "
-    "batch sizes >= 1, or a callable epoch -> batch_size"
+    "batch sizes >= 1, a callable epoch -> batch_size, or an AdaptiveBatchSize"
 )
 
 
@@ -117,7 +118,10 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         schedule: the global batch size per epoch. Either a dict
             `{epoch: batch_size}` with 0-based int epochs, which must contain
             0; each size holds until the next key (see `doubling_schedule`).
-            Or a callable `epoch -> batch_size` (0-based epoch).
+            Or a callable `epoch -> batch_size` (0-based epoch). Or a
+            `keras_sam.callbacks.AdaptiveBatchSize`: the batch grows at an
+            epoch's end when the model's logged `noise_scale` says so; each
+            epoch's logs then also get `next_batch_size` (the decision).
         dataset_fn: a callable `batch_size -> tf.data.Dataset` returning the
             user's BATCHED pipeline (shuffle, augmentation, `batch`,
             `prefetch`) with a known, finite cardinality: no `repeat()` and
@@ -176,6 +180,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 dataset_fn,
             )
         self.schedule = schedule
+        self._adaptive = schedule if isinstance(schedule, AdaptiveBatchSize) else None
+        self._backup_dir = None  # BackupAndRestore's folder (adaptive decisions)
+        self._first_epoch = True  # the first epoch of the running fit() is next
         self.dataset_fn = dataset_fn
         self._datasets = {}  # batch size -> tf.data.Dataset
         self._relaxed_datasets = {}  # (batch size, relaxed) -> what fit draws
@@ -212,8 +219,11 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         return [self._steps_for(self.batch_size_at(e)) for e in range(epochs)]
 
     def get_config(self):
-        """The schedule (None when it is a callable) and `relax_batch_shape`."""
+        """The schedule (None when it is a callable; an `AdaptiveBatchSize`'s
+        config) and `relax_batch_shape`."""
         schedule = self._batch_schedule.as_dict()
+        if self._adaptive is not None:
+            schedule = {"adaptive": self._adaptive.get_config()}
         return {"schedule": schedule, "relax_batch_shape": self.relax_batch_shape}
 
     # ------------------------------------------------------------- callbacks
@@ -233,11 +243,15 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         if epochs is None or epochs <= 0:
             epochs = 1
         sizes = {}
+        if self._adaptive is not None:
+            self._check_adaptive(fit, epochs)
+            for batch_size in self._adaptive.reachable_batch_sizes():
+                sizes[batch_size] = "reachable by the AdaptiveBatchSize"
         for epoch in range(epochs):
-            sizes.setdefault(self.batch_size_at(epoch), epoch)
+            sizes.setdefault(self.batch_size_at(epoch), f"epoch {epoch}")
         replicas = self._num_replicas()
-        for batch_size, epoch in sizes.items():
-            self._check_batch_size(batch_size, epoch, replicas)
+        for batch_size, where in sizes.items():
+            self._check_batch_size(batch_size, where, replicas)
         for batch_size in sizes:
             self._steps_for(batch_size)  # builds and checks the dataset
             if self._per_process():
@@ -249,6 +263,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         # processes too: fit's own process slice has no step count.
         swap_first = self._relaxed() or self._per_process()
         self._current = None if swap_first else self.batch_size_at(0)
+        self._first_epoch = True
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._fit is None:
@@ -256,6 +271,11 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"{_FEATURE}.on_epoch_begin ran without on_train_begin: use "
                 "it as a callback of `model.fit()`."
             )
+        if self._adaptive is not None and self._first_epoch:
+            # A resumed run (BackupAndRestore) starts here: the decisions
+            # for the epochs after this one are made again.
+            self._adaptive.forget_after(epoch)
+        self._first_epoch = False
         batch_size = self.batch_size_at(epoch)
         if batch_size == self._current:
             return
@@ -271,13 +291,72 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             _keras_compat.set_progress_steps(self._fit.callback_list, steps)
         elif self.params is not None:
             self.params["steps"] = steps
+        if self._adaptive is not None:
+            self._update_learning_rate_steps()
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self._current is not None:
-            logs["batch_size"] = self._current
+        current = self._current if self._current is not None else self.batch_size_at(epoch)
+        if logs is not None:
+            logs["batch_size"] = current
+        if self._adaptive is None:
+            return
+        noise_scale = (logs or {}).get("noise_scale")
+        if noise_scale is None:
+            raise ValueError(
+                f"{_FEATURE} with an AdaptiveBatchSize found no `noise_scale` in "
+                f"the logs of epoch {epoch}: train a model that logs it "
+                "(`keras_sam.SAMModel(..., noise_scale=True)`)."
+            )
+        decided = self._adaptive.decide(epoch, float(noise_scale))
+        if logs is not None:
+            logs["next_batch_size"] = decided
+        if self._backup_dir is not None:
+            self._adaptive.save(self._backup_dir)
 
     def on_train_end(self, logs=None):
         self._fit = None  # let the epoch iterator and its datasets go
+
+    # ------------------------------------------------------ adaptive batch
+    def _check_adaptive(self, fit, epochs):
+        """The model logs the noise scale; the decisions saved by a
+        BackupAndRestore are read; epoch-axis learning-rate schedules were
+        built from `steps_per_epoch(epochs)`."""
+        if getattr(self.model, "noise_scale", False) is not True:
+            raise ValueError(
+                f"{_FEATURE} with an AdaptiveBatchSize decides from the gradient "
+                f"noise scale, which {type(self.model).__name__} does not measure. "
+                "Wrap the model in `keras_sam.SAMModel(model, ..., noise_scale=True)` "
+                "(`rho=0` trains as plain Keras), or GSAMModel / LookSAMModel / "
+                "AESAMModel with `noise_scale=True`."
+            )
+        callbacks = getattr(fit.callback_list, "callbacks", None) or []
+        backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
+        self._backup_dir = backups[0].backup_dir if backups else None
+        if self._backup_dir is not None:
+            self._adaptive.restore(self._backup_dir)
+        schedule = _keras_compat.epoch_learning_rate_schedule(self.model.optimizer)
+        if schedule is None:
+            return
+        initial = self._steps_for(self._adaptive.initial_batch_size)
+        allowed = ([initial] * epochs, self.steps_per_epoch(epochs))
+        if list(schedule._steps) not in [a[: len(schedule._steps)] for a in allowed]:
+            raise ValueError(
+                f"The learning-rate schedule {type(schedule).__name__} was built with "
+                f"`steps_per_epoch`={schedule.steps_per_epoch}, not with the steps of "
+                f"this scheduler. Build it with "
+                f"`steps_per_epoch=scheduler.steps_per_epoch({epochs})`: the scheduler "
+                "then updates it whenever the batch grows."
+            )
+
+    def _update_learning_rate_steps(self):
+        """Gives an epoch-axis learning-rate schedule the steps of the epochs
+        decided so far (retracing the train function once if they changed)."""
+        schedule = _keras_compat.epoch_learning_rate_schedule(self.model.optimizer)
+        if schedule is None:
+            return
+        epochs = _validation.as_int((self.params or {}).get("epochs")) or 1
+        if schedule._set_steps_per_epoch(self.steps_per_epoch(max(epochs, 1))):
+            self.model.make_train_function(force=True)
 
     # --------------------------------------------------------------- helpers
     def _num_replicas(self):
@@ -310,11 +389,11 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             )
         return sharding
 
-    def _check_batch_size(self, batch_size, epoch, replicas):
+    def _check_batch_size(self, batch_size, where, replicas):
         devices = self._sharding.num_replicas if self._sharding else 1
         if batch_size % devices:
             raise ValueError(
-                f"`schedule`: the batch size {batch_size} (epoch {epoch}) is "
+                f"`schedule`: the batch size {batch_size} ({where}) is "
                 "not divisible by the number of devices the keras.distribution "
                 f"splits each batch over ({devices}, across "
                 f"{self._sharding.num_processes} process(es)); the batch size "
@@ -322,7 +401,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             )
         if batch_size % replicas:
             raise ValueError(
-                f"`schedule`: the batch size {batch_size} (epoch {epoch}) is "
+                f"`schedule`: the batch size {batch_size} ({where}) is "
                 f"not divisible by the number of replicas ({replicas}); the "
                 "batch size is global and each replica gets an equal share. "
                 f"Use multiples of {replicas}."
@@ -333,7 +412,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 num_splits(batch_size // replicas)
             except ValueError as e:
                 raise ValueError(
-                    f"`schedule`: the batch size {batch_size} (epoch {epoch}, "
+                    f"`schedule`: the batch size {batch_size} ({where}, "
                     f"{batch_size // replicas} per replica) does not suit the "
                     f"model: {e}"
                 ) from e

@@ -1,0 +1,180 @@
+"""`AdaptiveBatchSize`: a batch size that grows when the measured gradient
+noise scale says so, as a schedule for `BatchSizeScheduler`.
+
+The rule (McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of
+Large-Batch Training"): while the batch `b` is well below the simple noise
+scale `B_simple = tr(Sigma) / |G|^2`, a larger batch cuts the steps needed
+almost in proportion, so the examples it costs are not wasted; Smith,
+Kindermans, Ying and Le (2018) give the reason a growing batch acts like a
+decaying learning rate. At the end of every epoch, with `b` that epoch's
+batch size and `B_noise` the model's logged `noise_scale`,
+
+    next = min(factor * b, max_batch_size)    if B_noise >= threshold * b,
+                                              b < max_batch_size and at least
+                                              `min_epochs` epochs have passed
+                                              since the last change
+    next = b                                  otherwise.
+"""
+
+import json
+import os
+
+from keras_sam import _validation
+
+
+def next_batch_size(batch_size, noise_scale, epochs_since_change, config):
+    """The rule above: the batch size of the next epoch.
+
+    Args:
+        batch_size: the epoch's batch size.
+        noise_scale: the measured `B_simple` at the epoch's end (inf grows).
+        epochs_since_change: epochs run at `batch_size` so far (>= 1).
+        config: an `AdaptiveBatchSize` (its factor, threshold, limits).
+
+    Returns:
+        An int.
+    """
+    grow = (
+        noise_scale >= config.threshold * batch_size
+        and batch_size < config.max_batch_size
+        and epochs_since_change >= config.min_epochs
+    )
+    return min(batch_size * config.factor, config.max_batch_size) if grow else batch_size
+
+
+class AdaptiveBatchSize:
+    """A schedule for `BatchSizeScheduler` that grows the batch from the
+    measured gradient noise scale.
+
+    Pass it as `BatchSizeScheduler`'s `schedule`, with a model that logs
+    `noise_scale` (`keras_sam.SAMModel(..., noise_scale=True)`, also
+    `GSAMModel` and the others of the SAM step; `rho=0` trains as plain
+    Keras). At each epoch's end the scheduler applies the rule of this
+    module's docstring and logs `next_batch_size` beside `batch_size` and
+    `noise_scale`. Every reachable batch size (`initial_batch_size *
+    factor**k` below `max_batch_size`, and `max_batch_size`) is checked and
+    its pipeline built before the first step. The decisions so far are the
+    schedule's state (`history`): with a `keras.callbacks.BackupAndRestore`
+    among `fit`'s callbacks they are saved in its `backup_dir` at every
+    epoch's end and read back when training resumes, so a resumed run takes
+    the batch sizes (and, with the model's own state, the weights) of an
+    uninterrupted one.
+
+    Epoch-axis learning-rate schedules (`keras_sam.schedules`) keep their
+    meaning: build them with `steps_per_epoch=scheduler.steps_per_epoch(epochs)`
+    (the steps if the batch never grew); after each change the scheduler
+    gives the schedule the steps of the epochs run and of the new batch size,
+    and retraces the train function once.
+
+    Args:
+        initial_batch_size: the global batch size of epoch 0, an int >= 1.
+        max_batch_size: the largest global batch size, an int >=
+            `initial_batch_size`.
+        factor: the growth factor, an int >= 2.
+        threshold: grow when `noise_scale >= threshold * batch_size`, a
+            float > 0 (1: grow once the batch reaches the noise scale).
+        min_epochs: epochs between two changes at least, an int >= 1.
+
+    Example:
+
+    ```python
+    policy = keras_sam.callbacks.AdaptiveBatchSize(16, max_batch_size=256)
+    scheduler = keras_sam.callbacks.BatchSizeScheduler(policy, dataset_fn)
+    model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=True)
+    model.compile(optimizer="sgd", loss=...)
+    history = model.fit(dataset_fn(16), epochs=100, callbacks=[scheduler])
+    history.history["batch_size"], history.history["noise_scale"]
+    ```
+    """
+
+    def __init__(self, initial_batch_size, max_batch_size, factor=2, threshold=1.0, min_epochs=1):
+        self.initial_batch_size = _validation.integer(
+            "initial_batch_size", initial_batch_size, low=1
+        )
+        self.max_batch_size = _validation.integer(
+            "max_batch_size", max_batch_size, low=self.initial_batch_size
+        )
+        self.factor = _validation.integer("factor", factor, low=2)
+        self.threshold = _validation.real("threshold", threshold, low=0, low_inclusive=False)
+        self.min_epochs = _validation.integer("min_epochs", min_epochs, low=1)
+        self.history = {0: self.initial_batch_size}
+        """The decisions: `{epoch: batch_size}` from each change on."""
+
+    def __call__(self, epoch):
+        """The batch size of `epoch`: decided for the epochs run, and the
+        current one after them (the projection if the batch grew no more)."""
+        size = self.initial_batch_size
+        for start, batch_size in sorted(self.history.items()):
+            if start > epoch:
+                break
+            size = batch_size
+        return size
+
+    def reachable_batch_sizes(self):
+        """Every batch size the rule can choose, smallest first."""
+        sizes, size = [], self.initial_batch_size
+        while size < self.max_batch_size:
+            sizes.append(size)
+            size *= self.factor
+        return sizes + [self.max_batch_size]
+
+    def decide(self, epoch, noise_scale):
+        """Applies the rule at the end of `epoch`; records and returns the
+        batch size of epoch `epoch + 1`."""
+        batch_size = self(epoch)
+        last_change = max(start for start in self.history if start <= epoch)
+        size = next_batch_size(batch_size, noise_scale, epoch + 1 - last_change, self)
+        self.forget_after(epoch)
+        if size != batch_size:
+            self.history[epoch + 1] = size
+        return size
+
+    def forget_after(self, epoch):
+        """Drops the decisions for epochs after `epoch` (a resumed run
+        decides them again)."""
+        self.history = {e: b for e, b in self.history.items() if e <= epoch}
+
+    def get_config(self):
+        return {
+            "initial_batch_size": self.initial_batch_size,
+            "max_batch_size": self.max_batch_size,
+            "factor": self.factor,
+            "threshold": self.threshold,
+            "min_epochs": self.min_epochs,
+        }
+
+    # ------------------------------------------------ saved with BackupAndRestore
+    STATE_FILE = "keras_sam_batch_size_decisions.json"
+
+    def save(self, folder):
+        """Writes the decisions to `folder/STATE_FILE` whole or not at all."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.STATE_FILE)
+        text = json.dumps({"config": self.get_config(), "history": self.history})
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def restore(self, folder):
+        """Reads the decisions saved in `folder` (if any); True if read.
+
+        Raises:
+            ValueError: when they were made with another configuration.
+        """
+        path = os.path.join(folder, self.STATE_FILE)
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["config"] != self.get_config():
+            raise ValueError(
+                f"{path} holds batch-size decisions made with another "
+                f"AdaptiveBatchSize ({saved['config']}, this one: "
+                f"{self.get_config()}); use another BackupAndRestore `backup_dir` "
+                "or delete the folder to start over."
+            )
+        self.history = {int(e): int(b) for e, b in saved["history"].items()}
+        return True
