@@ -16,6 +16,13 @@ varies from step to step).
     python benchmarks/step_cost.py            # CPU defaults, ~3 minutes
     python benchmarks/step_cost.py --jit      # with XLA
     python benchmarks/step_cost.py --fit-calls   # whole fit calls, 5 fresh processes
+    python benchmarks/step_cost.py --noise-scale # the noise scale estimate on vs off
+
+`--noise-scale` times plain (`SAMModel(rho=0)`), SAM and GSAM with and without
+`noise_scale=True` and reports, beside the ratios to plain, the median
+per-round ratio of each method with the estimate to the same method without
+it (the cost of the estimate: on one device the clean gradient as two halves
+of the batch, the norms and the moving averages).
 
 `--fit-calls` measures the cost as a user who times epochs sees it: in each
 of `--processes` fresh processes, every method's model makes `--calls`
@@ -74,6 +81,26 @@ METHODS = {
         lambda m: keras_sam.MESAModel(m, kl_weight=0.8, kl_start_epoch=-1, ema_decay=0.99),
     ),
 }
+DEFAULT_METHODS = list(METHODS)
+
+NOISE_SCALE_PAIRS = {
+    # with the estimate: the same method without it (`--noise-scale`)
+    "plain_noise": "plain_rho0",
+    "sam_noise": "sam",
+    "gsam_noise": "gsam",
+}
+METHODS.update(
+    plain_rho0=("plain (SAMModel, rho 0)", lambda m: keras_sam.SAMModel(m, rho=0.0)),
+    plain_noise=(
+        "plain + noise scale",
+        lambda m: keras_sam.SAMModel(m, rho=0.0, noise_scale=True),
+    ),
+    sam_noise=("SAM + noise scale", lambda m: keras_sam.SAMModel(m, rho=0.05, noise_scale=True)),
+    gsam_noise=(
+        "GSAM + noise scale",
+        lambda m: keras_sam.GSAMModel(m, rho=0.05, alpha=0.02, noise_scale=True),
+    ),
+)
 
 
 def conv_net(image, classes=10, seed=0):
@@ -114,7 +141,7 @@ def main(argv=None):
     parser.add_argument(
         "--methods",
         type=_methods,
-        default=list(METHODS),
+        default=DEFAULT_METHODS,
         help="comma separated, from " + ",".join(METHODS) + " (plain is always timed)",
     )
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
@@ -136,8 +163,15 @@ def main(argv=None):
         action="store_true",
         help="with --fit-calls: a tf.data pipeline with autotuning off instead of NumPy arrays",
     )
+    parser.add_argument(
+        "--noise-scale",
+        action="store_true",
+        help="time SAM, GSAM and plain with the noise scale estimate on and off",
+    )
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.noise_scale:
+        args.methods = ["plain"] + [m for pair in NOISE_SCALE_PAIRS.items() for m in pair[::-1]]
     for name in ("processes", "calls", "fit_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -187,6 +221,12 @@ def main(argv=None):
         },
         # The share of SAM (two-gradient) steps over the timed rounds.
         "sam_fraction": {k: run.sam_fraction() for k, run in runners.items()},
+        # With the noise scale estimate against the same method without it.
+        "estimate_ratio": {
+            k: statistics.median(a / b for a, b in zip(times[k], times[base]))
+            for k, base in NOISE_SCALE_PAIRS.items()
+            if k in runners and base in runners
+        },
     }
     print(
         f"backend {result['backend']}, keras {result['keras']}, batch {args.batch}, "
@@ -195,7 +235,9 @@ def main(argv=None):
     for k, ms in result["ms_per_step"].items():
         ratio = "" if k == "plain" else f"   ratio to plain: {result['ratio'][k]:.3f}"
         fraction = f"   SAM steps: {result['sam_fraction'][k]:.2f}"
-        print(f"{METHODS[k][0]:>17}: {ms:8.2f} ms/step{ratio}{fraction}")
+        print(f"{METHODS[k][0]:>22}: {ms:8.2f} ms/step{ratio}{fraction}")
+    for k, r in result["estimate_ratio"].items():
+        print(f"{METHODS[k][0]:>22}: {r:.3f}x {METHODS[NOISE_SCALE_PAIRS[k]][0]}")
     if args.json:
         tmp = f"{args.json}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
@@ -411,7 +453,7 @@ def _timed(model, args):
         GSAM take a SAM step every step, a plain model none)."""
         if "sam_fraction" in last.get("logs", {}):
             return float(last["logs"]["sam_fraction"])
-        return 1.0 if isinstance(model, keras_sam.SAMModel) else 0.0
+        return 1.0 if isinstance(model, keras_sam.SAMModel) and model.rho > 0 else 0.0
 
     run.model = model
     run.sam_fraction = sam_fraction

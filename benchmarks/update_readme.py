@@ -11,7 +11,10 @@ and <model>/results.md, which `python -m benchmarks.paper` writes (and
 `python -m benchmarks.paper.report --out benchmarks/results/mnist1d` rebuilds
 from the stored runs), and from benchmarks/results/paper_speed/speed.md
 (`python -m benchmarks.paper.compare`); the cheaper-SAM block from
-benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`).
+benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`);
+the adaptive batch's block from the paper benchmark's <model>/runs.json, and
+the noise scale estimate's cost from benchmarks/results/noise_scale_cost_cpu.json
+(`python benchmarks/step_cost.py --noise-scale --json ...`).
 """
 
 import json
@@ -188,6 +191,89 @@ def paper_summary():
     return text + f"\n\n(from {found['command']}; {found['machine']})"
 
 
+def noise_scale_cost():
+    """`step_cost.py --noise-scale`: each method with the estimate against itself without."""
+    r = json.load(open(os.path.join(RESULTS, "noise_scale_cost_cpu.json")))
+    from_plain = r["ratio"]
+    rows = [
+        "| method | ms / step without | with the estimate | ratio with / without |",
+        "|---|---|---|---|",
+    ]
+    for key, ratio in r["estimate_ratio"].items():
+        base = NOISE_SCALE_PAIRS[key]
+        rows.append(
+            f"| {r['methods'][base]} | {r['ms_per_step'][base]:.1f} | "
+            f"{r['ms_per_step'][key]:.1f} | {ratio:.3f} |"
+        )
+    plain = ", ".join(f"{r['methods'][k]} {v:.2f}x" for k, v in from_plain.items())
+    return (
+        "\n".join(rows) + f"\n\n(`python benchmarks/step_cost.py --noise-scale --json "
+        f"benchmarks/results/noise_scale_cost_cpu.json`; {r['machine']}, {r['backend']}, "
+        f"Keras {r['keras']}, the conv net with BatchNorm, batch {r['batch']}, "
+        f"{r['image']}x{r['image']}x3, median of {r['rounds']} interleaved rounds of "
+        f"{r['steps_per_round']} steps; against a plain Keras step: {plain})"
+    )
+
+
+NOISE_SCALE_PAIRS = {"plain_noise": "plain_rho0", "sam_noise": "sam", "gsam_noise": "gsam"}
+"""As in benchmarks/step_cost.py (not imported: it sets up TensorFlow)."""
+
+ADAPTIVE_CLAIM = "adaptive"
+"""The claims of the adaptive batch start with this word (benchmarks.paper.verdicts)."""
+
+
+def adaptive():
+    """The adaptive batch's claims on both MNIST-1D models, each comparison
+    with its means and interval, and the batch-size / noise-scale plots."""
+    lines = [
+        "| model | claim | comparison (a vs b) | mean a | mean b | 95% CI of a − b | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    machine = command = None
+    models = ("mnist1d_cnn", "mnist1d_mlp")
+    for model in models:
+        r = json.load(open(os.path.join(RESULTS, "mnist1d", model, "runs.json")))
+        machine, command = r["machine"], r["command"]
+        for v in r["verdicts"]:
+            if not v["claim"].startswith(ADAPTIVE_CLAIM):
+                continue
+            lines.append(f"| {model} | **{v['claim']}** | | | | | **{v['verdict']}** |")
+            for c in v["comparisons"]:
+                lines.append(
+                    f"| | | {' '.join(c['a'])} vs {' '.join(c['b'])} (n={c['n']}) | "
+                    + " | ".join(_adaptive_cells(v["metric"], c))
+                    + f" | {c['verdict']} |"
+                )
+    plots = "\n\n".join(
+        f"![batch size and noise scale, {m}](benchmarks/results/mnist1d/{m}/noise_scale.png)"
+        for m in models
+    )
+    return "\n".join(lines) + f"\n\n(from `{command}`; {machine})\n\n" + plots
+
+
+def _adaptive_cells(metric, c):
+    if metric == "worst_case_sharpness":
+        ci = c["ratio_ci"]
+        return (
+            f"{c['mean_a']:.3g}",
+            f"{c['mean_b']:.3g}",
+            "—" if ci is None else f"ratio [{ci[0]:.3g}, {ci[1]:.3g}]",
+        )
+    if metric == "test_error":
+        ci = c["ci"]
+        return (
+            f"{100 * c['mean_a']:.2f}%",
+            f"{100 * c['mean_b']:.2f}%",
+            "—" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] pp",
+        )
+    ci = c["ci"]
+    return (
+        f"{c['mean_a']:.0f}",
+        f"{c['mean_b']:.0f}",
+        "—" if ci is None else f"[{ci[0]:+.0f}, {ci[1]:+.0f}]",
+    )
+
+
 BLOCKS = {
     "gpu_step_cost": gpu_step_cost,
     "step_cost_cpu": step_cost_cpu,
@@ -204,6 +290,8 @@ BLOCKS = {
     "efficient": efficient,
     "headline_cost": headline_cost,
     "efficient_verdicts": efficient_verdicts,
+    "noise_scale_cost": noise_scale_cost,
+    "adaptive": adaptive,
 }
 
 DOCS = os.path.join(ROOT, "docs")

@@ -493,7 +493,17 @@ def test_default_arguments_are_both_models_five_seeds_and_the_controls(monkeypat
     args = paper.parse_args([])
     assert args.models == ["mnist1d_cnn", "mnist1d_mlp"]
     assert args.seeds == [0, 1, 2, 3, 4]
-    assert args.schedules == ["constant", "B", "C", "BC", "linear", "constant_steps"]
+    assert args.schedules == [
+        "constant",
+        "B",
+        "C",
+        "BC",
+        "linear",
+        "constant_steps",
+        "adaptive",
+        "adaptive_C",
+        "B_measured",
+    ]
     assert (args.jobs, args.threads, args.steps_per_execution) == (os.cpu_count(), 1, 32)
     assert [paper.model_args(args, m).epochs for m in args.models] == [100, 200]
     assert paper.model_args(args, "mnist1d_mlp").out == os.path.join(args.out, "mnist1d_mlp")
@@ -759,3 +769,53 @@ def test_stored_run_of_another_extension_rule_counts_only_if_never_extended(tiny
     paper_run.store_run(path, record)
     with pytest.raises(SystemExit, match="extend_until_converged"):
         paper_run.load_run(path, config)
+
+
+def test_adaptive_schedules_decide_from_the_logged_noise_scale(tmp_path):
+    out = str(tmp_path / "adaptive")
+    stats = paper.main(
+        [
+            "--tiny",
+            "--methods",
+            "sgd",
+            "--schedules",
+            "B,adaptive,adaptive_C,B_measured",
+            "--out",
+            out,
+        ]
+    )
+    assert stats["trained"] == 4
+    runs = {r["schedule"]: r for r in _runs(os.path.join(out, MODEL)).values()}
+    from keras_sam.callbacks.adaptive_batch_size import next_batch_size
+
+    for schedule in ("adaptive", "adaptive_C"):
+        r = runs[schedule]
+        epochs = r["epochs"]
+        policy = paper_run.batch_schedule(
+            paper.model_args(paper.parse_args(["--tiny"]), MODEL), schedule
+        )
+        last = 0
+        for i, e in enumerate(epochs):
+            assert e["next_batch_size"] == next_batch_size(
+                e["batch_size"], e["noise_scale"], i + 1 - last, policy
+            )
+            if i + 1 < len(epochs):
+                assert epochs[i + 1]["batch_size"] == e["next_batch_size"]
+                last = i + 1 if e["next_batch_size"] != e["batch_size"] else last
+        changes = {0: epochs[0]["batch_size"]}
+        changes.update(
+            {
+                i: e["batch_size"]
+                for i, e in enumerate(epochs)
+                if i and e["batch_size"] != epochs[i - 1]["batch_size"]
+            }
+        )
+        assert r["batch_schedule"] == {str(k): v for k, v in changes.items()}
+        assert r["final"]["steps"] == sum(r["steps_per_epoch"])
+    # B with the estimate on: B's batch sizes and steps, and a noise scale per epoch.
+    assert runs["B_measured"]["steps_per_epoch"] == runs["B"]["steps_per_epoch"]
+    assert all("noise_scale" in e for e in runs["B_measured"]["epochs"])
+    assert not any("noise_scale" in e for e in runs["B"]["epochs"])
+    text = open(os.path.join(out, MODEL, "results.md")).read()
+    assert "| **adaptive needs no more optimizer steps than +B** |" in text
+    assert os.path.exists(os.path.join(out, MODEL, "noise_scale.png"))

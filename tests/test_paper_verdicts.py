@@ -114,6 +114,12 @@ def test_decide_and_overall():
     assert v.decide((0.1, 2.0), "greater") == v.REPRODUCED
     assert v.decide((-2.0, -0.1), "greater") == v.NOT_REPRODUCED
     assert v.decide(None, "greater") == v.NOT_SETTLED
+    # "at most" (a <= b): an interval of exactly 0 (equal step counts) holds too.
+    assert v.decide((0.0, 0.0), "at_most") == v.REPRODUCED
+    assert v.decide((-3.0, -1.0), "at_most") == v.REPRODUCED
+    assert v.decide((0.5, 2.0), "at_most") == v.NOT_REPRODUCED
+    assert v.decide((-0.5, 2.0), "at_most") == v.NOT_SETTLED
+    assert v.decide((0.0, 0.0), "less") == v.NOT_SETTLED
     with pytest.raises(ValueError, match="direction"):
         v.decide((0.0, 1.0), "more")
     R, N, S = v.REPRODUCED, v.NOT_REPRODUCED, v.NOT_SETTLED
@@ -198,3 +204,12 @@ def test_verdicts_from_runs():
     assert "+B and +C together (BC) are flatter than constant" not in results
     assert flatter["total"] == 3 and len(flatter["comparisons"]) == 2  # no GSAM
     assert "+B is flatter than constant with as many steps (control)" not in results
+
+
+def test_steps_and_examples_of_runs_stored_before_final_held_them():
+    old = {"final": {"test_error": 0.1}, "steps_per_epoch": [3, 2], "examples": 80}
+    assert v._final(old, "steps") == 5 and v._final(old, "examples") == 80
+    new = {"final": {"steps": 7, "examples": 90}, "steps_per_epoch": [3, 2], "examples": 80}
+    assert v._final(new, "steps") == 7 and v._final(new, "examples") == 90
+    with pytest.raises(KeyError):
+        v._final(old, "worst_case_sharpness")

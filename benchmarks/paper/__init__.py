@@ -1,9 +1,9 @@
 """Rerun the comparison of Harada & Iiduka (arXiv 2409.09984) with one command.
 
 Grid: models x {sgd, sam, gsam} x {constant, B, C, BC, linear,
-constant_steps} x seeds, with the paper's protocol: plain SGD (no momentum,
-no weight decay), lr 0.1, rho 0.05, alpha 0.02 (GSAM's rho constant),
-cross-entropy, last partial batch dropped.
+constant_steps, adaptive, adaptive_C, B_measured} x seeds, with the paper's
+protocol: plain SGD (no momentum, no weight decay), lr 0.1, rho 0.05, alpha
+0.02 (GSAM's rho constant), cross-entropy, last partial batch dropped.
 
 - constant: batch `--batch` (128), lr 0.1;
 - B: batch doubles over five equal stages from `--initial-batch` (16 -> 256),
@@ -13,7 +13,14 @@ cross-entropy, last partial batch dropped.
 - BC: increasing batch and cosine (per-epoch step counts from the scheduler);
 - constant_steps: the steps-matched control of B: batch 128, lr 0.1, the
   fewest whole epochs with at least B's number of optimizer steps
-  (`constant` is the examples-matched control: same epochs as B).
+  (`constant` is the examples-matched control: same epochs as B);
+- adaptive, adaptive_C: the batch doubles from `--initial-batch` (up to B's
+  largest, 256) at an epoch's end when the measured gradient noise scale
+  has reached it (`keras_sam.callbacks.AdaptiveBatchSize`, threshold 1),
+  lr 0.1 constant / cosine 0.1 -> 0.001;
+- B_measured: B with the noise scale estimate on (its curve in
+  `noise_scale.png`). The three train SGD as `SAMModel(rho=0)` and every
+  method with `noise_scale=True`.
 
 After each run: worst-case sharpness (L-inf Auto-PGD, rho 2e-4, 20
 iterations, first `--sharpness-examples` training examples in batches of 128,
@@ -33,8 +40,9 @@ The CPU default (MNIST-1D, 4000 examples = 3200 train / 800 test; the CNN
 with BatchNorm for 100 epochs and the MLP without normalization for 200, so
 that every run's training loss stops moving, and a run whose loss still
 moves then trains on at its final batch size and rate until it stops, for at
-most 20% more epochs; 5 seeds; 180 runs) takes about 45 minutes on a 2-core
-CPU, two runs side by side with one thread each.
+most 20% more epochs; 5 seeds; 270 runs) takes about 90 minutes on a 2-core
+CPU, two runs side by side with one thread each (the 90 runs of the adaptive
+and measured schedules took 43 minutes, partly beside another job).
 Outputs go to `--out` (default benchmarks/results/<dataset>), one folder per
 model: `results.md` (the table and the claims' verdicts), `runs.md` (each
 run's length and convergence), `runs.json`, PNG plots and

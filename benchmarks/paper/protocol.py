@@ -5,8 +5,29 @@ import os
 from benchmarks import architectures
 
 METHODS = ("sgd", "sam", "gsam")
-SCHEDULES = ("constant", "B", "C", "BC", "linear", "constant_steps")
-INCREASING = ("B", "BC")
+SCHEDULES = (
+    "constant",
+    "B",
+    "C",
+    "BC",
+    "linear",
+    "constant_steps",
+    "adaptive",
+    "adaptive_C",
+    "B_measured",
+)
+INCREASING = ("B", "BC", "B_measured")
+ADAPTIVE = ("adaptive", "adaptive_C")
+"""The batch grows when the measured gradient noise scale says so
+(`keras_sam.callbacks.AdaptiveBatchSize`, from the initial batch up to B's
+largest, constant rate or cosine)."""
+MEASURED = ("B_measured",)
+"""B with the noise scale estimate switched on: the noise scale of B's
+training for the plots, and the like-for-like comparison with the adaptive
+batch (on one device the estimate evaluates the clean gradient as the two
+halves of the batch, which changes a BatchNorm model's step)."""
+NOISE_SCALE = ADAPTIVE + MEASURED
+"""The schedules whose models estimate the noise scale."""
 STEPS_CONTROL = "constant_steps"
 """The steps-matched control of B: the constant batch and rate, trained for as
 many optimizer steps as B takes (in whole epochs, so up to one epoch more).
@@ -41,6 +62,13 @@ LR = 0.1
 LR_FINAL = 0.001
 RHO = 0.05
 ALPHA = 0.02
+ADAPTIVE_THRESHOLD = 1.0
+"""Grow when B_simple >= 1 x batch: the batch has reached the noise scale
+(McCandlish et al.'s critical batch size is about B_simple)."""
+ADAPTIVE_FACTOR = 2
+ADAPTIVE_MIN_EPOCHS = 1
+NOISE_SCALE_DECAY = 0.99
+"""The moving average of the noise scale estimates (about 100 steps)."""
 SHARPNESS_RHO = 2e-4
 SHARPNESS_BATCH = 128
 GRADIENT_NORM_BATCH = 500
@@ -53,6 +81,10 @@ SCHEDULE_TEXT = {
     "linear": "batch {batch}, linear lr 0.1->0.001 per step",
     "constant_steps": "batch {batch}, lr 0.1, as many steps as B ({control_epochs} "
     "epochs; the steps-matched control)",
+    "adaptive": "batch {b0}->{bmax}, doubled at an epoch's end when the measured "
+    "noise scale >= {threshold:g} x batch, lr 0.1",
+    "adaptive_C": "the adaptive batch + cosine lr 0.1->0.001 per step",
+    "B_measured": "B with the noise scale estimate on",
 }
 
 EXTEND_UNTIL_CONVERGED = 0.2

@@ -30,6 +30,7 @@ from benchmarks.paper import run as run_lib
 from benchmarks.paper import verdicts as verdicts_lib
 from benchmarks.paper.protocol import COMMAND
 from benchmarks.paper.protocol import METHODS
+from benchmarks.paper.protocol import NOISE_SCALE
 from benchmarks.paper.protocol import SCHEDULE_TEXT
 from benchmarks.paper.protocol import SCHEDULES
 from benchmarks.paper.protocol import SHARPNESS_BATCH
@@ -141,6 +142,10 @@ def verdict_markdown(results):
                     else f"ratio [{c['ratio_ci'][0]:.3g}, {c['ratio_ci'][1]:.3g}]"
                 )
                 ma, mb = f"{c['mean_a']:.3g}", f"{c['mean_b']:.3g}"
+            elif v["metric"] in COUNTS:
+                diff = f"{c['mean_difference']:+.0f}"
+                ci = _interval(c, digits=0) if c["ci"] else "—"
+                ma, mb = f"{c['mean_a']:.0f}", f"{c['mean_b']:.0f}"
             else:
                 diff = f"{100 * c['mean_difference']:+.2f} pp"
                 ci = _interval(c, scale=100) + " pp" if c["ci"] else "—"
@@ -157,6 +162,9 @@ def verdict_markdown(results):
     return "\n".join(lines) + "\n"
 
 
+COUNTS = ("steps", "examples")
+"""Metrics compared as counts (optimizer steps, training examples seen)."""
+
 VERDICT_RULE = (
     "Each comparison pairs the two settings seed by seed (same seed: same "
     "initial weights and data order) and takes a Student-t 95% confidence "
@@ -166,8 +174,11 @@ VERDICT_RULE = (
     "side the paper claims, *not reproduced* when it lies on the other side, "
     "*not settled* when it contains 0 (no difference). A claim is reproduced "
     "when all its comparisons are, not reproduced when none is and at least "
-    "one is on the other side, else not settled. Each line is its own 95% "
-    "interval: among many lines, one may fall on a side by chance."
+    "one is on the other side, else not settled. The adaptive batch's claims "
+    "(at least as flat, no more steps or examples, a test error no higher) "
+    "hold where the interval lies at or below 0 (equal step counts in every "
+    'pair meet "no more") and fail where it lies above. Each line is its '
+    "own 95% interval: among many lines, one may fall on a side by chance."
 )
 
 CONVERGENCE_RULE = (
@@ -285,6 +296,7 @@ def write_report(args, runs, head):
         b0=args.initial_batch,
         bmax=args.initial_batch * 2 ** (STAGES - 1),
         control_epochs=control[0] if control else "?",
+        threshold=config["adaptive_threshold"],
     )
     runs = sorted(
         runs,
@@ -425,6 +437,9 @@ def write_plots(args, runs):
         "BC": "-.",
         "linear": (0, (5, 1, 1, 1, 1, 1)),
         STEPS_CONTROL: (0, (1, 3)),
+        "adaptive": (0, (3, 1, 1, 1)),
+        "adaptive_C": (0, (1, 1)),
+        "B_measured": (0, (8, 2)),
     }
     groups = []
     for method in args.methods:
@@ -484,6 +499,43 @@ def write_plots(args, runs):
         ax.set_title(f"{label} after training ({args.dataset}, mean ± std over seeds)")
         ax.grid(alpha=0.3, axis="y")
         save(fig, fname)
+    write_noise_scale_plot(args, groups, colors, styles, save)
+
+
+def write_noise_scale_plot(args, groups, colors, styles, save):
+    """`noise_scale.png`: the batch size and the measured noise scale over
+    the epochs, for the adaptive batch and B (the runs with the estimate;
+    median over seeds)."""
+    shown = [g for g in groups if g[1] in NOISE_SCALE + ("B",)]
+    if not any(g[1] in NOISE_SCALE for g in shown):
+        return
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for method, schedule, rs in shown:
+        n = min(len(r["epochs"]) for r in rs)
+        style = dict(color=colors[method], linestyle=styles[schedule], label=f"{method} {schedule}")
+        sizes = np.array([[e["batch_size"] for e in r["epochs"][:n]] for r in rs], float)
+        top.plot(range(1, n + 1), np.median(sizes, axis=0), **style)
+        if schedule in NOISE_SCALE:
+            noise = np.array([[e["noise_scale"] for e in r["epochs"][:n]] for r in rs], float)
+            bottom.plot(range(1, n + 1), np.median(noise, axis=0), **style)
+    threshold = rs[0]["config"].get("adaptive_threshold", 1.0)
+    top.set_ylabel("batch size")
+    top.set_yscale("log", base=2)
+    top.set_title(
+        f"batch size and measured noise scale B_simple ({args.dataset} / {args.model}, "
+        f"median over seeds); adaptive doubles at an epoch's end when B_simple >= "
+        f"{threshold:g} x batch",
+        fontsize=8,
+    )
+    bottom.set_ylabel("noise scale B_simple")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("epoch")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    save(fig, "noise_scale.png")
 
 
 def _saver(plt, out):
@@ -514,6 +566,8 @@ def write_verdict_plot(args, results):
     panels = [
         ("worst_case_sharpness", "sharpness ratio a/b (log scale)"),
         ("test_error", "test error a − b (percentage points)"),
+        ("steps", "optimizer steps a − b"),
+        ("examples", "training examples a − b"),
     ]
     panels = [(k, label) for k, label in panels if any(v["metric"] == k for v in results)]
     heights = [
@@ -539,8 +593,9 @@ def write_verdict_plot(args, results):
                     mid = c["ratio"]
                     lo, hi = c["ratio_ci"] if c["ratio_ci"] else (mid, mid)
                 else:
-                    mid = 100 * c["mean_difference"]
-                    lo, hi = (100 * c["ci"][0], 100 * c["ci"][1]) if c["ci"] else (mid, mid)
+                    scale = 1 if metric in COUNTS else 100
+                    mid = scale * c["mean_difference"]
+                    lo, hi = (scale * c["ci"][0], scale * c["ci"][1]) if c["ci"] else (mid, mid)
                 ax.errorbar(
                     [mid],
                     [y],

@@ -13,12 +13,18 @@ import keras
 
 import keras_sam
 from benchmarks.paper import verdicts as verdicts_lib
+from benchmarks.paper.protocol import ADAPTIVE
+from benchmarks.paper.protocol import ADAPTIVE_FACTOR
+from benchmarks.paper.protocol import ADAPTIVE_MIN_EPOCHS
+from benchmarks.paper.protocol import ADAPTIVE_THRESHOLD
 from benchmarks.paper.protocol import ALPHA
 from benchmarks.paper.protocol import GRADIENT_NORM_BATCH
 from benchmarks.paper.protocol import INCREASING
 from benchmarks.paper.protocol import LR
 from benchmarks.paper.protocol import LR_FINAL
 from benchmarks.paper.protocol import MODELS
+from benchmarks.paper.protocol import NOISE_SCALE
+from benchmarks.paper.protocol import NOISE_SCALE_DECAY
 from benchmarks.paper.protocol import RHO
 from benchmarks.paper.protocol import SHARPNESS_BATCH
 from benchmarks.paper.protocol import SHARPNESS_RHO
@@ -27,7 +33,16 @@ from benchmarks.paper.protocol import STEPS_CONTROL
 
 
 def batch_schedule(args, schedule):
-    """`{epoch: batch_size}` of a schedule, for `BatchSizeScheduler`."""
+    """`{epoch: batch_size}` of a schedule, or the `AdaptiveBatchSize` of an
+    adaptive one, for `BatchSizeScheduler`."""
+    if schedule in ADAPTIVE:
+        return keras_sam.callbacks.AdaptiveBatchSize(
+            args.initial_batch,
+            max_batch_size=args.initial_batch * 2 ** (STAGES - 1),
+            factor=ADAPTIVE_FACTOR,
+            threshold=ADAPTIVE_THRESHOLD,
+            min_epochs=ADAPTIVE_MIN_EPOCHS,
+        )
     if schedule in INCREASING:
         return keras_sam.callbacks.doubling_schedule(
             args.initial_batch, STAGES, args.epochs // STAGES
@@ -85,7 +100,18 @@ def run_config(args):
         "rho": RHO,
         "alpha": ALPHA,
         "sharpness_rho": SHARPNESS_RHO,
+        **ADAPTIVE_CONFIG,
     }
+
+
+ADAPTIVE_CONFIG = {
+    "adaptive_threshold": ADAPTIVE_THRESHOLD,
+    "adaptive_factor": ADAPTIVE_FACTOR,
+    "adaptive_min_epochs": ADAPTIVE_MIN_EPOCHS,
+    "noise_scale_decay": NOISE_SCALE_DECAY,
+}
+"""The adaptive schedules' constants (runs stored before they existed hold
+none, and did not depend on them: `normalized_config`)."""
 
 
 # ---------------------------------------------------------------------------
@@ -130,6 +156,10 @@ class EpochLog(keras.callbacks.Callback):
         for key in ("sharpness", "grad_norm", "rho"):  # SAM's own logs
             if key in logs:
                 record["sam_" + key] = float(logs[key])
+        if "noise_scale" in logs:  # the estimate (adaptive and measured schedules)
+            record["noise_scale"] = float(logs["noise_scale"])
+        if "next_batch_size" in logs:
+            record["next_batch_size"] = int(logs["next_batch_size"])
         if "sam_fraction" in logs:  # share of SAM steps (sam_every, LookSAM, AE-SAM)
             record["sam_fraction"] = float(logs["sam_fraction"])
         self._last_iterations = iterations
@@ -177,6 +207,19 @@ WRAPPERS = {
     "gsam": lambda inner: keras_sam.GSAMModel(inner, rho=RHO, alpha=ALPHA),
 }
 
+NOISE_SCALE_WRAPPERS = {
+    # The same methods with the noise scale estimate (SGD: rho 0 is plain SGD).
+    "sgd": lambda inner: keras_sam.SAMModel(
+        inner, rho=0.0, noise_scale=True, noise_scale_decay=NOISE_SCALE_DECAY
+    ),
+    "sam": lambda inner: keras_sam.SAMModel(
+        inner, rho=RHO, noise_scale=True, noise_scale_decay=NOISE_SCALE_DECAY
+    ),
+    "gsam": lambda inner: keras_sam.GSAMModel(
+        inner, rho=RHO, alpha=ALPHA, noise_scale=True, noise_scale_decay=NOISE_SCALE_DECAY
+    ),
+}
+
 
 def plain_sgd(learning_rate):
     """The paper's optimizer: SGD without momentum."""
@@ -196,19 +239,25 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
     sizes = batch_schedule(args, schedule)
     scheduler = keras_sam.callbacks.BatchSizeScheduler(sizes, lambda b: data.train_dataset(b, seed))
     batch_size_at = scheduler.batch_size_at  # the scheduler's own lookup
-    largest = max(batch_size_at(e) for e in range(epochs))
+    largest = (
+        sizes.max_batch_size
+        if schedule in ADAPTIVE
+        else max(batch_size_at(e) for e in range(epochs))
+    )
     if data.num_train < largest:
         raise SystemExit(
             f"error: {data.num_train} training examples give no full batch of "
             f"{largest}; raise --num-samples or lower --batch / --initial-batch"
         )
 
-    if schedule in INCREASING:
+    if schedule in INCREASING + ADAPTIVE:
+        # Adaptive: the steps if the batch never grew; the scheduler gives
+        # the rate the real ones as it grows.
         steps = scheduler.steps_per_epoch(epochs)
     else:
         scheduler = None  # one batch size: fit's own data, no callback
         steps = keras_sam.schedules.steps_per_epoch(data.num_train, args.batch, epochs)
-    if schedule in ("C", "BC"):
+    if schedule in ("C", "BC", "adaptive_C"):
         lr = keras_sam.schedules.CosineAnnealing(LR, LR_FINAL, epochs, steps)
     elif schedule == "linear":
         lr = keras_sam.schedules.LinearDecay(LR, LR_FINAL, epochs, steps)
@@ -216,7 +265,9 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
         lr = LR
 
     inner = MODELS[args.model](input_shape=data.input_shape, classes=data.classes)
-    model = (WRAPPERS if wrappers is None else wrappers)[method](inner)
+    if wrappers is None:
+        wrappers = NOISE_SCALE_WRAPPERS if schedule in NOISE_SCALE else WRAPPERS
+    model = wrappers[method](inner)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     # Several steps per call of the compiled function: the same steps in the
     # same order (bitwise equal results, tested), less Python per step.
@@ -295,7 +346,10 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
         "steps_per_epoch": [int(e["steps"]) for e in log.epochs],
         "base_epochs": int(epochs),
         "examples": int(sum(e["steps"] * e["batch_size"] for e in log.epochs)),
-        "batch_schedule": {str(k): v for k, v in sizes.items()},
+        # The changes: scheduled, or decided by the adaptive batch.
+        "batch_schedule": {
+            str(k): v for k, v in (sizes.history if schedule in ADAPTIVE else sizes).items()
+        },
         "intra_op_threads": intra_op_threads(),
         "epochs": log.epochs,
         "final": {
@@ -304,6 +358,8 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
             "worst_case_sharpness": final["worst_case_sharpness"],
             "full_gradient_norm": final["full_gradient_norm"],
             "train_time_s": train_time,
+            "steps": int(sum(e["steps"] for e in log.epochs)),
+            "examples": int(sum(e["steps"] * e["batch_size"] for e in log.epochs)),
             "measure_time_s": measure_s,
         },
         "normalization": None
@@ -394,8 +450,9 @@ def load_run(path, config):
 
 def normalized_config(config):
     """A stored configuration; runs stored before the extension rule existed
-    were never extended (`extend_until_converged` 0)."""
-    return {EXTEND_KEY: 0.0, **config}
+    were never extended (`extend_until_converged` 0), and those stored before
+    the adaptive schedules did not depend on their constants."""
+    return {EXTEND_KEY: 0.0, **ADAPTIVE_CONFIG, **config}
 
 
 def _without_extension(config):

@@ -172,12 +172,16 @@ def paired(a, b, log=False, level=LEVEL):
 
 def decide(ci, direction):
     """reproduced when the interval lies on the claimed side of 0
-    (`direction` "less": a < b; "greater": a > b), not reproduced when it
-    lies on the other side, not settled when it contains 0 (or is None)."""
+    (`direction` "less": a < b; "greater": a > b; "at_most": a <= b, which
+    an interval of exactly 0, as from equal step counts, also meets), not
+    reproduced when it lies on the other side, not settled when it contains
+    0 (or is None)."""
     if ci is None:
         return NOT_SETTLED
     lo, hi = ci
     below, above = hi < 0, lo > 0
+    if direction == "at_most":
+        return REPRODUCED if hi <= 0 else NOT_REPRODUCED if above else NOT_SETTLED
     if direction == "less":
         return REPRODUCED if below else NOT_REPRODUCED if above else NOT_SETTLED
     if direction == "greater":
@@ -214,6 +218,10 @@ def _against_sgd(schedules=BASE_SCHEDULES):
     return [((m, s), ("sgd", s)) for s in schedules for m in SAM_METHODS]
 
 
+_ADAPTIVE_VS_B = _same_method("adaptive", "B") + _same_method("adaptive_C", "BC")
+_ADAPTIVE_VS_CONSTANT = _same_method("adaptive", "constant") + _same_method("adaptive_C", "C")
+"""The adaptive batch against the fixed schedules of the same rate."""
+
 CLAIMS = (
     # (claim, metric, direction of a vs b, comparisons [((method, schedule) a, b)])
     ("+B is flatter than constant", "worst_case_sharpness", "less", _same_method("B", "constant")),
@@ -249,12 +257,58 @@ CLAIMS = (
         _same_method("C", "constant"),
     ),
     ("SAM/GSAM have a lower test error than SGD", "test_error", "less", _against_sgd()),
+    # The adaptive batch (keras_sam.callbacks.AdaptiveBatchSize) against the
+    # paper's fixed doubling: with the constant rate against B, with the
+    # cosine rate against BC. "At least as flat" / "no more" hold where the
+    # interval of a - b lies at or below 0, fail where it lies above.
+    (
+        "adaptive is at least as flat as +B",
+        "worst_case_sharpness",
+        "at_most",
+        _ADAPTIVE_VS_B,
+    ),
+    (
+        "adaptive needs no more optimizer steps than +B",
+        "steps",
+        "at_most",
+        _ADAPTIVE_VS_B,
+    ),
+    (
+        "adaptive needs no more examples than +B",
+        "examples",
+        "at_most",
+        _ADAPTIVE_VS_B,
+    ),
+    (
+        "adaptive has a test error no higher than +B",
+        "test_error",
+        "at_most",
+        _ADAPTIVE_VS_B,
+    ),
+    (
+        "adaptive has a test error no higher than constant",
+        "test_error",
+        "at_most",
+        _ADAPTIVE_VS_CONSTANT,
+    ),
 )
+
+
+def _final(record, metric):
+    """A run's final `metric`; the optimizer steps and examples of runs
+    stored before `final` held them, from their per-epoch records."""
+    if metric in record["final"]:
+        return record["final"][metric]
+    if metric == "steps":
+        return sum(record["steps_per_epoch"])
+    if metric == "examples":
+        return record["examples"]
+    raise KeyError(metric)
 
 
 def _values(runs, method, schedule, metric):
     return {
-        r["seed"]: r["final"][metric]
+        r["seed"]: _final(r, metric)
         for r in runs
         if r["method"] == method and r["schedule"] == schedule
     }
@@ -271,7 +325,8 @@ def verdicts(runs):
     for claim, metric, direction, pairs in CLAIMS:
         comparisons = []
         for a, b in pairs:
-            va, vb = _values(runs, *a, metric), _values(runs, *b, metric)
+            va = _values(runs, *a, metric)
+            vb = _values(runs, *b, metric) if va else {}
             if not (set(va) & set(vb)):
                 continue
             stats = paired(va, vb, log=metric == "worst_case_sharpness")
