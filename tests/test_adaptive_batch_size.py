@@ -225,3 +225,23 @@ def test_every_reachable_batch_size_is_checked_for_the_replicas():
     policy = AdaptiveBatchSize(4, max_batch_size=31)
     with pytest.raises(ValueError, match=r"31 \(reachable by the AdaptiveBatchSize\)"):
         model.fit(fit_data, epochs=1, callbacks=[BatchSizeScheduler(policy, dataset_fn)])
+
+
+def test_backup_and_restore_listed_before_the_scheduler_is_refused(tmp_path):
+    model, scheduler, _ = build()
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(ValueError, match="before the BackupAndRestore"):
+        model.fit(dataset_fn(4), epochs=EPOCHS, callbacks=[backup, scheduler], verbose=0)
+
+
+def test_a_rate_built_for_a_longer_horizon_is_accepted():
+    """The rate planned for 2 x EPOCHS, trained EPOCHS at a time."""
+    model, scheduler, _ = build(steps=None)
+    policy = AdaptiveBatchSize(4, max_batch_size=32, threshold=0.2)
+    scheduler = BatchSizeScheduler(policy, dataset_fn)
+    lr = keras_sam.schedules.CosineAnnealing(
+        0.05, 0.001, 2 * EPOCHS, scheduler.steps_per_epoch(2 * EPOCHS)
+    )
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    history = model.fit(dataset_fn(4), epochs=EPOCHS, callbacks=[scheduler], verbose=0)
+    assert lr._steps[:EPOCHS] == [N // b for b in history.history["batch_size"]]

@@ -274,3 +274,47 @@ def test_the_estimate_adds_no_gradient_evaluation(kwargs):
         return sum(seen)
 
     assert examples(True) == examples(False)
+
+
+@tensorflow_only
+def test_uneven_replica_batches_are_left_out_alike():
+    """17 examples in batches of 16 on two replicas: the last batch of one
+    example splits 1 / 0, and both replicas leave that step out, so their
+    averages stay one value (counted: one measured step)."""
+    from strategies import mirrored
+
+    strategy = mirrored(2)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(17, 6)).astype("float32")
+    y = rng.normal(size=(17, 1)).astype("float32")
+    with strategy.scope():
+        inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+        model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=True)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    local = [t.numpy() for t in strategy.experimental_local_results(model._noise_average.value)]
+    np.testing.assert_array_equal(local[0], local[1])
+    assert local[0][2] == 1.0
+
+
+def test_no_measured_step_logs_nan():
+    """Batches of one example hold no two parts: nothing is measured, and
+    the logged noise scale is NaN (an AdaptiveBatchSize keeps the batch)."""
+    x = np.ones((3, 2), "float32")
+    inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=True)
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(x, x[:, :1], batch_size=1, epochs=1, verbose=0)
+    assert np.isnan(history.history["noise_scale"][-1])
+    np.testing.assert_array_equal(ops.convert_to_numpy(model._noise_average), [0, 0, 0])
+
+
+def test_a_loss_that_is_not_mean_reduced_is_refused_before_training():
+    inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=True)
+    model.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError(reduction="sum"))
+    before = inner.get_weights()
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)
+    for a, b in zip(inner.get_weights(), before):
+        np.testing.assert_array_equal(a, b)

@@ -48,15 +48,18 @@ class AdaptiveBatchSize:
 
     Pass it as `BatchSizeScheduler`'s `schedule`, with a model that logs
     `noise_scale` (`keras_sam.SAMModel(..., noise_scale=True)`, also
-    `GSAMModel` and the others of the SAM step; `rho=0` trains as plain
-    Keras). At each epoch's end the scheduler applies the rule of this
-    module's docstring and logs `next_batch_size` beside `batch_size` and
+    `GSAMModel` and the others of the SAM step; `rho=0` takes one gradient
+    per step, as plain Keras, though on one device as the batch's two halves:
+    see `SAMModel`'s `noise_scale`). An epoch whose noise scale is NaN (no
+    step measured it, e.g. batches of one example) keeps its batch size.
+    At each epoch's end the scheduler applies the rule of this module's
+    docstring and logs `next_batch_size` beside `batch_size` and
     `noise_scale`. Every reachable batch size (`initial_batch_size *
     factor**k` below `max_batch_size`, and `max_batch_size`) is checked and
     its pipeline built before the first step. The decisions so far are the
     schedule's state (`history`): with a `keras.callbacks.BackupAndRestore`
-    among `fit`'s callbacks they are saved in its `backup_dir` at every
-    epoch's end and read back when training resumes, so a resumed run takes
+    among `fit`'s callbacks (after the scheduler) they are saved in its
+    `backup_dir` at every epoch's end and read back when training resumes, so a resumed run takes
     the batch sizes (and, with the model's own state, the weights) of an
     uninterrupted one.
 

@@ -326,19 +326,26 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"{_FEATURE} with an AdaptiveBatchSize decides from the gradient "
                 f"noise scale, which {type(self.model).__name__} does not measure. "
                 "Wrap the model in `keras_sam.SAMModel(model, ..., noise_scale=True)` "
-                "(`rho=0` trains as plain Keras), or GSAMModel / LookSAMModel / "
+                "(`rho=0` for plain SGD: one gradient per step), or GSAMModel / LookSAMModel / "
                 "AESAMModel with `noise_scale=True`."
             )
-        callbacks = getattr(fit.callback_list, "callbacks", None) or []
+        callbacks = list(getattr(fit.callback_list, "callbacks", None) or [])
         backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
         self._backup_dir = backups[0].backup_dir if backups else None
+        if backups and self in callbacks and callbacks.index(backups[0]) < callbacks.index(self):
+            raise ValueError(
+                f"Put the {_FEATURE} before the BackupAndRestore in `callbacks`: the "
+                "AdaptiveBatchSize's decision at an epoch's end must be saved before the "
+                "weights are, or a run resumed between the two would use the old batch size."
+            )
         if self._backup_dir is not None:
             self._adaptive.restore(self._backup_dir)
         schedule = _keras_compat.epoch_learning_rate_schedule(self.model.optimizer)
         if schedule is None:
             return
         initial = self._steps_for(self._adaptive.initial_batch_size)
-        allowed = ([initial] * epochs, self.steps_per_epoch(epochs))
+        horizon = max(epochs, len(schedule._steps))
+        allowed = ([initial] * horizon, self.steps_per_epoch(horizon))
         if list(schedule._steps) not in [a[: len(schedule._steps)] for a in allowed]:
             raise ValueError(
                 f"The learning-rate schedule {type(schedule).__name__} was built with "

@@ -129,7 +129,10 @@ class SAMModel(keras.Model):
             with one part (one device, no sub-batches) the clean gradient is
             evaluated as the mean of the gradients of the two halves of the
             batch (the same work; with BatchNorm each half is normalized by
-            its own statistics, and Dropout draws its own mask per half).
+            its own statistics, and Dropout draws its own mask per half,
+            other than the perturbed pass's mask). The loss must be
+            mean-reduced (Keras' default `"sum_over_batch_size"`), checked
+            in `fit`.
         noise_scale_decay: the decay of the moving averages of `|G|^2` and
             `tr(Sigma)` over steps, in `[0, 1)`; they are non-trainable
             variables of the wrapper, so checkpoints keep them.
@@ -225,10 +228,11 @@ class SAMModel(keras.Model):
         """Creates the variables of `_own_state_variables` (none here)."""
 
     def _build_noise_state(self):
-        """The moving averages of `|G|^2` and `tr(Sigma)` (`noise_scale=True`)."""
+        """The moving averages of `|G|^2` and `tr(Sigma)` and the count of
+        the steps that measured (`noise_scale=True`)."""
         if self.noise_scale and self._noise_average is None:
             self._noise_average = self.add_weight(
-                shape=(2,),
+                shape=(3,),
                 dtype="float32",
                 initializer="zeros",
                 trainable=False,
@@ -340,12 +344,30 @@ class SAMModel(keras.Model):
         from keras_sam._multi_worker import check_not_multi_worker
 
         check_not_multi_worker(self)  # MultiWorkerMirroredStrategy: clear error
+        if self.noise_scale:
+            self._check_mean_reduced_loss()
         if self.num_batch_splits or self.sub_batch_size:
             size, x = _first_batch_size(x, batch_size)
             if size is not None:
                 self.num_splits(size // self._replicas_for_splits())
         self._before_fit()
         return super().fit(x, y, batch_size, *args, **kwargs)
+
+    MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+    """Loss reductions under which a batch's gradient is the size-weighted
+    mean of its parts' (what the noise scale estimate compares)."""
+
+    def _check_mean_reduced_loss(self):
+        losses = [loss for loss in tree.flatten(getattr(self, "loss", None)) if loss is not None]
+        for loss in losses:
+            reduction = getattr(loss, "reduction", "sum_over_batch_size")
+            if reduction not in self.MEAN_REDUCTIONS:
+                raise ValueError(
+                    f"`noise_scale=True` needs a mean-reduced loss (the gradient of a "
+                    f"batch the mean of its parts'); {type(loss).__name__} has "
+                    f"reduction={reduction!r}. Use reduction='sum_over_batch_size' (the "
+                    "default), or noise_scale=False."
+                )
 
     def _replicas_for_splits(self):
         """Replicas that each split their own slice of the global batch."""
@@ -401,26 +423,28 @@ class SAMModel(keras.Model):
         scaled = self.optimizer.scale_loss(loss) if self.optimizer else loss
         return scaled, (loss, y_pred, new_state, new_metrics)
 
-    def _clean_pass(self, grad_fn, halves, weights, state, metrics_state, x, y, sample_weight):
-        """The clean pass at `w`: `((loss, y_pred, new_state, new_metrics),
-        grads, squared_norms)`.
+    def _gradient_pass(self, grad_fn, halves, weights, state, metrics_state, x, y, sample_weight):
+        """One gradient evaluation on the batch: `((loss, y_pred, new_state,
+        new_metrics), grads, halves_stats)`.
 
-        With `halves` the gradient is the size-weighted mean of the gradients
-        of the batch's two halves (the same work as one evaluation), and
-        `squared_norms` is the mean of their squared global norms; else it is
-        one evaluation and `squared_norms` is `||grads||^2`. Float state
-        (BatchNorm statistics) becomes the mean of the halves' updates, other
-        state and the metrics are carried from the first half to the second.
+        With `halves` (the noise scale on one device) the batch is evaluated
+        as its two halves, the same work: the gradient and loss are their
+        size-weighted means (what a mean-reduced loss of the whole batch
+        gives), float state (BatchNorm statistics) the mean of their updates,
+        other state (seed counters) and the metrics are carried from the
+        first half to the second (so Dropout draws one mask per half, not
+        the whole batch's mask the perturbed pass draws). `halves_stats` is
+        then `(mean of the halves' ||g||^2, mean of 1 / their sizes)`, else
+        None.
         """
         if not halves:
-            outputs, grads = grad_fn(weights, state, metrics_state, x, y, sample_weight)
-            return outputs[1], grads, rules.dot(grads, grads)
+            (_, outputs), grads = grad_fn(weights, state, metrics_state, x, y, sample_weight)
+            return outputs, grads, None
         size = _batch_size(x)
         half = size // 2
-        parts = [(0, half), (half, size)]
         is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
         results, carried, metrics = [], list(state), list(metrics_state)
-        for start, stop in parts:
+        for start, stop in ((0, half), (half, size)):
 
             def cut(t, start=start, stop=stop):
                 return None if t is None else tree.map_structure(lambda a: a[start:stop], t)
@@ -429,14 +453,17 @@ class SAMModel(keras.Model):
             (_, (loss, y_pred, carried, metrics)), grads = grad_fn(
                 weights, begin, metrics, cut(x), cut(y), cut(sample_weight)
             )
-            share = ops.cast(stop - start, "float32") / ops.cast(size, "float32")
-            results.append((share, loss, y_pred, carried, grads))
-        (s1, l1, p1, n1, g1), (s2, l2, p2, n2, g2) = results
+            results.append((ops.cast(stop - start, "float32"), loss, y_pred, carried, grads))
+        (b1, l1, p1, n1, g1), (b2, l2, p2, n2, g2) = results
+        s1, s2 = b1 / (b1 + b2), b2 / (b1 + b2)
         grads = [ops.cast(s1, a.dtype) * a + ops.cast(s2, b.dtype) * b for a, b in zip(g1, g2)]
         loss = ops.cast(s1, l1.dtype) * l1 + ops.cast(s2, l2.dtype) * l2
         y_pred = tree.map_structure(lambda a, b: ops.concatenate([a, b], axis=0), p1, p2)
         new_state = [(a + b) / 2 if f else b for a, b, f in zip(n1, n2, is_float)]
         squared = (rules.dot(g1, g1) + rules.dot(g2, g2)) / 2
+        # Parts of b1 and b2 examples: E||g_part||^2 = |G|^2 + tr(Sigma) / b,
+        # averaged, so the small size is their harmonic mean.
+        inverse = (1.0 / ops.maximum(b1, 1.0) + 1.0 / b2) / 2
         static = _static_batch_size(x)
         if static is None or static < 2:
             # A batch of one example (a last partial batch): its empty first
@@ -449,7 +476,7 @@ class SAMModel(keras.Model):
                 ops.where(two, a, b) if f else a for a, b, f in zip(new_state, n2, is_float)
             ]
             squared = ops.where(two, squared, rules.dot(g2, g2))
-        return (loss, y_pred, new_state, metrics), grads, squared
+        return (loss, y_pred, new_state, metrics), grads, (squared, inverse)
 
     def _sam_step(self, weights, state, metrics_state, x, y, sample_weight, noise=None):
         """Descent gradients and new state for one batch (one replica).
@@ -470,7 +497,7 @@ class SAMModel(keras.Model):
 
         random_state = sam_backend.random_state()
         halves = noise == "step" and replicas == 1
-        (loss, y_pred, new_state, new_metrics), grads, squared = self._clean_pass(
+        (loss, y_pred, new_state, new_metrics), grads, halves_stats = self._gradient_pass(
             grad_fn, halves, weights, state, metrics_state, x, y, sample_weight
         )
         local, reduced = {"clean": grads}, {}
@@ -490,15 +517,21 @@ class SAMModel(keras.Model):
         own = [state[i] for i in positions]
         do_sam, own = self._decide(grads, own, summed)
         noise_stats = {}
+        if noise is not None:
+            if halves:
+                squared, inverse = halves_stats
+            else:
+                squared = rules.dot(grads, grads)
+                inverse = 1.0 / ops.cast(_batch_size(x), "float32")
+            noise_stats = dict(noise_small=squared, noise_inverse=inverse)
         if noise == "step":  # the whole batch: its parts are the halves or the replicas
             (global_grads,) = summed("clean") if replicas > 1 else (grads,)
-            noise_stats = dict(
-                noise_small=squared,
+            noise_stats.update(
                 noise_large=rules.dot(global_grads, global_grads),
                 noise_parts=ops.convert_to_tensor(2.0 if halves else 1.0),
             )
         elif noise == "part":  # one sub-batch: `_step_on_batch` combines them
-            noise_stats = dict(noise_small=squared, noise_clean=list(grads))
+            noise_stats.update(noise_clean=list(grads))
 
         # Only the second gradient evaluation is conditional: collectives
         # (all-reduce under MirroredStrategy) cannot run inside a branch.
@@ -506,7 +539,11 @@ class SAMModel(keras.Model):
             rho = self.current_rho()
             e = self._perturbation(ascent, weights, rho)
             sam_backend.set_random_state(random_state)  # the same dropout mask
-            (_, (loss_adv, _, _, _)), perturbed = grad_fn(
+            # The whole batch (with the halves of the noise scale too: the
+            # descent gradient is the one SAM defines).
+            (loss_adv, _, _, _), perturbed, _ = self._gradient_pass(
+                grad_fn,
+                False,
                 [w + ei for w, ei in zip(weights, e)],
                 state,
                 metrics_state,
@@ -573,12 +610,22 @@ class SAMModel(keras.Model):
         """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
         scalar tensor, the same on every replica) and the updated own state.
         `summed("clean")` is the global clean gradient (see `_sam_step`)."""
-        if self.rho == 0 and type(self).current_rho is SAMModel.current_rho:
+        if self.rho == 0 and self._second_pass_is_sams():
             return False, own  # e = 0: the perturbed gradient is the clean one
         if self.sam_every == 1:
             return True, own
         iteration = ops.convert_to_tensor(self.optimizer.iterations)
         return ops.equal(ops.mod(iteration, self.sam_every), 0), own
+
+    def _second_pass_is_sams(self):
+        """Whether the radius, the perturbation, the combination and the own
+        state after a SAM step are SAMModel's (then `rho=0` needs no second
+        pass: its gradient is the clean one)."""
+        cls = type(self)
+        return all(
+            getattr(cls, name) is getattr(SAMModel, name)
+            for name in ("current_rho", "_perturbation", "_descent", "_after_sam")
+        )
 
     def _after_sam(self, grads, perturbed, own, summed):
         """Own state after a SAM step (`summed`: see `_sam_step`)."""
@@ -654,7 +701,11 @@ class SAMModel(keras.Model):
             dict(loss=zero, sharpness=zero, grad_norm=zero, rho=zero, sam_step=zero),
         )
         if self.noise_scale:
-            carry[-1].update(noise_small=zero, noise_clean=[ops.zeros_like(w) for w in weights])
+            carry[-1].update(
+                noise_small=zero,
+                noise_inverse=zero,
+                noise_clean=[ops.zeros_like(w) for w in weights],
+            )
         carry, y_pred = sam_backend.loop_over(n, body, carry)
         descent_sum, state_sum, carried, metrics, stats_sum = carry
 
@@ -674,22 +725,36 @@ class SAMModel(keras.Model):
     def _noise_terms(self, stats, parts, x):
         """This step's estimates of `|G|^2` and `tr(Sigma)` (`noise_sq`,
         `noise_trace`, the same on every replica) from `stats["noise_small"]`,
-        the replica's mean of `||g_part||^2`, and `stats["noise_large"]`,
-        `||g||^2` of the global clean gradient, both in the step's units
-        (the loss scale, each replica's loss a `1 / replicas` share)."""
+        the replica's mean of `||g_part||^2`, `stats["noise_inverse"]`, its
+        mean of `1 / part size`, and `stats["noise_large"]`, `||g||^2` of the
+        global clean gradient, both norms in the step's units (the loss
+        scale, each replica's loss a `1 / replicas` share). A step whose
+        replicas hold batches of different sizes (a last partial batch) is
+        left out on every replica alike."""
         replicas = sam_backend.num_replicas()
         unit = ops.cast(replicas, "float32") / self._loss_scale()
-        (small,) = sam_backend.all_reduce([stats.pop("noise_small")], "mean")
-        small = ops.cast(small, "float32") * unit**2  # each part's own mean gradient
+        local = ops.cast(_batch_size(x), "float32")
+        small, inverse, batch = sam_backend.all_reduce(
+            [
+                ops.cast(stats.pop("noise_small"), "float32") / replicas,
+                ops.cast(stats.pop("noise_inverse"), "float32") / replicas,
+                local,
+            ],
+            "sum",
+        )
+        (spread,) = sam_backend.all_reduce([ops.abs(local - batch / replicas)], "sum")
+        small = small * unit**2  # each part's own mean gradient
         large = ops.cast(stats.pop("noise_large"), "float32") / self._loss_scale() ** 2
-        batch = ops.cast(_batch_size(x), "float32") * replicas
-        squared, trace = rules.noise_scale_terms(small, large, batch / parts, batch)
-        # Two parts at least, each of one example at least, finite estimates.
+        squared, trace = rules.noise_scale_terms(small, large, 1.0 / inverse, batch)
+        equal = ops.less(spread, 0.5)  # integer sizes: all equal
+        # Two parts at least, each of one example at least, the replicas'
+        # batches of one size, finite estimates.
         valid = ops.all(
             ops.stack(
                 [
                     ops.greater_equal(parts, 2.0),
                     ops.greater_equal(batch, parts),
+                    equal,
                     ops.all(ops.isfinite(ops.stack([squared, trace]))),
                 ]
             )
@@ -704,11 +769,14 @@ class SAMModel(keras.Model):
         index = [id(v) for v in self.non_trainable_variables].index(id(self._noise_average))
         old = state[index]
         terms = ops.stack([stats.pop("noise_sq"), stats.pop("noise_trace")])
-        moved = rules.ema_update([old], [terms], self.noise_scale_decay)[0]
-        average = ops.where(ops.greater(stats.pop("noise_valid"), 0.5), moved, old)
+        moved = rules.ema_update([old[:2]], [terms], self.noise_scale_decay)[0]
+        valid = ops.greater(stats.pop("noise_valid"), 0.5)
+        average = ops.where(valid, ops.concatenate([moved, old[2:] + 1.0]), old)
         new_state = list(new_state)
         new_state[index] = average
-        return new_state, rules.noise_scale(average[0], average[1])
+        # NaN until a step has measured (AdaptiveBatchSize then keeps the batch).
+        measured = rules.noise_scale(average[0], average[1])
+        return new_state, ops.where(ops.greater(average[2], 0), measured, float("nan"))
 
     def _apply(self, descent, variables):
         """`optimizer.apply(descent)`; returns whether the step was taken (a
