@@ -23,6 +23,8 @@ from keras_sam.callbacks.adaptive_batch_size import next_batch_size
 sys.path.insert(0, os.path.dirname(__file__))
 import noise_scale_check as check  # noqa: E402
 from conftest import NOISE_SCALE_RUNS  # noqa: E402
+from test_batch_size_scheduler import Interrupt  # noqa: E402
+from test_batch_size_scheduler import InterruptAt  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")  # the pipelines are tf.data
 
@@ -142,20 +144,6 @@ def build(noise_scale=True, steps=None, **policy_kwargs):
     model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=noise_scale, noise_scale_decay=0.8)
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="mse")
     return model, scheduler, policy
-
-
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Interrupt(epoch)
 
 
 def fit(model, scheduler, *callbacks):
