@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+from forced_devices import with_two_host_devices  # noqa: E402
 
 NUM_LOGICAL_CPUS = 4
 
@@ -43,7 +44,7 @@ def _run_noise_scale_check(backend, parallel, folder):
     cmd = [sys.executable, os.path.join(here, "noise_scale_check.py"), out]
     if parallel:
         cmd.append("--data-parallel")
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        env = with_two_host_devices(env)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{backend}:\n{proc.stderr[-4000:]}"
     with open(out) as f:

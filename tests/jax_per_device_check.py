@@ -3,7 +3,7 @@
 tests/test_jax_per_device.py in a subprocess (the flags must be set before JAX
 starts); prints one JSON line of maximum absolute differences.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
+    NPROC=8 XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
         python tests/jax_per_device_check.py
 """
 

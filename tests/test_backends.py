@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from forced_devices import with_two_host_devices
 
 HERE = os.path.dirname(__file__)
 # (backend, jit, data parallel over 2 forced host devices)
@@ -47,7 +48,7 @@ def outputs(tmp_path_factory):
             cmd.append("--core-only")
         if parallel:
             cmd.append("--data-parallel")
-            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+            env = with_two_host_devices(env)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{backend} jit={jit}:\n{proc.stderr[-4000:]}"
         results[(backend, jit, parallel)] = dict(np.load(out))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from forced_devices import with_two_host_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,12 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def differences():
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
-    env = dict(
-        os.environ,
-        KERAS_BACKEND="jax",
-        CUDA_VISIBLE_DEVICES="",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    )
+    env = with_two_host_devices(dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES=""))
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "jax_per_device_check.py")],
         env=env,
