@@ -11,6 +11,12 @@ interleaved and the medians reported, with the per-round ratios to plain.
 
     KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py            # GPU: batch 256
     KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --small    # CPU smoke run, tiny net
+
+With `--cheaper`, the cheaper steps join the same rounds: SAM and LookSAM with
+the second gradient on one step in five, Momentum-SAM and MESA (one gradient per
+step). Momentum-SAM perturbs along SGD's momentum, so it trains with
+SGD(momentum=0.9) and its cost is taken against plain Keras with that optimizer
+("plain_momentum"); every other ratio is against plain SGD.
 """
 
 import argparse
@@ -30,7 +36,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.architectures import resnet18  # noqa: E402
 from keras_sam.models import GSAMModel  # noqa: E402
 from keras_sam.models import LookSAMModel  # noqa: E402
+from keras_sam.models import MESAModel  # noqa: E402
+from keras_sam.models import MSAMModel  # noqa: E402
 from keras_sam.models import SAMModel  # noqa: E402
+
+BASELINES = {"msam": "plain_momentum", "minimal_sam": "minimal_plain"}
+"""Methods timed against a baseline other than plain SGD: {method: baseline}."""
+
+
+def cost_ratios(times):
+    """`{method: cost / its baseline's cost}` from `{name: [images/s per round]}`:
+    the median over rounds of the baseline's rate over the method's rate (the
+    rounds interleave the methods, so each round's ratio compares like with
+    like). Baselines (plain, plain_momentum, minimal_plain) get no ratio."""
+    baselines = {"plain", *BASELINES.values()}
+    return {
+        name: statistics.median(b / s for b, s in zip(times[BASELINES.get(name, "plain")], rates))
+        for name, rates in times.items()
+        if name not in baselines
+    }
 
 
 def tiny_net(input_shape):
@@ -42,12 +66,12 @@ def tiny_net(input_shape):
     return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
-def compiled_step(model, batch, image):
+def compiled_step(model, batch, image, momentum=0.0):
     """Builds everything with one eager step, then returns (step, state, data)."""
     import jax
 
     model.compile(
-        optimizer=keras.optimizers.SGD(0.1),
+        optimizer=keras.optimizers.SGD(0.1, momentum=momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=False,  # the one build step; the timed step is jitted below
     )
@@ -120,7 +144,14 @@ def main(argv=None):
     parser.add_argument(
         "--cheaper",
         action="store_true",
-        help="also time SAMModel(sam_every=5) and LookSAMModel(sam_every=5)",
+        help="also time SAMModel(sam_every=5), LookSAMModel(sam_every=5), MSAMModel "
+        "(against plain SGD with momentum 0.9) and MESAModel",
+    )
+    parser.add_argument(
+        "--conditional",
+        action="store_true",
+        help="also time SAMModel(sam_every=10**9): the step's conditional with the second "
+        "gradient never taken after the first step, i.e. what the conditional alone costs",
     )
     parser.add_argument("--json", help="write the results to this file too")
     args = parser.parse_args(argv)
@@ -156,11 +187,18 @@ def main(argv=None):
             wrappers += [
                 ("sam_every5", lambda m: SAMModel(m, rho=0.05, sam_every=5)),
                 ("looksam5", lambda m: LookSAMModel(m, rho=0.05, sam_every=5)),
+                ("plain_momentum", lambda m: m),
+                ("msam", lambda m: MSAMModel(m, rho=0.3)),
+                # kl_start_epoch=-1: the teacher's pass runs from the first step
+                ("mesa", lambda m: MESAModel(m, kl_start_epoch=-1)),
             ]
+        if args.conditional:
+            wrappers.append(("conditional", lambda m: SAMModel(m, rho=0.05, sam_every=10**9)))
         for name, wrap in wrappers:
             keras.utils.set_random_seed(0)
             model = wrap(network(input_shape=(args.image, args.image, 3)))
-            runs[name] = list(compiled_step(model, args.batch, args.image))
+            momentum = 0.9 if name in ("plain_momentum", "msam") else 0.0
+            runs[name] = list(compiled_step(model, args.batch, args.image, momentum))
             print(f"[{policy}] compiled {name}", file=sys.stderr, flush=True)
         if args.minimal:
             keras.utils.set_random_seed(0)
@@ -180,15 +218,7 @@ def main(argv=None):
                     times[name].append(args.batch * args.steps / (time.perf_counter() - start))
         keras.mixed_precision.set_global_policy("float32")
         ips = {k: statistics.median(v) for k, v in times.items()}
-        ratio = {
-            k: statistics.median(p / s for p, s in zip(times["plain"], times[k]))
-            for k in runs
-            if k not in ("plain", "minimal_plain", "minimal_sam")
-        }
-        if args.minimal:
-            ratio["minimal_sam"] = statistics.median(
-                p / s for p, s in zip(times["minimal_plain"], times["minimal_sam"])
-            )
+        ratio = cost_ratios(times)
         results["policies"][policy] = {"images_per_second": ips, "cost_ratio": ratio}
         print(
             f"{policy}: plain {ips['plain']:.0f} img/s | SAM {ips['sam']:.0f} img/s "
@@ -197,8 +227,11 @@ def main(argv=None):
         if args.cheaper:
             print(
                 f"{policy}: SAM every 5 x{ratio['sam_every5']:.2f} | "
-                f"LookSAM every 5 x{ratio['looksam5']:.2f}"
+                f"LookSAM every 5 x{ratio['looksam5']:.2f} | "
+                f"Momentum-SAM x{ratio['msam']:.2f} (vs SGD momentum) | MESA x{ratio['mesa']:.2f}"
             )
+        if args.conditional:
+            print(f"{policy}: the conditional alone x{ratio['conditional']:.2f}")
         if args.minimal:
             print(
                 f"{policy}: minimal plain {ips['minimal_plain']:.0f} img/s | minimal SAM "

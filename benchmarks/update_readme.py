@@ -49,6 +49,48 @@ def gpu_step_cost():
     )
 
 
+CHEAPER_GPU = (
+    # (key in cost_ratio, what the docs call it, its baseline)
+    ("sam", "SAM", "plain SGD"),
+    ("sam_every5", "SAM every 5", "plain SGD"),
+    ("looksam5", "LookSAM every 5", "plain SGD"),
+    ("msam", "Momentum-SAM", "plain SGD momentum 0.9"),
+    ("mesa", "MESA", "plain SGD"),
+)
+
+
+def gpu_step_cost_cheaper():
+    """The cheaper steps' cost on the GPU (`gpu_step_cost.py --cheaper`)."""
+    r = json.load(open(os.path.join(RESULTS, "gpu_step_cost_h200.json")))
+    policies = [p for p, v in r["policies"].items() if "msam" in v["cost_ratio"]]
+    if not policies:
+        raise FileNotFoundError(None, None, "gpu_step_cost_h200.json (no --cheaper run)")
+    rows = [
+        "| step | cost against | " + " | ".join(f"{p} cost / plain" for p in policies) + " |",
+        "|---|---|" + "---|" * len(policies),
+    ]
+    for key, name, baseline in CHEAPER_GPU:
+        cells = " | ".join(f"{r['policies'][p]['cost_ratio'][key]:.2f}" for p in policies)
+        rows.append(f"| {name} | {baseline} | {cells} |")
+    return (
+        "\n".join(rows)
+        + f"\n\n({r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+    )
+
+
+def gpu_conditional():
+    """What the step's conditional alone costs on the GPU (`--conditional`)."""
+    r = json.load(open(os.path.join(RESULTS, "gpu_step_cost_conditional_h200.json")))
+    rows = ["| policy | SAM cost / plain | the conditional alone, cost / plain |", "|---|---|---|"]
+    for policy, v in r["policies"].items():
+        ratio = v["cost_ratio"]
+        rows.append(f"| {policy} | {ratio['sam']:.2f} | {ratio['conditional']:.2f} |")
+    return (
+        "\n".join(rows)
+        + f"\n\n({r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+    )
+
+
 def step_cost_cpu():
     r = json.load(open(os.path.join(RESULTS, "step_cost_cpu.json")))
     ms, ratio = r["ms_per_step"], r["ratio"]
@@ -276,6 +318,8 @@ def _adaptive_cells(metric, c):
 
 BLOCKS = {
     "gpu_step_cost": gpu_step_cost,
+    "gpu_step_cost_cheaper": gpu_step_cost_cheaper,
+    "gpu_conditional": gpu_conditional,
     "step_cost_cpu": step_cost_cpu,
     "step_cost_fit_calls": step_cost_fit_calls,
     "batch_switch": from_markdown("batch_switch.md", demote=2),
