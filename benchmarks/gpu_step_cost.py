@@ -12,6 +12,9 @@ interleaved and the medians reported, with the per-round ratios to plain.
     KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py            # GPU: batch 256
     KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --small    # CPU smoke run, tiny net
 
+One policy per process (`--policies float32`, then `--policies mixed_bfloat16
+--merge`) gives both in one file, each run within a shorter time limit.
+
 With `--cheaper`, the cheaper steps join the same rounds: SAM and LookSAM with
 the second gradient on one step in five, Momentum-SAM and MESA (one gradient per
 step). Momentum-SAM perturbs along SGD's momentum, so it trains with
@@ -154,6 +157,11 @@ def main(argv=None):
         "gradient never taken after the first step, i.e. what the conditional alone costs",
     )
     parser.add_argument("--json", help="write the results to this file too")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --json: keep the file's other policies (one run per policy, same card)",
+    )
     args = parser.parse_args(argv)
     if keras.backend.backend() != "jax":
         parser.error("run with KERAS_BACKEND=jax")
@@ -239,9 +247,24 @@ def main(argv=None):
             )
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
+        if args.merge and os.path.exists(args.json):
+            results = merged(json.load(open(args.json)), results)
+        with open(args.json + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
     return results
+
+
+def merged(stored, new):
+    """`stored` with the policies of `new` added or replaced; both must come
+    from the same device, versions and sizes."""
+    same = ("device", "keras", "jax", "batch", "image")
+    if any(stored.get(k) != new[k] for k in same):
+        raise SystemExit(
+            "--merge: the stored results come from another setting "
+            + ", ".join(f"{k}={stored.get(k)!r} (now {new[k]!r})" for k in same)
+        )
+    return dict(stored, policies={**stored["policies"], **new["policies"]})
 
 
 if __name__ == "__main__":

@@ -50,3 +50,27 @@ def test_small_run_times_every_method_with_its_optimizer(tmp_path):
     assert set(policy["images_per_second"]) == timed
     assert set(policy["cost_ratio"]) == timed - {"plain", "plain_momentum", "minimal_plain"}
     assert all(v > 0 for v in policy["images_per_second"].values())
+
+    # A second policy merged into the same file keeps the first.
+    cmd += ["--policies", "mixed_bfloat16", "--merge"]
+    proc = subprocess.run(
+        cmd + ["--json", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    both = json.loads(out.read_text())["policies"]
+    assert both["float32"] == policy and set(both) == {"float32", "mixed_bfloat16"}
+
+
+def test_merge_refuses_results_of_another_setting(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
+    from benchmarks import gpu_step_cost as script
+
+    stored = dict(device="H200", keras="3.15.1", jax="0.11.2", batch=256, image=32)
+    stored["policies"] = {"float32": {"x": 1}}
+    new = dict(stored, policies={"mixed_bfloat16": {"x": 2}})
+    assert script.merged(stored, new)["policies"] == {
+        "float32": {"x": 1},
+        "mixed_bfloat16": {"x": 2},
+    }
+    with pytest.raises(SystemExit, match="batch=256 \\(now 128\\)"):
+        script.merged(stored, dict(new, batch=128))
