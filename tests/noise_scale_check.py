@@ -12,7 +12,9 @@ Cases (`least_squares` gives the data; the weights never move, lr 0):
   halves of each batch, under DataParallel the two devices' shards;
 - `splits`: `num_batch_splits=4`;
 - `adaptive`: `AdaptiveBatchSize` with a cosine rate on a linear model with
-  rho 0 (the logged batch sizes and noise scales, and the final weights).
+  rho 0 (the logged batch sizes and noise scales, and the final weights);
+- `adaptive_resumed`: the same run stopped at the start of epoch RESUME_EPOCH
+  under BackupAndRestore and resumed by a model built anew.
 """
 
 import json
@@ -28,6 +30,7 @@ import keras_sam  # noqa: E402
 
 D, NOISE, BATCH, STEPS, DECAY = 5, 0.5, 64, 800, 0.999
 ADAPTIVE_N, ADAPTIVE_EPOCHS, LR, LR_FINAL, THRESHOLD, MIN_EPOCHS = 256, 8, 0.01, 0.001, 0.5, 2
+RESUME_EPOCH = 5
 
 
 def least_squares(seed=0):
@@ -75,7 +78,26 @@ def adaptive_data():
     return x, y[:, None]
 
 
-def adaptive_case():
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Stops `fit` as a crash would, at the start of epoch `epoch`."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupt()
+
+
+def adaptive_case(backup=None, interrupt_at=None):
+    """The adaptive batch's run; with `backup`, under BackupAndRestore in that
+    folder, stopped at the start of epoch `interrupt_at` when given (then it
+    returns None)."""
     import tensorflow as tf
 
     x, y = adaptive_data()
@@ -93,17 +115,34 @@ def adaptive_case():
     inner = linear(np.zeros(D, "float32"))
     model = keras_sam.SAMModel(inner, rho=0.0, noise_scale=True, noise_scale_decay=0.9)
     model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
-    history = model.fit(
-        dataset_fn(4), epochs=ADAPTIVE_EPOCHS, callbacks=[scheduler], shuffle=False, verbose=0
-    )
+    callbacks = [scheduler]
+    if backup is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(backup))
+    if interrupt_at is not None:
+        callbacks.append(InterruptAt(interrupt_at))
+    try:
+        history = model.fit(
+            dataset_fn(4), epochs=ADAPTIVE_EPOCHS, callbacks=callbacks, shuffle=False, verbose=0
+        )
+    except Interrupt:
+        return None
     return {
         "batch_size": [int(b) for b in history.history["batch_size"]],
         "next_batch_size": [int(b) for b in history.history["next_batch_size"]],
         "noise_scale": [float(v) for v in history.history["noise_scale"]],
-        "kernel": inner.layers[0].kernel.numpy().ravel().tolist()
-        if keras.backend.backend() != "torch"
-        else keras.ops.convert_to_numpy(inner.layers[0].kernel).ravel().tolist(),
+        "kernel": keras.ops.convert_to_numpy(inner.layers[0].kernel).ravel().tolist(),
     }
+
+
+def adaptive_resumed():
+    """The adaptive run stopped at the start of epoch RESUME_EPOCH and resumed by
+    BackupAndRestore in a model built anew: the epochs after the stop."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        backup = os.path.join(folder, "backup")
+        assert adaptive_case(backup, interrupt_at=RESUME_EPOCH) is None
+        return adaptive_case(backup)
 
 
 def main(out, data_parallel):
@@ -112,6 +151,7 @@ def main(out, data_parallel):
     results = {name: noise_case(name) for name in WRAPPERS}
     if not data_parallel:
         results["adaptive"] = adaptive_case()
+        results["adaptive_resumed"] = adaptive_resumed()
     with open(out, "w") as f:
         json.dump(results, f)
 

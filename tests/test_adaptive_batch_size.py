@@ -115,6 +115,23 @@ def test_decisions_follow_the_rule_and_weights_the_replay(noise_scale_backends, 
     assert sizes == reference["batch_size"]
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_backup_and_restore_resumes_like_the_uninterrupted_run(noise_scale_backends, backend):
+    """Stopped at the start of an epoch and resumed by a model built anew, the
+    run logs the uninterrupted run's batch sizes, decisions and noise scales
+    from there on and ends with its weights, on every backend."""
+    if (backend, False) not in noise_scale_backends:
+        pytest.skip(f"{backend} is not installed")
+    full = noise_scale_backends[(backend, False)]["adaptive"]
+    rest = noise_scale_backends[(backend, False)]["adaptive_resumed"]
+    k = check.RESUME_EPOCH
+    assert len(set(full["batch_size"][:k])) >= 2 and len(set(full["batch_size"][k:])) >= 2
+    assert rest["batch_size"] == full["batch_size"][k:]
+    assert rest["next_batch_size"] == full["next_batch_size"][k:]
+    np.testing.assert_allclose(rest["noise_scale"], full["noise_scale"][k:], rtol=1e-6)
+    np.testing.assert_allclose(rest["kernel"], full["kernel"], rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------- in this process (TensorFlow)
 N, D, EPOCHS = 192, 6, 8
 
