@@ -72,9 +72,13 @@ def gpu_step_cost_cheaper():
     for key, name, baseline in CHEAPER_GPU:
         cells = " | ".join(f"{r['policies'][p]['cost_ratio'][key]:.2f}" for p in policies)
         rows.append(f"| {name} | {baseline} | {cells} |")
+    command = (
+        "KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --minimal --cheaper "
+        "--policies float32 --json benchmarks/results/gpu_step_cost_h200.json"
+    )
     return (
-        "\n".join(rows)
-        + f"\n\n({r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+        "\n".join(rows) + f"\n\n(from `{command}`, then `--policies mixed_bfloat16 --merge`; "
+        f"{r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
     )
 
 
@@ -85,9 +89,13 @@ def gpu_conditional():
     for policy, v in r["policies"].items():
         ratio = v["cost_ratio"]
         rows.append(f"| {policy} | {ratio['sam']:.2f} | {ratio['conditional']:.2f} |")
+    command = (
+        "KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --conditional "
+        "--json benchmarks/results/gpu_step_cost_conditional_h200.json"
+    )
     return (
-        "\n".join(rows)
-        + f"\n\n({r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+        "\n".join(rows) + f"\n\n(from `{command}`; "
+        f"{r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
     )
 
 
