@@ -47,7 +47,13 @@ NOT_NUMBERS = [
 ]
 
 
-@pytest.mark.parametrize("value", REALS, ids=repr)
+def value_id(value):
+    """The test id of a parametrized value: its repr without memory addresses,
+    so every pytest-xdist worker collects the same ids."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+@pytest.mark.parametrize("value", REALS, ids=value_id)
 def test_real_accepts_real_scalars_as_python_floats(value):
     out = real("rho", value)
     assert type(out) is float
@@ -55,7 +61,7 @@ def test_real_accepts_real_scalars_as_python_floats(value):
     json.dumps(out)
 
 
-@pytest.mark.parametrize("value", INTEGERS, ids=repr)
+@pytest.mark.parametrize("value", INTEGERS, ids=value_id)
 def test_integer_accepts_integer_scalars_as_python_ints(value):
     out = integer("epochs", value)
     assert type(out) is int and out == 3
@@ -64,7 +70,7 @@ def test_integer_accepts_integer_scalars_as_python_ints(value):
 @pytest.mark.parametrize(
     "value",
     NOT_NUMBERS + [float("nan"), np.float32("nan"), float("inf"), -np.inf, 10**400],
-    ids=repr,
+    ids=value_id,
 )
 def test_real_rejects_non_numbers_and_non_finite(value):
     with pytest.raises(ValueError, match=r"^`rho` must be a finite float; received: "):
@@ -74,7 +80,7 @@ def test_real_rejects_non_numbers_and_non_finite(value):
 @pytest.mark.parametrize(
     "value",
     NOT_NUMBERS + [1.5, 2.0, np.float32(2.0), np.array(2.0), float("nan")],
-    ids=repr,
+    ids=value_id,
 )
 def test_integer_rejects_bools_floats_and_non_numbers(value):
     with pytest.raises(ValueError, match=r"^`epochs` must be an int"):
