@@ -76,10 +76,15 @@ def gpu_step_cost_cheaper():
         "KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --minimal --cheaper "
         "--policies float32 --json benchmarks/results/gpu_step_cost_h200.json"
     )
-    return (
-        "\n".join(rows) + f"\n\n(from `{command}`, then `--policies mixed_bfloat16 --merge`; "
-        f"{r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
+    return "\n".join(rows) + _gpu_footer(
+        r, f"`{command}`, then `--policies mixed_bfloat16 --merge`"
     )
+
+
+def _gpu_footer(r, command):
+    """The line under a GPU table: its command and card."""
+    card = f"{r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']}"
+    return f"\n\n(from {command}; {card})"
 
 
 def gpu_conditional():
@@ -93,10 +98,7 @@ def gpu_conditional():
         "KERAS_BACKEND=jax python benchmarks/gpu_step_cost.py --conditional "
         "--json benchmarks/results/gpu_step_cost_conditional_h200.json"
     )
-    return (
-        "\n".join(rows) + f"\n\n(from `{command}`; "
-        f"{r['device']}, Keras {r['keras']}, JAX {r['jax']}, batch {r['batch']})"
-    )
+    return "\n".join(rows) + _gpu_footer(r, f"`{command}`")
 
 
 def step_cost_cpu():

@@ -234,25 +234,13 @@ def run_adaptive():
     return {**_weights("adaptive", model), **record.arrays("adaptive")}
 
 
-class Interrupt(Exception):
-    pass
-
-
 def run_ramp(backup_dir):
     import keras
+    from interrupts import Interrupt  # tests/, this script's folder
+    from interrupts import InterruptAt
 
     import keras_sam
     from keras_sam.callbacks import BatchSizeScheduler
-
-    class InterruptAt(keras.callbacks.Callback):
-        def __init__(self, epoch):
-            super().__init__()
-            self.epoch = epoch
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == self.epoch:
-                self.epoch = None  # once
-                raise Interrupt(epoch)
 
     def build(steps):
         lr = keras_sam.schedules.CosineAnnealing(

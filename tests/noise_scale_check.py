@@ -25,6 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from interrupts import Interrupt  # noqa: E402  (tests/, this script's folder)
+from interrupts import InterruptAt  # noqa: E402
 
 import keras_sam  # noqa: E402
 
@@ -76,22 +78,6 @@ def adaptive_data():
     x = rng.normal(size=(ADAPTIVE_N, D)).astype("float32")
     y = (x @ rng.normal(size=D) + NOISE * rng.normal(size=ADAPTIVE_N)).astype("float32")
     return x, y[:, None]
-
-
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAt(keras.callbacks.Callback):
-    """Stops `fit` as a crash would, at the start of epoch `epoch`."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Interrupt()
 
 
 def adaptive_case(backup=None, interrupt_at=None):

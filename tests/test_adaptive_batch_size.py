@@ -23,8 +23,8 @@ from keras_sam.callbacks.adaptive_batch_size import next_batch_size
 sys.path.insert(0, os.path.dirname(__file__))
 import noise_scale_check as check  # noqa: E402
 from conftest import NOISE_SCALE_RUNS  # noqa: E402
-from test_batch_size_scheduler import Interrupt  # noqa: E402
-from test_batch_size_scheduler import InterruptAt  # noqa: E402
+from interrupts import Interrupt  # noqa: E402
+from interrupts import InterruptAt  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")  # the pipelines are tf.data
 

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from interrupts import Interrupt
+from interrupts import InterruptAt
 from strategies import mirrored
 
 import keras_sam
@@ -653,22 +655,6 @@ def test_with_tensorboard(tmp_path):
     assert recorder.per_epoch(recorder.batches) == [8, 4]
     assert os.listdir(tmp_path / "tb" / "train")
     assert os.listdir(tmp_path / "tb" / "validation")
-
-
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-        self.fired = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch and not self.fired:
-            self.fired = True
-            raise Interrupt()
 
 
 def _resume_model(seed):
