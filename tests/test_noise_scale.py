@@ -243,16 +243,19 @@ def test_one_gradient_methods_refuse_the_estimate(cls):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "wrapper,kwargs",
     [
-        dict(rho=0.05),
-        dict(rho=0.0),
-        dict(rho=0.05, num_batch_splits=2),
-        dict(rho=0.05, sam_every=2),
+        ("SAMModel", dict(rho=0.05)),
+        ("SAMModel", dict(rho=0.0)),
+        ("SAMModel", dict(rho=0.05, num_batch_splits=2)),
+        ("SAMModel", dict(rho=0.05, sam_every=2)),
+        ("GSAMModel", dict(rho=0.05, alpha=0.1)),
+        ("LookSAMModel", dict(rho=0.05, sam_every=2)),
+        ("AESAMModel", dict(rho=0.05, threshold=0.0)),
     ],
-    ids=["sam", "plain", "splits", "every2"],
+    ids=["sam", "plain", "splits", "every2", "gsam", "looksam", "aesam"],
 )
-def test_the_estimate_adds_no_gradient_evaluation(kwargs):
+def test_the_estimate_adds_no_gradient_evaluation(wrapper, kwargs):
     """Counted in examples through the forward passes: the same with the
     estimate as without (on one device the clean pass runs as two halves)."""
     seen = []
@@ -266,7 +269,7 @@ def test_the_estimate_adds_no_gradient_evaluation(kwargs):
     def examples(noise_scale):
         inputs = keras.Input((3,))
         inner = keras.Model(inputs, keras.layers.Dense(1)(Count()(inputs)))
-        model = keras_sam.SAMModel(inner, noise_scale=noise_scale, **kwargs)
+        model = getattr(keras_sam, wrapper)(inner, noise_scale=noise_scale, **kwargs)
         model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
         x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
         seen.clear()
