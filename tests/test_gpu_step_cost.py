@@ -37,7 +37,9 @@ def test_small_run_times_every_method_with_its_optimizer(tmp_path):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
     out = tmp_path / "gpu.json"
-    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    # This checkout first, then the caller's path (CI's oldest-Keras leg).
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_step_cost.py")]
     cmd += ["--small", "--cheaper", "--conditional", "--minimal", "--policies", "float32"]
     proc = subprocess.run(
