@@ -81,6 +81,50 @@ def oracle_linear_sam(w, b, x, y, rho, alpha):
     return w, b
 
 
+def late_phase(x, y, jit):
+    """`SAMModel(sam_start_epoch=2)` for 4 epochs, and its reference: plain
+    Keras for 2 epochs, then `SAMModel` for 2 with the same optimizer. Both
+    weights (BatchNorm statistics included) and optimizer state (step count,
+    momentum) must be equal exactly."""
+
+    def optimizer():
+        return keras.optimizers.SGD(0.05, momentum=0.9)
+
+    def fit(model, epochs, initial_epoch=0):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            shuffle=False,
+            verbose=0,
+        )
+
+    inner = mlp()
+    model = keras_sam.SAMModel(inner, rho=0.05, sam_start_epoch=2)
+    model.compile(optimizer=optimizer(), loss="mse", jit_compile=jit)
+    fit(model, 4)
+    got = weights_of(inner) + weights_of_optimizer(model.optimizer)
+
+    reference = mlp()
+    shared = optimizer()
+    reference.compile(optimizer=shared, loss="mse", jit_compile=jit)
+    fit(reference, 2)
+    sam = keras_sam.SAMModel(reference, rho=0.05)
+    sam.compile(optimizer=shared, loss="mse", jit_compile=jit)
+    fit(sam, 4, initial_epoch=2)
+    expected = weights_of(reference) + weights_of_optimizer(shared)
+    return {
+        "late_phase": np.concatenate([t.ravel().astype(np.float64) for t in got]),
+        "late_phase_reference": np.concatenate([t.ravel().astype(np.float64) for t in expected]),
+    }
+
+
+def weights_of_optimizer(optimizer):
+    return [np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables]
+
+
 def weights_of(model):
     return [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights]
 
@@ -130,9 +174,21 @@ def main(out, jit, data_parallel=False, core_only=False):
         # classifier) MESA's distillation from the moving average.
         "mlp_msam": lambda m: keras_sam.MSAMModel(m, rho=0.3),
     }
+    # The same schedules one step per call: each step's kind chosen on the
+    # host, one compiled function per kind (no conditional in the step).
+    host_chosen = {
+        "mlp_every_host": cheaper["mlp_every"],
+        "mlp_looksam_host": cheaper["mlp_looksam"],
+        "mlp_late": lambda m: keras_sam.SAMModel(m, rho=0.05, sam_every=2, sam_start_epoch=1),
+    }
     cases.update(cheaper)
+    cases.update(host_chosen)
     if core_only:  # torch.compile takes minutes per model on a CPU
-        cases = {"mlp_gsam": cases["mlp_gsam"], "mlp_aesam": cases["mlp_aesam"]}
+        cases = {
+            "mlp_gsam": cases["mlp_gsam"],
+            "mlp_aesam": cases["mlp_aesam"],
+            "mlp_late": cases["mlp_late"],
+        }
     for name, wrap in cases.items():
         inner = mlp()
         model = wrap(inner)
@@ -140,6 +196,7 @@ def main(out, jit, data_parallel=False, core_only=False):
             model.sync_perturbation = True
         lr = keras_sam.schedules.CosineAnnealing(0.1, 0.001, epochs=2, steps_per_epoch=steps)
         per_execution = 2 if name in cheaper and keras.backend.backend() != "torch" else 1
+        per_execution = 1 if name in host_chosen else per_execution
         momentum = 0.9 if name == "mlp_msam" else 0.0
         model.compile(
             optimizer=keras.optimizers.SGD(lr, momentum=momentum),
@@ -187,6 +244,7 @@ def main(out, jit, data_parallel=False, core_only=False):
         [history.history[k][-1] for k in ("loss", "kl", "grad_norm")]
     )
 
+    results.update(late_phase(x, y, jit))
     if core_only:
         np.savez(out, **results)
         return

@@ -68,6 +68,9 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
         np.testing.assert_allclose(
             got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6, err_msg=name
         )
+    # Late-phase SAM: plain Keras first, then SAM, exactly (weights,
+    # BatchNorm statistics, optimizer step count and momentum).
+    np.testing.assert_array_equal(got["late_phase"], got["late_phase_reference"])
     reference = outputs[("tensorflow", False, False)]
     core_only = "scheduler_steps" not in got
     if not core_only:
@@ -82,7 +85,7 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
     # torch.compile: GSAM, AE-SAM for the conditional second pass and the
     # wrapper's own state, MESA for the teacher pass and its average.
     names = (
-        ["mlp_gsam", "mlp_aesam", "cls_mesa"]
+        ["mlp_gsam", "mlp_aesam", "cls_mesa", "mlp_late"]
         if core_only
         else [
             "mlp_sam",
@@ -94,8 +97,16 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
             "mlp_aesam",
             "mlp_msam",
             "cls_mesa",
+            "mlp_every_host",
+            "mlp_looksam_host",
+            "mlp_late",
         ]
     )
+    if "mlp_every" in names:  # chosen on the host == chosen in the step
+        for name in ("mlp_every", "mlp_looksam"):
+            np.testing.assert_allclose(
+                got[name + "_host"], got[name], rtol=1e-5, atol=1e-6, err_msg=name
+            )
     for name in names:
         np.testing.assert_allclose(
             got[name],

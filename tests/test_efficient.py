@@ -15,6 +15,7 @@ import tensorflow as tf
 from strategies import mirrored
 
 import keras_sam
+from keras_sam.models import host_steps
 
 D, BATCH, LR = 5, 8, 0.1
 
@@ -348,9 +349,12 @@ def test_replicas_perturbing_apart_match_the_float64_reference(name):
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-4, atol=1e-6, err_msg=v.path)
 
 
-def collective_reductions(model):
-    """All-reduce ops in `model.train_step` traced under its strategy: every
-    replica's copy, inside conditionals (library functions) too."""
+def collective_reductions(model, kind=host_steps.IN_STEP):
+    """All-reduce ops in `model.train_step` traced under its strategy for
+    one kind of step (by default the step that chooses inside, so both
+    kinds' collectives): every replica's copy, inside conditionals (library
+    functions) too."""
+    model._host_steps.kind = kind
     strategy = model.distribute_strategy
     step = tf.function(lambda x, y: strategy.run(model.train_step, args=((x, y),)))
     graph = step.get_concrete_function(
@@ -397,3 +401,7 @@ def test_the_clean_gradient_is_all_reduced_at_most_once_per_step(name, sync):
         }[name]
     )
     assert collective_reductions(model) == strategy.num_replicas_in_sync * per_replica
+    if name == "looksam":  # the steps chosen on the host: no more than inside
+        for kind in (host_steps.SAM, host_steps.BETWEEN):
+            count = collective_reductions(model, kind)
+            assert count <= strategy.num_replicas_in_sync * per_replica, kind

@@ -86,6 +86,8 @@ class AESAMModel(SAMModel):
         )
         return config
 
+    _decides_from_data = True
+
     def _switches_steps(self):
         return True
 

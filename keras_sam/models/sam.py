@@ -1,32 +1,22 @@
-"""SAMModel: any Keras model trained with SAM or ASAM through plain `fit`,
-and the step every wrapper of this package shares.
+"""SAMModel: any Keras model trained with SAM or ASAM through plain `fit`.
 
-The step (`SAMModel._sam_step`) is written once, with `keras.ops` and the
-gradient evaluations of `keras_sam.backend`; the math it calls lives in
-`keras_sam.rules`. Both passes evaluate the model statelessly on the SAME batch
-with the SAME starting state (BatchNorm statistics, dropout seeds), in training
-mode; only the clean pass's state updates are kept, so BatchNorm moving
-statistics move once per step. The other wrappers change one hook each:
-`_descent` (GSAM), `_decide` / `_plain_descent` / `_after_sam` (every-k,
-LookSAM, AE-SAM), `current_rho` (GSAM's radius).
+The method in one screen: `_perturbation` (SAM's `e = rho g / ||g||`, ASAM's
+scaled form), `_descent` (descend along the gradient at `w + e`) and
+`current_rho`; the math is in `keras_sam.rules`. Where the step runs (the two
+gradient passes, sub-batches, replicas, the train steps) is
+`keras_sam.models.engine`; which kind of step runs next (`sam_every`,
+`sam_start_epoch`) is chosen on the host by `keras_sam.models.host_steps`.
 """
 
 import keras
-from keras import ops
-from keras import tree
 
 from keras_sam import _validation
-from keras_sam import backend as sam_backend
 from keras_sam import rules
-from keras_sam.models._batches import _batch_size
-from keras_sam.models._batches import _first_batch_size
-from keras_sam.models._batches import _static_batch_size
+from keras_sam.models.engine import TRAINING_STATISTICS  # noqa: F401 (public name)
+from keras_sam.models.engine import StepEngine
 
 ADAPTIVE_SCOPES = ("weights", "kernels", "all")
 """Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
-
-TRAINING_STATISTICS = ("sharpness", "grad_norm", "rho", "sam_fraction", "kl", "noise_scale")
-"""Logged by the training step only; `evaluate` and validation omit them."""
 
 
 def asam_scaled(variables, scope):
@@ -50,7 +40,7 @@ def asam_scaled(variables, scope):
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
-class SAMModel(keras.Model):
+class SAMModel(StepEngine):
     """Wraps a Keras model so that `fit` trains it with SAM or adaptive SAM.
 
     Each training step evaluates the gradient `g` of the loss on the batch,
@@ -110,11 +100,15 @@ class SAMModel(keras.Model):
             weight changes); a last partial batch is cut into parts whose
             sizes differ by at most one.
         sam_every: take the SAM step (two gradient evaluations) only when
-            `optimizer.iterations % sam_every == 0`, and a plain step with the
-            clean gradient (one evaluation) otherwise; the choice is made
-            inside the compiled step. `1` (default): every step. History then
-            also logs `sam_fraction`, and `sharpness` / `rho` average the SAM
-            steps only.
+            the step count (`optimizer.iterations`) is a multiple of
+            `sam_every`, and a plain step with the clean gradient (one
+            evaluation) otherwise. `1` (default): every step. In `fit` the
+            kind of each step is chosen on the host before it runs, so a
+            plain step is a separately compiled function that costs what a
+            plain Keras step costs (`keras_sam.models.host_steps`; with
+            `steps_per_execution > 1` the choice is made inside the compiled
+            step). History then also logs `sam_fraction`, and `sharpness` /
+            `rho` average the SAM steps only.
         sub_batch_size: alternative to `num_batch_splits`: sub-batches of this
             many examples, so m stays fixed when the batch size grows (with
             `keras_sam.callbacks.BatchSizeScheduler`). A batch of `b` examples
@@ -136,6 +130,12 @@ class SAMModel(keras.Model):
         noise_scale_decay: the decay of the moving averages of `|G|^2` and
             `tr(Sigma)` over steps, in `[0, 1)`; they are non-trainable
             variables of the wrapper, so checkpoints keep them.
+        sam_start_epoch: late-phase SAM (Zhou et al., ICLR 2025): plain
+            steps (the clean gradient, as plain Keras) in the epochs before
+            this one, counted from 0 as Keras counts them, and the wrapper's
+            usual steps from it on. `0` (default): from the start. Epochs are
+            those of `fit` (`initial_epoch` and `BackupAndRestore` included);
+            `train_on_batch` takes the usual steps.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -161,227 +161,36 @@ class SAMModel(keras.Model):
         sam_every=1,
         noise_scale=False,
         noise_scale_decay=0.99,
+        sam_start_epoch=0,
         **kwargs,
     ):
-        allow_unbuilt = kwargs.pop("_allow_unbuilt", False)
-        if not isinstance(model, keras.Model):
-            raise TypeError(
-                "`model` must be a keras.Model (Sequential, functional or "
-                f"subclassed), got {type(model).__name__}."
-            )
-        if not (model.built and model.variables) and not allow_unbuilt:
-            raise ValueError(
-                f"`model` ({model.name}) is not built, so its variables do not "
-                "exist yet. Build it first: give it an `keras.Input`, call it "
-                "on a batch, or call `model.build(input_shape)`."
-            )
         self.rho = _validation.real("rho", rho, low=0)
         self.eta = _validation.real("eta", eta, low=0)
         self.adaptive = bool(adaptive)
         self.adaptive_scope = _validation.one_of("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
-        self.sync_perturbation = bool(sync_perturbation)
-        self.num_batch_splits = _validation.integer(
-            "num_batch_splits", num_batch_splits, low=1, allow_none=True
+        super().__init__(
+            model,
+            sync_perturbation=sync_perturbation,
+            num_batch_splits=num_batch_splits,
+            sub_batch_size=sub_batch_size,
+            sam_every=sam_every,
+            sam_start_epoch=sam_start_epoch,
+            noise_scale=noise_scale,
+            noise_scale_decay=noise_scale_decay,
+            **kwargs,
         )
-        self.sub_batch_size = _validation.integer(
-            "sub_batch_size", sub_batch_size, low=1, allow_none=True
-        )
-        if self.num_batch_splits and self.sub_batch_size:
-            raise ValueError("Pass at most one of `num_batch_splits` and `sub_batch_size`.")
-        self.sam_every = _validation.integer("sam_every", sam_every, low=1)
-        self.noise_scale = _validation.one_of("noise_scale", noise_scale, (False, True))
-        self.noise_scale_decay = _validation.real(
-            "noise_scale_decay", noise_scale_decay, low=0, high=1, high_inclusive=False
-        )
-        if self.noise_scale and type(self)._sam_step is not SAMModel._sam_step:
-            raise ValueError(
-                f"{type(self).__name__} does not estimate the gradient noise scale: "
-                "`noise_scale` must be False (SAMModel, GSAMModel, LookSAMModel and "
-                "AESAMModel estimate it)."
-            )
-        self._noise_average = None
-        super().__init__(**kwargs)
-        self.inner = model
-        logged = self._logged_statistics
-        self._sharpness_tracker = self._rho_tracker = None
-        if "sharpness" in logged:
-            self._sharpness_tracker = keras.metrics.Mean(name="sharpness")
-        self._grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
-        if "rho" in logged:
-            self._rho_tracker = keras.metrics.Mean(name="rho")
-        self._sam_fraction_tracker = None
-        if self._switches_steps():
-            self._sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
-        if model.built:
-            self.built = True
-            self._build_own_state()
-            self._build_noise_state()
-
-    _logged_statistics = ("sharpness", "grad_norm", "rho")
-    """The training statistics History gets besides the loss and metrics."""
-
-    def _switches_steps(self):
-        """Whether some steps are plain (then `sam_fraction` is logged)."""
-        return self.sam_every > 1
-
-    def _build_own_state(self):
-        """Creates the variables of `_own_state_variables` (none here)."""
-
-    def _build_noise_state(self):
-        """The moving averages of `|G|^2` and `tr(Sigma)` and the count of
-        the steps that measured (`noise_scale=True`)."""
-        if self.noise_scale and self._noise_average is None:
-            self._noise_average = self.add_weight(
-                shape=(3,),
-                dtype="float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                name="noise_scale_averages",
-            )
-
-    # ----------------------------------------------------------- keras.Model
-    def call(self, inputs, training=None):
-        return self.inner(inputs, training=training)
-
-    def build(self, input_shape=None):
-        if not self.inner.built:
-            self.inner.build(input_shape)
-        if not self.built:
-            self._build_own_state()
-            self._build_noise_state()
-        self.built = True
-
-    @property
-    def output_names(self):
-        """The wrapped model's output names (so that `compile` maps a loss or
-        metrics dict onto its outputs); an AttributeError when it has none."""
-        return self.inner.output_names
-
-    def export(self, filepath, *args, **kwargs):
-        """Exports the wrapped model for inference (`keras.Model.export`).
-
-        The wrapper only changes how `fit` trains; serving runs `model`'s own
-        forward pass, so the artifact is the wrapped model's, with the same
-        arguments as `keras.Model.export`.
-        """
-        return self.inner.export(filepath, *args, **kwargs)
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            model=keras.saving.serialize_keras_object(self.inner),
             rho=self.rho,
             adaptive=self.adaptive,
             eta=self.eta,
-            sync_perturbation=self.sync_perturbation,
-            num_batch_splits=self.num_batch_splits,
-            sub_batch_size=self.sub_batch_size,
             adaptive_scope=self.adaptive_scope,
-            sam_every=self.sam_every,
-            noise_scale=self.noise_scale,
-            noise_scale_decay=self.noise_scale_decay,
         )
         return config
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        model = keras.saving.deserialize_keras_object(
-            config.pop("model"), custom_objects=custom_objects
-        )
-        config.pop("trainable", None)
-        config.pop("dtype", None)
-        return cls(model, _allow_unbuilt=True, **config)
-
-    # ------------------------------------------------------- batch splitting
-    def num_splits(self, batch_size):
-        """Sub-batches per replica for a per-replica batch of `batch_size`.
-
-        Raises:
-            ValueError: if `num_batch_splits` / `sub_batch_size` does not
-                divide `batch_size`.
-        """
-        if self.num_batch_splits:
-            k, name = self.num_batch_splits, "num_batch_splits"
-        elif self.sub_batch_size:
-            k, name = self.sub_batch_size, "sub_batch_size"
-        else:
-            return 1
-        if batch_size % k:
-            raise ValueError(
-                f"`{name}`={k} does not divide the per-replica batch size "
-                f"{batch_size}. Use a batch size that is a multiple of {k} "
-                "(and drop the last partial batch)."
-            )
-        return k if self.num_batch_splits else batch_size // k
-
-    def _splits_in_step(self, x):
-        """Sub-batches for the batch `x` inside the step: an int, or (on
-        TensorFlow, batch size unknown at trace time) a scalar tensor."""
-        if not (self.num_batch_splits or self.sub_batch_size):
-            return 1
-        static = _static_batch_size(x)
-        if static is not None:
-            if self.num_batch_splits:
-                return min(self.num_batch_splits, static)
-            return -(-static // self.sub_batch_size)
-        if self.sync_perturbation and sam_backend.num_replicas() > 1:
-            raise ValueError(
-                "`sync_perturbation=True` with `num_batch_splits` / "
-                "`sub_batch_size` under a tf.distribute strategy needs batch "
-                "sizes known when the step is traced: batch the dataset with "
-                "`drop_remainder=True`."
-            )
-        size = _batch_size(x)
-        if self.num_batch_splits:  # a tensor too, so both run the same loop
-            return ops.minimum(ops.cast(self.num_batch_splits, size.dtype), size)
-        return (size + self.sub_batch_size - 1) // self.sub_batch_size
-
-    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
-        """`keras.Model.fit`, with the batch split and GSAM's learning-rate
-        range checked before the first step."""
-        from keras_sam._multi_worker import check_not_multi_worker
-
-        check_not_multi_worker(self)  # MultiWorkerMirroredStrategy: clear error
-        if self.noise_scale:
-            self._check_mean_reduced_loss()
-        if self.num_batch_splits or self.sub_batch_size:
-            size, x = _first_batch_size(x, batch_size)
-            if size is not None:
-                self.num_splits(size // self._replicas_for_splits())
-        self._before_fit()
-        return super().fit(x, y, batch_size, *args, **kwargs)
-
-    MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
-    """Loss reductions under which a batch's gradient is the size-weighted
-    mean of its parts' (what the noise scale estimate compares)."""
-
-    def _check_mean_reduced_loss(self):
-        losses = [loss for loss in tree.flatten(getattr(self, "loss", None)) if loss is not None]
-        for loss in losses:
-            reduction = getattr(loss, "reduction", "sum_over_batch_size")
-            if reduction not in self.MEAN_REDUCTIONS:
-                raise ValueError(
-                    f"`noise_scale=True` needs a mean-reduced loss (the gradient of a "
-                    f"batch the mean of its parts'); {type(loss).__name__} has "
-                    f"reduction={reduction!r}. Use reduction='sum_over_batch_size' (the "
-                    "default), or noise_scale=False."
-                )
-
-    def _replicas_for_splits(self):
-        """Replicas that each split their own slice of the global batch."""
-        strategy = getattr(self, "distribute_strategy", None)  # TF only
-        if strategy is not None:
-            return getattr(strategy, "num_replicas_in_sync", 1)
-        if not self.sync_perturbation and hasattr(sam_backend, "per_device_count"):
-            return sam_backend.per_device_count()  # JAX DataParallel
-        return 1
-
-    def _before_fit(self):
-        """Hook run by `fit` before any step (GSAMModel reads its lr range)."""
-
-    # ------------------------------------------------------------- the step
+    # ---------------------------------------------------------- the method
     def current_rho(self):
         """The radius for this step (a float; GSAMModel ties it to the lr)."""
         return self.rho
@@ -398,224 +207,13 @@ class SAMModel(keras.Model):
         """How the two gradients combine; SAM takes the perturbed one."""
         return list(perturbed_grads)
 
-    def _loss_and_state(self, weights, state, metrics_state, x, y, sample_weight, extra_loss=None):
-        """One stateless forward pass in training mode at `weights`, `state`.
-
-        `extra_loss(y_pred)`, when given, is a batch-mean term added to the
-        compiled loss (MESA's distillation term).
-
-        Returns `(scaled_loss, (loss, y_pred, new_state, new_metrics_state))`.
-        """
-        mapping = list(zip(self.trainable_variables, weights))
-        mapping += list(zip(self.non_trainable_variables, state))
-        mapping += list(zip(self.metrics_variables, metrics_state))
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-            y_pred = self(x, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            if extra_loss is not None:
-                loss = loss + sam_backend.keras_loss_share(extra_loss(y_pred))
-        loss = sam_backend.replica_loss(loss)
-        new_state = [scope.get_current_value(v) for v in self.non_trainable_variables]
-        # compute_loss updates the per-output loss metrics of a loss dict.
-        new_metrics = [scope.get_current_value(v) for v in self.metrics_variables]
-        scaled = self.optimizer.scale_loss(loss) if self.optimizer else loss
-        return scaled, (loss, y_pred, new_state, new_metrics)
-
-    def _gradient_pass(self, grad_fn, halves, weights, state, metrics_state, x, y, sample_weight):
-        """One gradient evaluation on the batch: `((loss, y_pred, new_state,
-        new_metrics), grads, halves_stats)`.
-
-        With `halves` (the noise scale on one device) the batch is evaluated
-        as its two halves, the same work: the gradient and loss are their
-        size-weighted means (what a mean-reduced loss of the whole batch
-        gives), float state (BatchNorm statistics) the mean of their updates,
-        other state (seed counters) and the metrics are carried from the
-        first half to the second (so Dropout draws one mask per half, not
-        the whole batch's mask the perturbed pass draws). `halves_stats` is
-        then `(mean of the halves' ||g||^2, mean of 1 / their sizes)`, else
-        None.
-        """
-        if not halves:
-            (_, outputs), grads = grad_fn(weights, state, metrics_state, x, y, sample_weight)
-            return outputs, grads, None
-        size = _batch_size(x)
-        half = size // 2
-        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
-        results, carried, metrics = [], list(state), list(metrics_state)
-        for start, stop in ((0, half), (half, size)):
-
-            def cut(t, start=start, stop=stop):
-                return None if t is None else tree.map_structure(lambda a: a[start:stop], t)
-
-            begin = [s if f else c for s, c, f in zip(state, carried, is_float)]
-            (_, (loss, y_pred, carried, metrics)), grads = grad_fn(
-                weights, begin, metrics, cut(x), cut(y), cut(sample_weight)
-            )
-            results.append((ops.cast(stop - start, "float32"), loss, y_pred, carried, grads))
-        (b1, l1, p1, n1, g1), (b2, l2, p2, n2, g2) = results
-        s1, s2 = b1 / (b1 + b2), b2 / (b1 + b2)
-        grads = [ops.cast(s1, a.dtype) * a + ops.cast(s2, b.dtype) * b for a, b in zip(g1, g2)]
-        loss = ops.cast(s1, l1.dtype) * l1 + ops.cast(s2, l2.dtype) * l2
-        y_pred = tree.map_structure(lambda a, b: ops.concatenate([a, b], axis=0), p1, p2)
-        new_state = [(a + b) / 2 if f else b for a, b, f in zip(n1, n2, is_float)]
-        squared = (rules.dot(g1, g1) + rules.dot(g2, g2)) / 2
-        # Parts of b1 and b2 examples: E||g_part||^2 = |G|^2 + tr(Sigma) / b,
-        # averaged, so the small size is their harmonic mean.
-        inverse = (1.0 / ops.maximum(b1, 1.0) + 1.0 / b2) / 2
-        static = _static_batch_size(x)
-        if static is None or static < 2:
-            # A batch of one example (a last partial batch): its empty first
-            # half would put NaN into BatchNorm statistics; the second half
-            # is the whole batch then (`_noise_terms` leaves the step out).
-            two = ops.greater(half, 0)
-            grads = [ops.where(two, g, b) for g, b in zip(grads, g2)]
-            loss = ops.where(two, loss, l2)
-            new_state = [
-                ops.where(two, a, b) if f else a for a, b, f in zip(new_state, n2, is_float)
-            ]
-            squared = ops.where(two, squared, rules.dot(g2, g2))
-        return (loss, y_pred, new_state, metrics), grads, (squared, inverse)
-
-    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight, noise=None):
-        """Descent gradients and new state for one batch (one replica).
-
-        The clean pass always runs; the perturbed pass only on the steps
-        where `_decide` says so (every step by default), inside one compiled
-        conditional, so a plain step costs one gradient evaluation.
-
-        The hooks get `summed(*names)`: this step's `"clean"` and/or
-        `"perturbed"` gradients summed over the replicas, one list per name.
-        Each is all-reduced at most once per step (the clean one is `ascent`
-        with `sync_perturbation=True`), those not reduced yet in one
-        collective; `"perturbed"` exists once the second pass has run, i.e.
-        in `_after_sam` and `_plain_descent`.
-        """
-        grad_fn = sam_backend.value_and_grad(self._loss_and_state)
-        replicas = sam_backend.num_replicas()
-
-        random_state = sam_backend.random_state()
-        halves = noise == "step" and replicas == 1
-        (loss, y_pred, new_state, new_metrics), grads, halves_stats = self._gradient_pass(
-            grad_fn, halves, weights, state, metrics_state, x, y, sample_weight
-        )
-        local, reduced = {"clean": grads}, {}
-        ascent = grads
-        if self.sync_perturbation and replicas > 1:
-            ascent = reduced["clean"] = sam_backend.all_reduce(grads, "sum")
-
-        def summed(*names):
-            missing = [n for n in names if n not in reduced]
-            if missing:
-                flat = sam_backend.all_reduce([g for n in missing for g in local[n]], "sum")
-                for n in missing:
-                    reduced[n], flat = flat[: len(local[n])], flat[len(local[n]) :]
-            return [reduced[n] for n in names]
-
-        positions = self._own_state_positions()
-        own = [state[i] for i in positions]
-        do_sam, own = self._decide(grads, own, summed)
-        noise_stats = {}
-        if noise is not None:
-            if halves:
-                squared, inverse = halves_stats
-            else:
-                squared = rules.dot(grads, grads)
-                inverse = 1.0 / ops.cast(_batch_size(x), "float32")
-            noise_stats = dict(noise_small=squared, noise_inverse=inverse)
-        if noise == "step":  # the whole batch: its parts are the halves or the replicas
-            (global_grads,) = summed("clean") if replicas > 1 else (grads,)
-            noise_stats.update(
-                noise_large=rules.dot(global_grads, global_grads),
-                noise_parts=ops.convert_to_tensor(2.0 if halves else 1.0),
-            )
-        elif noise == "part":  # one sub-batch: `_step_on_batch` combines them
-            noise_stats.update(noise_clean=list(grads))
-
-        # Only the second gradient evaluation is conditional: collectives
-        # (all-reduce under MirroredStrategy) cannot run inside a branch.
-        def second_pass():
-            rho = self.current_rho()
-            e = self._perturbation(ascent, weights, rho)
-            sam_backend.set_random_state(random_state)  # the same dropout mask
-            # The whole batch (with the halves of the noise scale too: the
-            # descent gradient is the one SAM defines).
-            (loss_adv, _, _, _), perturbed, _ = self._gradient_pass(
-                grad_fn,
-                False,
-                [w + ei for w, ei in zip(weights, e)],
-                state,
-                metrics_state,
-                x,
-                y,
-                sample_weight,
-            )
-            sharpness = ops.cast((loss_adv - loss) * replicas, "float32")
-            return list(perturbed), sharpness, ops.cast(rho, "float32")
-
-        def no_second_pass():
-            zero = ops.zeros((), "float32")
-            return list(grads), zero, zero
-
-        if do_sam is True:
-            perturbed, sharpness, rho = second_pass()
-        elif do_sam is False:
-            perturbed, sharpness, rho = no_second_pass()
-        else:
-            perturbed, sharpness, rho = ops.cond(do_sam, second_pass, no_second_pass)
-        local["perturbed"] = perturbed
-        if do_sam is False:  # a plain step, decided when the step is traced
-            descent = self._plain_descent(grads, own, summed)
-        elif self.sync_perturbation and replicas > 1 and self._descent_uses_clean_gradient:
-            # The combination needs the global gradients; every replica
-            # computes the same global direction and hands apply() its share.
-            (gp_all,) = summed("perturbed")
-            descent = [d / replicas for d in self._descent(ascent, gp_all)]
-        else:
-            descent = self._descent(grads, perturbed)
-        if do_sam is True:
-            own = self._after_sam(grads, perturbed, own, summed)
-        elif do_sam is not False:
-            sam_own = self._after_sam(grads, perturbed, own, summed)
-            plain = self._plain_descent(grads, own, summed)
-            descent = [ops.where(do_sam, d, p) for d, p in zip(descent, plain)]
-            own = [ops.where(do_sam, n, o) for n, o in zip(sam_own, own)]
-        for i, value in zip(positions, own):
-            new_state[i] = value
-        grad_norm = rules.global_norm(ascent)
-        if not self.sync_perturbation:
-            grad_norm = grad_norm * replicas
-        stats = dict(
-            loss=ops.cast(loss, "float32"),
-            sharpness=sharpness,
-            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
-            rho=rho,
-            sam_step=ops.cast(do_sam, "float32"),
-            **noise_stats,
-        )
-        return descent, new_state, new_metrics, stats, y_pred
-
-    # --------------------------------------------- when to take a SAM step
-    def _own_state_variables(self):
-        """The wrapper's own state kept across steps (LookSAM's direction,
-        AE-SAM's statistics): non-trainable variables, saved with the model."""
-        return []
-
-    def _own_state_positions(self):
-        index = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
-        return [index[id(v)] for v in self._own_state_variables()]
-
     def _decide(self, grads, own, summed):
         """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
         scalar tensor, the same on every replica) and the updated own state.
         `summed("clean")` is the global clean gradient (see `_sam_step`)."""
         if self.rho == 0 and self._second_pass_is_sams():
             return False, own  # e = 0: the perturbed gradient is the clean one
-        if self.sam_every == 1:
-            return True, own
-        iteration = ops.convert_to_tensor(self.optimizer.iterations)
-        return ops.equal(ops.mod(iteration, self.sam_every), 0), own
+        return super()._decide(grads, own, summed)
 
     def _second_pass_is_sams(self):
         """Whether the radius, the perturbation, the combination and the own
@@ -627,297 +225,6 @@ class SAMModel(keras.Model):
             for name in ("current_rho", "_perturbation", "_descent", "_after_sam")
         )
 
-    def _after_sam(self, grads, perturbed, own, summed):
-        """Own state after a SAM step (`summed`: see `_sam_step`)."""
-        return list(own)
-
-    def _after_apply(self, trainable, state):
-        """The non-trainable state after the optimizer moved the weights to
-        `trainable` (MESA's moving average); unchanged by default."""
-        return state
-
-    def _plain_descent(self, grads, own, summed):
-        """The descent gradient of a plain step: the clean gradient
-        (`summed`: see `_sam_step`)."""
-        return list(grads)
-
-    def _loss_scale(self):
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        return 1.0 if scale is None else ops.cast(scale, "float32")
-
-    def _step_on_batch(self, weights, state, metrics_state, x, y, sample_weight):
-        """Runs `_sam_step` on the whole batch or on its sub-batches.
-
-        With sub-batches each gets its own perturbation and the descent
-        gradients are averaged; floating-point state (BatchNorm statistics)
-        becomes the mean of the sub-batches' updates (for BatchNorm: one
-        update with the mean of the sub-batch statistics), other state (seed
-        counters) and the metrics are carried from one sub-batch to the next.
-
-        Returns `(descent, new_state, new_metrics, stats, y_pred)`.
-        """
-        n = self._splits_in_step(x)
-        if isinstance(n, int) and n == 1:
-            noise = {"noise": "step"} if self.noise_scale else {}
-            descent, new_state, metrics, stats, y_pred = self._sam_step(
-                weights, state, metrics_state, x, y, sample_weight, **noise
-            )
-            if self.noise_scale:
-                parts = stats.pop("noise_parts") * sam_backend.num_replicas()
-                stats.update(self._noise_terms(stats, parts, x))
-            return descent, new_state, metrics, stats, y_pred
-        noise = {"noise": "part"} if self.noise_scale else {}
-        size = _batch_size(x)
-        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
-
-        def part(t, i):
-            return (
-                None
-                if t is None
-                else tree.map_structure(lambda a: a[i * size // n : (i + 1) * size // n], t)
-            )
-
-        def body(i, carry):
-            descent_sum, state_sum, carried, metrics, stats_sum = carry
-            start = [s if f else c for s, c, f in zip(state, carried, is_float)]
-            descent, new_state, metrics, stats, y_pred = self._sam_step(
-                weights, start, metrics, part(x, i), part(y, i), part(sample_weight, i), **noise
-            )
-            carry = (
-                [a + b for a, b in zip(descent_sum, descent)],
-                [a + b if f else a for a, b, f in zip(state_sum, new_state, is_float)],
-                new_state,
-                metrics,
-                tree.map_structure(lambda a, b: a + b, stats_sum, stats),
-            )
-            return carry, y_pred
-
-        zero = ops.zeros((), "float32")
-        carry = (
-            [ops.zeros_like(w) for w in weights],
-            [ops.zeros_like(s) if f else s for s, f in zip(state, is_float)],
-            list(state),
-            list(metrics_state),
-            dict(loss=zero, sharpness=zero, grad_norm=zero, rho=zero, sam_step=zero),
-        )
-        if self.noise_scale:
-            carry[-1].update(
-                noise_small=zero,
-                noise_inverse=zero,
-                noise_clean=[ops.zeros_like(w) for w in weights],
-            )
-        carry, y_pred = sam_backend.loop_over(n, body, carry)
-        descent_sum, state_sum, carried, metrics, stats_sum = carry
-
-        def mean(t):
-            return t / ops.cast(n, t.dtype)
-
-        new_state = [mean(s) if f else c for s, c, f in zip(state_sum, carried, is_float)]
-        stats = tree.map_structure(mean, stats_sum)
-        if self.noise_scale:
-            # The parts: the sub-batches of every replica, all at `w`.
-            clean = sam_backend.all_reduce(stats.pop("noise_clean"), "sum")
-            stats["noise_large"] = rules.dot(clean, clean)
-            parts = ops.cast(n, "float32") * sam_backend.num_replicas()
-            stats.update(self._noise_terms(stats, parts, x))
-        return [mean(d) for d in descent_sum], new_state, metrics, stats, y_pred
-
-    def _noise_terms(self, stats, parts, x):
-        """This step's estimates of `|G|^2` and `tr(Sigma)` (`noise_sq`,
-        `noise_trace`, the same on every replica) from `stats["noise_small"]`,
-        the replica's mean of `||g_part||^2`, `stats["noise_inverse"]`, its
-        mean of `1 / part size`, and `stats["noise_large"]`, `||g||^2` of the
-        global clean gradient, both norms in the step's units (the loss
-        scale, each replica's loss a `1 / replicas` share). A step whose
-        replicas hold batches of different sizes (a last partial batch) is
-        left out on every replica alike."""
-        replicas = sam_backend.num_replicas()
-        unit = ops.cast(replicas, "float32") / self._loss_scale()
-        local = ops.cast(_batch_size(x), "float32")
-        small, inverse, batch = sam_backend.all_reduce(
-            [
-                ops.cast(stats.pop("noise_small"), "float32") / replicas,
-                ops.cast(stats.pop("noise_inverse"), "float32") / replicas,
-                local,
-            ],
-            "sum",
-        )
-        (spread,) = sam_backend.all_reduce([ops.abs(local - batch / replicas)], "sum")
-        small = small * unit**2  # each part's own mean gradient
-        large = ops.cast(stats.pop("noise_large"), "float32") / self._loss_scale() ** 2
-        squared, trace = rules.noise_scale_terms(small, large, 1.0 / inverse, batch)
-        equal = ops.less(spread, 0.5)  # integer sizes: all equal
-        # Two parts at least, each of one example at least, the replicas'
-        # batches of one size, finite estimates.
-        valid = ops.all(
-            ops.stack(
-                [
-                    ops.greater_equal(parts, 2.0),
-                    ops.greater_equal(batch, parts),
-                    equal,
-                    ops.all(ops.isfinite(ops.stack([squared, trace]))),
-                ]
-            )
-        )
-        return dict(noise_sq=squared, noise_trace=trace, noise_valid=ops.cast(valid, "float32"))
-
-    def _with_noise_average(self, state, new_state, stats):
-        """`(new_state, noise_scale)`: the moving averages moved by this step's
-        estimates (a step whose parts hold less than one example, or whose
-        estimates are not finite, leaves them), and the noise scale they give
-        (`rules.noise_scale`; the averages' zero start cancels in the ratio)."""
-        index = [id(v) for v in self.non_trainable_variables].index(id(self._noise_average))
-        old = state[index]
-        terms = ops.stack([stats.pop("noise_sq"), stats.pop("noise_trace")])
-        moved = rules.ema_update([old[:2]], [terms], self.noise_scale_decay)[0]
-        valid = ops.greater(stats.pop("noise_valid"), 0.5)
-        average = ops.where(valid, ops.concatenate([moved, old[2:] + 1.0]), old)
-        new_state = list(new_state)
-        new_state[index] = average
-        # NaN until a step has measured (AdaptiveBatchSize then keeps the batch).
-        measured = rules.noise_scale(average[0], average[1])
-        return new_state, ops.where(ops.greater(average[2], 0), measured, float("nan"))
-
-    def _apply(self, descent, variables):
-        """`optimizer.apply(descent)`; returns whether the step was taken (a
-        boolean tensor under a LossScaleOptimizer, else None)."""
-        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            self.optimizer.apply(descent, variables)
-            return None
-        if sam_backend.num_replicas() > 1:
-            # Keras' LossScaleOptimizer checks only the first replica's
-            # gradients for inf/NaN; make every replica see all of them.
-            # apply() sums across replicas, so the update is unchanged.
-            descent = sam_backend.all_reduce(descent, "mean")
-        self.optimizer.apply(descent, variables)
-        return rules.all_finite(descent)
-
-    def _stateful_train_step(self, data):
-        """`train_step` for TensorFlow and PyTorch: variables updated in place."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        trainable = self.trainable_variables
-        non_trainable = self.non_trainable_variables
-        state = sam_backend.read_values(non_trainable)
-        descent, new_state, new_metrics, stats, y_pred = self._step_on_batch(
-            sam_backend.read_values(trainable),
-            state,
-            sam_backend.read_values(self.metrics_variables),
-            x,
-            y,
-            sample_weight,
-        )
-        if self.noise_scale:
-            new_state, noise_scale = self._with_noise_average(state, new_state, stats)
-        with sam_backend.no_grad():
-            finite = self._apply(descent, trainable)
-            new_state = self._after_apply(sam_backend.read_values(trainable), new_state)
-            if finite is not None:  # a skipped step changes no state
-                new_state = [ops.where(finite, n, o) for n, o in zip(new_state, state)]
-            for v, value in zip(non_trainable, new_state):
-                v.assign(value)
-            for v, value in zip(self.metrics_variables, new_metrics):
-                v.assign(value)
-        self._track(x, stats)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if self.noise_scale:
-            logs["noise_scale"] = noise_scale
-        return logs
-
-    def _stateless_train_step(self, state, data):
-        """`train_step` for JAX: state in, state out (see Keras' JAX trainer)."""
-        trainable, non_trainable, optimizer_vars, metrics_vars = state
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        mesh = None if self.sync_perturbation else sam_backend.per_device_mesh()
-        if mesh is None:
-            mapping = list(zip(self.optimizer.variables, optimizer_vars))
-            with keras.StatelessScope(state_mapping=mapping):
-                descent, new_state, metrics_vars, stats, y_pred = self._step_on_batch(
-                    trainable, non_trainable, metrics_vars, x, y, sample_weight
-                )
-        else:
-            descent, new_state, metrics_vars, stats, y_pred = self._step_per_device(
-                mesh, state, (x, y, sample_weight)
-            )
-        if self.noise_scale:
-            new_state, noise_scale = self._with_noise_average(non_trainable, new_state, stats)
-        new_trainable, optimizer_vars = self.optimizer.stateless_apply(
-            optimizer_vars, descent, trainable
-        )
-        new_state = self._after_apply(new_trainable, new_state)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            finite = rules.all_finite(descent)  # a skipped step changes no state
-            new_state = [ops.where(finite, n, o) for n, o in zip(new_state, non_trainable)]
-        mapping = list(zip(self.metrics_variables, metrics_vars))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            self._track(x, stats)
-            logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        if self.noise_scale:
-            logs["noise_scale"] = noise_scale
-        metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
-        return logs, (new_trainable, new_state, optimizer_vars, metrics_vars)
-
-    def _step_per_device(self, mesh_and_axis, state, data):
-        """`_step_on_batch` on every device's shard of the batch (JAX under
-        `DataParallel`): each device perturbs with its own gradient, and the
-        descent gradients, state and metrics are combined across devices as
-        MirroredStrategy combines replicas."""
-        is_float = [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
-
-        def local(state, data):
-            trainable, non_trainable, optimizer_vars, metrics_vars = state
-            mapping = list(zip(self.optimizer.variables, optimizer_vars))
-            with keras.StatelessScope(state_mapping=mapping):
-                descent, new_state, new_metrics, stats, y_pred = self._step_on_batch(
-                    trainable, non_trainable, metrics_vars, *data
-                )
-            reduce = sam_backend.all_reduce
-            descent = reduce(descent, "sum")  # each device's loss is 1/devices
-            new_state = [reduce([n], "mean")[0] if f else n for n, f in zip(new_state, is_float)]
-            deltas = reduce([n - m for n, m in zip(new_metrics, metrics_vars)], "sum")
-            new_metrics = [m + d for m, d in zip(metrics_vars, deltas)]
-            # The loss is each device's share of the global mean; the other
-            # statistics are the devices' average.
-            stats = {k: reduce([v], "sum" if k == "loss" else "mean")[0] for k, v in stats.items()}
-            return (descent, new_state, new_metrics, stats), y_pred
-
-        mesh, axis = mesh_and_axis
-        (descent, new_state, new_metrics, stats), y_pred = sam_backend.per_device(
-            local, mesh, axis, state, data
-        )
-        return descent, new_state, new_metrics, stats, y_pred
-
-    def _stateful_test_step(self, data):
-        return _without_training_statistics(super().test_step(data))
-
-    def _stateless_test_step(self, state, data):
-        logs, state = super().test_step(state, data)
-        return _without_training_statistics(logs), state
-
-    if keras.backend.backend() == "jax":
-        train_step = _stateless_train_step
-        test_step = _stateless_test_step
-    else:
-        train_step = _stateful_train_step
-        test_step = _stateful_test_step
-
-    def _track(self, x, stats):
-        replicas = sam_backend.num_replicas()
-        self._loss_tracker.update_state(stats["loss"] * replicas, sample_weight=_batch_size(x))
-        # sharpness and rho exist on SAM steps only.
-        if self._sharpness_tracker is not None:
-            self._sharpness_tracker.update_state(
-                stats["sharpness"], sample_weight=stats["sam_step"]
-            )
-        if self._rho_tracker is not None:
-            self._rho_tracker.update_state(stats["rho"], sample_weight=stats["sam_step"])
-        self._grad_norm_tracker.update_state(stats["grad_norm"])
-        if self._sam_fraction_tracker is not None:
-            self._sam_fraction_tracker.update_state(stats["sam_step"])
-
-
-def _without_training_statistics(logs):
-    return {k: v for k, v in logs.items() if k not in TRAINING_STATISTICS}
-
 
 SAM_ONLY_KEYWORDS = (
     "adaptive",
@@ -927,6 +234,7 @@ SAM_ONLY_KEYWORDS = (
     "num_batch_splits",
     "sub_batch_size",
     "sam_every",
+    "sam_start_epoch",
 )
 """SAMModel keywords that mean nothing to a one-gradient method (MSAM, MESA)."""
 
