@@ -17,6 +17,7 @@ varies from step to step).
     python benchmarks/step_cost.py --jit      # with XLA
     python benchmarks/step_cost.py --fit-calls   # whole fit calls, 5 fresh processes
     python benchmarks/step_cost.py --noise-scale # the noise scale estimate on vs off
+    python benchmarks/step_cost.py --epochs --methods sam,sam_every5,looksam5  # whole epochs
 
 `--noise-scale` times plain (`SAMModel(rho=0)`), SAM and GSAM with and without
 `noise_scale=True` and reports, beside the ratios to plain, the median
@@ -168,6 +169,12 @@ def main(argv=None):
         action="store_true",
         help="time SAM, GSAM and plain with the noise scale estimate on and off",
     )
+    parser.add_argument(
+        "--epochs",
+        action="store_true",
+        help="time whole epochs of fit in this process (one step per call: the steps "
+        "that sam_every and LookSAM choose on the host); --rounds epochs per method",
+    )
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.noise_scale:
@@ -181,6 +188,8 @@ def main(argv=None):
         return _fit_calls_in_this_process(args)
     if args.fit_calls:
         return fit_calls(args)
+    if args.epochs:
+        return epochs_in_process(args)
     for name in ("batch", "image", "steps", "rounds", "batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -293,6 +302,96 @@ def _fit_calls_in_this_process(args):
     with open(args.child_out, "w") as f:
         json.dump({"times": times, "tails": tails}, f)
     return times
+
+
+# ---------------------------------------------------------------------------
+# Whole epochs in one process: the steps each method's fit chooses.
+
+
+class _EpochTime(keras.callbacks.Callback):
+    """Seconds from an epoch's first to its last callback (no fit teardown)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self.start
+
+
+def epochs_in_process(args):
+    """`--epochs`: every method's model trains one epoch of `--fit-steps`
+    steps per round, the methods interleaved, `--rounds` rounds after one
+    untimed epoch each (tracing). One step per call, as `fit` runs by
+    default, so `sam_every` and LookSAM run the kind of step chosen on the
+    host; the epochs continue the step count, so each holds `--fit-steps /
+    5` SAM steps of theirs. tf.data autotuning is off (see `--fit-calls`).
+    Reports the median of the per-round ratios to plain, the ratio of the
+    fastest epochs, and what one SAM step in five would cost at SAM's
+    measured ratio, `1 + (SAM - 1) / 5`."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    n = args.batch * args.fit_steps
+    x = rng.normal(size=(n, args.image, args.image, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(n,))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).with_options(options)
+    models = {
+        name: _compile(METHODS[name][1](conv_net(args.image)), jit_compile=args.jit)
+        for name in args.methods
+    }
+    clock = _EpochTime()
+    for model in models.values():
+        model.fit(data, epochs=1, verbose=0)
+    times = {name: [] for name in models}
+    for r in range(args.rounds):
+        for name, model in models.items():
+            model.fit(data, epochs=1, verbose=0, callbacks=[clock])
+            times[name].append(clock.seconds / args.fit_steps)
+        print(f"\rround {r + 1}/{args.rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    plain = times["plain"]
+    result = {
+        **_setting(args),
+        "mode": "epochs",
+        "fit_steps": args.fit_steps,
+        "rounds": args.rounds,
+        "sam_every": SAM_EVERY,
+        "methods": {k: METHODS[k][0] for k in models},
+        "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "ratio": {
+            k: statistics.median(a / b for a, b in zip(v, plain))
+            for k, v in times.items()
+            if k != "plain"
+        },
+        "ratio_fastest": {k: min(v) / min(plain) for k, v in times.items() if k != "plain"},
+    }
+    if "sam" in result["ratio"]:
+        result["one_in_five"] = 1 + (result["ratio"]["sam"] - 1) / SAM_EVERY
+    print(
+        f"backend {result['backend']}, keras {result['keras']}, batch {args.batch}, "
+        f"{args.image}x{args.image}x3, jit={args.jit}, {result['machine']}, "
+        f"{args.rounds} epochs of {args.fit_steps} steps per method"
+    )
+    for k, ms in result["ms_per_step"].items():
+        ratio = (
+            ""
+            if k == "plain"
+            else (
+                f"   ratio to plain: {result['ratio'][k]:.3f} (fastest epochs "
+                f"{result['ratio_fastest'][k]:.3f})"
+            )
+        )
+        print(f"{METHODS[k][0]:>22}: {ms:8.2f} ms/step{ratio}")
+    if "one_in_five" in result:
+        print(f"1 + (SAM - 1) / {SAM_EVERY} = {result['one_in_five']:.3f}")
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+    return result
 
 
 class _TrainEnd(keras.callbacks.Callback):

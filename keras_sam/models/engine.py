@@ -284,6 +284,18 @@ class StepEngine(keras.Model):
             return host_steps.IN_STEP
         return host_steps.SAM if step % self.sam_every == 0 else host_steps.BETWEEN
 
+    def train_step_of_kind(self, kind):
+        """`train_step` for one kind of step (`keras_sam.models.host_steps`):
+        it sets the kind, then runs the step (tracing it for that kind)."""
+        step = type(self).train_step
+        clock = self._host_steps
+
+        def train_step(*args):
+            clock.kind = kind
+            return step(self, *args)
+
+        return train_step
+
     def make_train_function(self, force=False):
         """Keras' `make_train_function`. Where `fit` chooses each step's kind
         on the host, `train_function` is a `host_steps.HostChosenSteps` that
@@ -294,9 +306,16 @@ class StepEngine(keras.Model):
             return self.train_function
         keras_trainer = super()
 
-        def build():
+        def build(kind):
             chooser = self.train_function
-            keras_trainer.make_train_function(force=True)
+            # Keras (TensorFlow, JAX) compiles the `train_step` it reads now:
+            # give it this kind's, so each compiled function traces its own
+            # kind whenever it traces (a new batch shape, say).
+            object.__setattr__(self, "train_step", self.train_step_of_kind(kind))
+            try:
+                keras_trainer.make_train_function(force=True)
+            finally:
+                object.__delattr__(self, "train_step")
             function, self.train_function = self.train_function, chooser
             return function
 

@@ -68,7 +68,7 @@ class HostChosenSteps:
 
     Args:
         model: the wrapper (a `keras_sam.models.engine.StepEngine`).
-        build: `build()` -> a new Keras training function (traced anew).
+        build: `build(kind)` -> a new Keras training function for `kind`.
     """
 
     def __init__(self, model, build):
@@ -88,9 +88,8 @@ class HostChosenSteps:
         kind = self.model._host_step_kind(step, epoch, per_call)
         function = self.functions.get(kind)
         if function is None:
-            clock.kind = kind
-            function = self.functions[kind] = self.build()
-        clock.kind = kind  # read when `function` traces (on this call)
+            function = self.functions[kind] = self.build(kind)
+        clock.kind = kind  # PyTorch runs `train_step` eagerly: read on every call
         outputs = function(*args)
         if running and per_call == 1:  # a call that ran no step raised
             clock.step += 1
