@@ -85,6 +85,9 @@ about the last hundred steps, for the 750 (CNN) and 5,000 (MLP) steps of
 this benchmark (the paper's 0.9998 is for ImageNet's 5,000 steps per epoch). The
 term starts after 30% of the epochs, the paper's rule of thumb."""
 MOMENTUM_METHODS = ("sgdm", "msam")
+LATE_FRACTIONS = (0.1, 0.25, 0.5)
+"""Late-phase SAM (Zhou et al., ICLR 2025): plain SGD first, SAM for this
+fraction of the epochs at the end (`SAMModel(sam_start_epoch=...)`)."""
 
 METHODS = {
     # name: label
@@ -101,7 +104,13 @@ METHODS = {
     "mesa": "MESA",
     "sgdm": "SGD momentum",
     "msam": "Momentum-SAM",
+    **{f"late{round(100 * f)}": f"SAM last {round(100 * f)}%" for f in LATE_FRACTIONS},
 }
+
+
+def sam_start_epoch(fraction, epochs):
+    """The first SAM epoch of late-phase SAM for the last `fraction` of `epochs`."""
+    return epochs - max(1, round(fraction * epochs))
 
 
 def wrappers(args):
@@ -132,6 +141,12 @@ def wrappers(args):
         ),
         "sgdm": lambda inner: inner,
         "msam": lambda inner: keras_sam.MSAMModel(inner, rho=MSAM_RHO),
+        **{
+            f"late{round(100 * f)}": lambda inner, f=f: keras_sam.SAMModel(
+                inner, rho=rho, sam_start_epoch=sam_start_epoch(f, args.epochs)
+            )
+            for f in LATE_FRACTIONS
+        },
     }
 
 
@@ -169,7 +184,10 @@ def label(method, args):
     return METHODS[method]
 
 
-SCHEDULES = ("C", "constant", "linear")
+SCHEDULES = ("C", "constant", "linear", "BC")
+"""The learning-rate (and batch) schedules of `benchmarks.paper` offered here:
+BC is the batch ramp (doubling over 5 stages from `--initial-batch`) with
+the cosine rate."""
 ARCHITECTURES = ("mnist1d_cnn", "mnist1d_mlp")
 """The paper benchmark's two MNIST-1D networks: a CNN with BatchNorm, an MLP
 without normalization."""
@@ -231,6 +249,12 @@ def build_parser():
     )
     p.add_argument("--batch", type=paper_cli._positive_int, default=128, help="default 128")
     p.add_argument(
+        "--initial-batch",
+        type=paper_cli._positive_int,
+        default=16,
+        help="with --schedule BC: the first batch size, doubled 4 times (default 16)",
+    )
+    p.add_argument(
         "--num-samples",
         type=paper_cli._positive_int,
         default=4000,
@@ -255,7 +279,9 @@ def parse_args(argv):
         parser.error("--num-samples must be >= 50")
     # The fields paper_run.train_one and paper_run.run_config read.
     args.dataset, args.model, args.data_seed = "mnist1d", args.models[0], 0
-    args.initial_batch, args.sharpness_every = args.batch, 0
+    if args.schedule not in protocol.INCREASING:
+        args.initial_batch = args.batch
+    args.sharpness_every = 0
     return args
 
 
@@ -323,14 +349,30 @@ class StepTimer(keras.callbacks.Callback):
             return 1e3 * statistics.fmean(steps)
         return 1e3 * statistics.median(statistics.fmean(b) for b in blocks)
 
-    def epoch_ms_per_step(self):
+    def epoch_ms_per_step(self, phases=None):
         """Time per step as a user timing epochs sees it (ms): each epoch's
         wall time from its first step's start to its last step's end (the
-        Python and input pipeline between steps included) over its steps;
-        the median over the epochs after the first (which traces)."""
+        Python and input pipeline between steps included) over its steps.
+
+        Epochs of one phase (`phases[e]`: the batch size and whether the
+        epoch takes SAM steps) cost alike; the first epoch of a phase traces
+        its step, so each phase's cost is the median over its epochs after
+        the first (the first alone when it is the only one), and the run's
+        cost is the phases' costs weighted by their steps. One phase (a
+        constant batch, the same steps throughout): the median over the
+        epochs after the first."""
         pairs = list(zip(self.spans, self.epochs))
-        pairs = pairs[1:] or pairs
-        return 1e3 * statistics.median(span / len(steps) for span, steps in pairs)
+        phases = list(phases or [None] * len(pairs))[: len(pairs)]
+        groups = {}
+        for phase, (span, steps) in zip(phases, pairs):
+            groups.setdefault(phase, []).append((span, len(steps)))
+        total_steps = sum(n for group in groups.values() for _, n in group)
+        total = 0.0
+        for group in groups.values():
+            timed = group[1:] or group
+            ms = statistics.median(span / n for span, n in timed)
+            total += ms * sum(n for _, n in group)
+        return 1e3 * total / total_steps
 
 
 def train_one(args, data, method, seed):
@@ -347,14 +389,18 @@ def train_one(args, data, method, seed):
         optimizer=optimizer_of(method),
     )
     record["config"] = run_config(args)
+    epochs = record["epochs"]
+    phases = [(e.get("batch_size"), e.get("sam_fraction", 1.0) > 0) for e in epochs]
     record["final"]["ms_per_step"] = timer.ms_per_step()
-    record["final"]["epoch_ms_per_step"] = timer.epoch_ms_per_step()
+    record["final"]["epoch_ms_per_step"] = timer.epoch_ms_per_step(phases)
     record["step_ms_per_epoch"] = [1e3 * statistics.fmean(e) for e in timer.epochs if e]
-    fractions = [e["sam_fraction"] for e in record["epochs"] if "sam_fraction" in e]
-    # Epochs have equal step counts, so the mean of the epoch means is the share.
-    record["final"]["sam_fraction"] = (
-        statistics.fmean(fractions) if fractions else 0.0 if method in ONE_GRADIENT else 1.0
-    )
+    # The share of SAM steps: each epoch's share weighted by its steps.
+    if any("sam_fraction" in e for e in epochs):
+        steps = [len(t) for t in timer.epochs][: len(epochs)]
+        shared = sum(e.get("sam_fraction", 0.0) * n for e, n in zip(epochs, steps))
+        record["final"]["sam_fraction"] = shared / sum(steps)
+    else:
+        record["final"]["sam_fraction"] = 0.0 if method in ONE_GRADIENT else 1.0
     return record
 
 
@@ -681,17 +727,27 @@ def write_plot(args, runs, tables):
         return
     fig, axes = plt.subplots(len(tables), 2, figsize=(13, 5 * len(tables)), squeeze=False)
     for (model, rows), row_axes in zip(tables.items(), axes):
-        for ax, key, scale, name in (
-            (row_axes[0], "sharpness", 1.0, "worst-case sharpness"),
-            (row_axes[1], "test_error", 100.0, "test error %"),
+        for ax, key, name in (
+            (row_axes[0], "fraction_kept", "fraction of SAM's sharpness reduction kept %"),
+            (row_axes[1], "test_error", "test error %"),
         ):
             for r in rows:
-                mean, std = r[key]
+                if key == "fraction_kept":
+                    if r["fraction_kept"] is None:
+                        continue
+                    mean = 100 * r["fraction_kept"]
+                    ci = r["kept_by_seed"][1]
+                    yerr = (
+                        [[max(mean - 100 * ci[0], 0)], [max(100 * ci[1] - mean, 0)]] if ci else None
+                    )
+                else:
+                    mean, std = (100 * v for v in r[key])
+                    yerr = std
                 lo, hi = r["cost_range"]
                 ax.errorbar(
                     r["cost"],
-                    mean * scale,
-                    yerr=std * scale,
+                    mean,
+                    yerr=yerr,
                     xerr=[[r["cost"] - lo], [hi - r["cost"]]],
                     fmt="o",
                     capsize=3,
@@ -703,32 +759,18 @@ def write_plot(args, runs, tables):
                 )
                 ax.annotate(
                     r["label"],
-                    (r["cost"], mean * scale),
+                    (r["cost"], mean),
                     fontsize=7,
                     xytext=(5, 4),
                     textcoords="offset points",
                 )
             ax.axvline(COST, color="grey", ls=":", lw=1)
             ax.set_xlabel("cost per step / SGD (median over seeds; bars: range)")
-            ax.set_ylabel(f"{name} (mean ± std over seeds)")
             ax.set_title(f"{model}: {name} against cost", fontsize=10)
             ax.grid(alpha=0.3)
-        front = accurate_front(rows)
-        row_axes[0].plot(
-            [r["cost"] for r in front],
-            [r["sharpness"][0] for r in front],
-            "k--",
-            alpha=0.5,
-            label="Pareto front (test error not above both SGD's and SAM's)",
-        )
-        by = {r["method"]: r for r in rows}
-        if "sgd" in by and "sam" in by:
-            target = by["sgd"]["sharpness"][0] - KEEP * (
-                by["sgd"]["sharpness"][0] - by["sam"]["sharpness"][0]
-            )
-            row_axes[0].axhline(
-                target, color="C2", ls=":", lw=1, label=f"{KEEP:.0%} of SAM's reduction"
-            )
+        row_axes[0].set_ylabel("kept % (from the means; bars: paired 95% interval by seed)")
+        row_axes[1].set_ylabel("test error % (mean ± std over seeds)")
+        row_axes[0].axhline(100 * KEEP, color="C2", ls=":", lw=1, label=f"{KEEP:.0%} kept")
         row_axes[0].legend(fontsize=7)
     seeds = ",".join(map(str, args.seeds))
     fig.suptitle(
@@ -773,6 +815,15 @@ def _epochs_text(args):
     return ", ".join(f"{for_model(args, m).epochs} epochs ({m})" for m in args.models)
 
 
+def schedule_text(args):
+    """The schedule in words (its batch sizes and rate)."""
+    return protocol.SCHEDULE_TEXT[args.schedule].format(
+        batch=args.batch,
+        b0=args.initial_batch,
+        bmax=args.initial_batch * 2 ** (protocol.STAGES - 1),
+    )
+
+
 def write_report(args, runs, argv_used, total, wall_s):
     tables = summarize(args, runs)
     cmd = COMMAND + (" " + " ".join(shlex.quote(a) for a in argv_used) if argv_used else "")
@@ -784,12 +835,13 @@ def write_report(args, runs, argv_used, total, wall_s):
     converged = sum(verdicts.convergence_of(r["epochs"])["converged"] for r in runs)
     protocol_text = (
         f"{', '.join(args.models)}, plain SGD (no momentum), lr schedule "
-        f"{args.schedule} ({protocol.SCHEDULE_TEXT[args.schedule].format(batch=args.batch)}), "
+        f"{args.schedule} ({schedule_text(args)}), "
         f"rho {protocol.RHO} for every SAM variant, GSAM alpha {protocol.ALPHA}, "
         f"LookSAM alpha {LOOKSAM_ALPHA} (and {', '.join(map(str, LOOKSAM_ALPHAS))} where named), "
         f"AE-SAM threshold c {args.aesam_threshold:g} (decay 0.9); MESA lambda "
         f"{MESA_KL_WEIGHT:g}, tau {MESA_TEMPERATURE:g}, EMA decay {MESA_EMA_DECAY:g}, "
-        "the term after 30% of the epochs; SGD momentum and Momentum-SAM "
+        "the term after 30% of the epochs; late-phase SAM (SAM last 10/25/50%): plain SGD, then "
+        "SAM from the epoch that leaves that fraction of the epochs; SGD momentum and Momentum-SAM "
         f"(rho {MSAM_RHO:g}): SGD momentum {MOMENTUM:g} at {1 - MOMENTUM:g}x the rate; "
         f"{_epochs_text(args)} (up to {args.extend_until_converged:.0%} more while the "
         f"training loss still moves), num_samples {args.num_samples}, "
@@ -807,9 +859,12 @@ def write_report(args, runs, argv_used, total, wall_s):
         f"{run_s:.0f} s",
         f"- protocol: {protocol_text}",
         "- cost per step / SGD: each epoch's wall time from its first step's start to its "
-        "last step's end over its steps (what a user timing epochs sees), the median over "
-        "the epochs after the first (tracing); divided by SGD's of the same seed; the "
-        "median and the range over seeds. SAM steps: the measured share of two-gradient "
+        "last step's end over its steps (what a user timing epochs sees); epochs of one "
+        "phase (batch size, SAM steps or not) cost the median of that phase's epochs "
+        "after its first (which traces its step), the run the phases weighted by their "
+        "steps; divided by SGD's of the same seed; the median and the range over seeds. "
+        "Every step is one call of the compiled function, so `sam_every` and LookSAM run "
+        "the kind of step chosen on the host. SAM steps: the measured share of two-gradient "
         "steps. Worst-case sharpness (L-inf Auto-PGD, rho "
         f"{protocol.SHARPNESS_RHO}, {args.sharpness_iterations} iterations, first "
         f"{args.sharpness_examples} training examples) and full-gradient norm: as "
@@ -830,7 +885,7 @@ def write_report(args, runs, argv_used, total, wall_s):
         verdict_table,
         *[f"- {line}" for line in notes],
         "",
-        "![sharpness and test error against cost](sharpness_vs_cost.png)",
+        "![fraction of SAM's reduction kept and test error against cost](sharpness_vs_cost.png)",
         "",
     ]
     for model, text in markdown.items():

@@ -372,3 +372,40 @@ def test_readme_blocks_read_the_summary(tiny_out, tmp_path, monkeypatch):
     front = update_readme.efficient_verdicts()
     assert front.startswith(summary["verdict_table"])
     assert f"{summary['runs']} runs, {summary['converged']} converged" in front
+
+
+def test_late_phase_sam_with_the_batch_ramp(tmp_path):
+    """SAM for the last half of the epochs, with the ramp: plain epochs
+    first, the share of SAM steps weighted by each epoch's steps."""
+    out = str(tmp_path / "late")
+    tiny = [a if a != ",".join(METHODS) else "sgd,sam,late50" for a in TINY]
+    tiny = [a if a != "0,1" else "0" for a in tiny] + ["--models", "mnist1d_cnn"]
+    tiny = [a if a != "2" else "5" for a in tiny]  # 5 epochs: one per stage
+    tiny += ["--schedule", "BC", "--initial-batch", "4", "--extend-until-converged", "0"]
+    assert efficient.main(tiny + ["--out", out]) == {"trained": 3, "skipped": 0}
+    assert efficient.sam_start_epoch(0.5, 4) == 2 and efficient.sam_start_epoch(0.1, 5) == 4
+    with open(os.path.join(out, "runs", "mnist1d_cnn", "late50_BC_seed0.json")) as f:
+        record = json.load(f)
+    epochs = record["epochs"]
+    assert [e["sam_fraction"] for e in epochs] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    steps = [e["steps"] for e in epochs]
+    assert len(set(steps)) > 1  # the ramp: fewer steps as the batch grows
+    assert record["final"]["sam_fraction"] == pytest.approx(sum(steps[3:]) / sum(steps))
+    assert "BC (batch 4->64 doubling" in open(os.path.join(out, "results.md")).read()
+
+
+def test_cost_weights_each_phase_median_by_its_steps():
+    timer = efficient.StepTimer()
+    # Two phases: plain epochs of 10 steps at 1 ms, SAM epochs of 5 at 2 ms;
+    # the first epoch of each phase traces (slow) and is left out.
+    spans = [0.1, 0.010, 0.010, 0.5, 0.010, 0.010]
+    steps = [10, 10, 10, 5, 5, 5]
+    timer.spans = spans
+    timer.epochs = [[0.0] * n for n in steps]
+    phases = [("b", False)] * 3 + [("b", True)] * 3
+    expected = (30 * 1.0 + 15 * 2.0) / 45
+    assert timer.epoch_ms_per_step(phases) == pytest.approx(expected)
+    # One phase: the median over the epochs after the first.
+    assert timer.epoch_ms_per_step() == pytest.approx(
+        1e3 * statistics.median(s / n for s, n in zip(spans[1:], steps[1:]))
+    )
