@@ -82,7 +82,7 @@ KIND_NAMES = {
     host_steps.BETWEEN: "step between",
     host_steps.PLAIN: "plain step (before the start epoch)",
 }
-KIND_NAMES_IN_STEP = "one step choosing inside (before 0.4)"
+KIND_NAMES_IN_STEP = "choosing inside (steps_per_execution > 1; every step before 0.4)"
 
 
 def nbytes(variables):

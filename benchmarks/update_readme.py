@@ -10,8 +10,12 @@ The paper benchmark's blocks come from benchmarks/results/mnist1d/summary.md
 and <model>/results.md, which `python -m benchmarks.paper` writes (and
 `python -m benchmarks.paper.report --out benchmarks/results/mnist1d` rebuilds
 from the stored runs), and from benchmarks/results/paper_speed/speed.md
-(`python -m benchmarks.paper.compare`); the cheaper-SAM block from
-benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`);
+(`python -m benchmarks.paper.compare`); the cheaper-SAM blocks from
+benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`) and
+benchmarks/results/efficient_ramp/summary.json (the same with `--schedule BC`);
+the memory table from benchmarks/results/step_memory_cpu.json
+(`benchmarks/step_memory.py`), the cost by the epoch from
+benchmarks/results/step_cost_epochs_cpu.json (`step_cost.py --epochs`);
 the adaptive batch's block from the paper benchmark's <model>/runs.json, and
 the noise scale estimate's cost from benchmarks/results/noise_scale_cost_cpu.json
 (`python benchmarks/step_cost.py --noise-scale --json ...`).
@@ -198,8 +202,8 @@ def efficient_verdicts():
     )
 
 
-def efficient():
-    r = json.load(open(os.path.join(RESULTS, "efficient", "summary.json")))
+def efficient(folder="efficient"):
+    r = json.load(open(os.path.join(RESULTS, folder, "summary.json")))
     tables = "\n".join(f"{model}:\n\n{text}" for model, text in r["markdown"].items())
     return (
         f"`{r['command']}` ({r['machine']}; {r['versions']['backend']}, "
@@ -210,8 +214,77 @@ def efficient():
         + r["verdict_table"]
         + "\n"
         + "\n".join(f"- {line}" for line in r["guidance"])
-        + "\n\n![sharpness and test error against cost]"
-        "(benchmarks/results/efficient/sharpness_vs_cost.png)\n\n" + tables
+        + "\n\n![SAM's sharpness reduction kept and test error against cost]"
+        f"(benchmarks/results/{folder}/sharpness_vs_cost.png)\n\n" + tables
+    )
+
+
+def efficient_ramp():
+    """The cheaper-SAM benchmark with the batch ramp (`--schedule BC`)."""
+    return efficient("efficient_ramp")
+
+
+def step_memory():
+    """Temporary and stored bytes per parameter byte of each compiled step
+    (`benchmarks/step_memory.py`)."""
+    r = json.load(open(os.path.join(RESULTS, "step_memory_cpu.json")))
+    sizes = list(r["sizes"])
+    head = " | ".join(f"temp / param, {n}x{r['sizes'][k]['width']}" for k in sizes for n in ("4",))
+    rows = [
+        f"| method | step | {head} | stored / param | conditional in the step |",
+        "|---|---|" + "---|" * len(sizes) + "---|---|",
+    ]
+    keyed = {k: {(x["method"], x["kind"]): x for x in r["sizes"][k]["rows"]} for k in sizes}
+    for x in r["sizes"][sizes[0]]["rows"]:
+        key = (x["method"], x["kind"])
+        cells = " | ".join(f"{keyed[k][key]['temp_per_parameter_byte']:.2f}" for k in sizes)
+        rows.append(
+            f"| {x['label']} | {x['kind']} | {cells} | {x['stored_per_parameter_byte']:.2f} "
+            f"| {'yes' if x['conditional'] else 'no'} |"
+        )
+    command = (
+        "KERAS_BACKEND=jax python benchmarks/step_memory.py "
+        "--json benchmarks/results/step_memory_cpu.json"
+    )
+    return "\n".join(rows) + (
+        f"\n\n(from `{command}`; XLA's `memory_analysis()` of the compiled step on "
+        f"{r['machine']} ({r['device']}), Keras {r['keras']}, JAX {r['jax']}; an MLP of four "
+        f"Dense layers of the width named, SGD, batch {r['batch']}; stored: optimizer slots "
+        "and the wrapper's own state beyond the weights)"
+    )
+
+
+def step_cost_epochs():
+    """Whole epochs of fit in one process (`step_cost.py --epochs`)."""
+    r = json.load(open(os.path.join(RESULTS, "step_cost_epochs_cpu.json")))
+    rows = [
+        "| method | ms / step | cost / plain (median of rounds) | cost / plain (fastest epochs) |",
+        "|---|---|---|---|",
+    ]
+    for key, ms in r["ms_per_step"].items():
+        if key == "plain":
+            rows.append(f"| {r['methods'][key]} | {ms:.1f} | 1 | 1 |")
+        else:
+            rows.append(
+                f"| {r['methods'][key]} | {ms:.1f} | {r['ratio'][key]:.3f} "
+                f"| {r['ratio_fastest'][key]:.3f} |"
+            )
+    expected = ""
+    if "one_in_five" in r:
+        expected = (
+            f"\n\nOne SAM step in five at SAM's measured cost would cost "
+            f"1 + (SAM - 1) / {r['sam_every']} = {r['one_in_five']:.3f}."
+        )
+    command = (
+        "python benchmarks/step_cost.py --epochs --methods sam,sam_every5,looksam5 "
+        "--rounds 15 --json benchmarks/results/step_cost_epochs_cpu.json"
+    )
+    return (
+        "\n".join(rows)
+        + expected
+        + f"\n\n(from `{command}`; {r['machine']}, {r['backend']}, Keras {r['keras']}, a conv "
+        f"net with BatchNorm, batch {r['batch']}, {r['image']}x{r['image']}x3, {r['rounds']} "
+        f"epochs of {r['fit_steps']} steps per method, interleaved, after one untimed epoch)"
     )
 
 
@@ -342,6 +415,9 @@ BLOCKS = {
     ),
     "paper_speed": from_markdown(os.path.join("paper_speed", "speed.md")),
     "efficient": efficient,
+    "efficient_ramp": efficient_ramp,
+    "step_memory": step_memory,
+    "step_cost_epochs": step_cost_epochs,
     "headline_cost": headline_cost,
     "efficient_verdicts": efficient_verdicts,
     "noise_scale_cost": noise_scale_cost,

@@ -33,7 +33,7 @@ from keras_sam.models import MSAMModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "SAMModel",

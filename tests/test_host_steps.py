@@ -9,6 +9,8 @@ with the same optimizer, exactly. (The same on JAX and PyTorch, jit on and
 off, JAX DataParallel: tests/backend_check.py.)
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -295,3 +297,36 @@ def test_bad_sam_start_epoch_is_refused(value):
 def test_one_gradient_methods_refuse_sam_start_epoch(cls):
     with pytest.raises(ValueError, match="sam_start_epoch"):
         cls(make_inner(), sam_start_epoch=2)
+
+
+# -------------------------------------------------- files saved by 0.3
+DATA = os.path.join(os.path.dirname(__file__), "data")
+SAVED_0_3 = {
+    # name: (class, settings saved by keras_sam 0.3)
+    "sam": (keras_sam.SAMModel, dict(rho=0.07, adaptive=True, eta=0.02, sam_every=3)),
+    "gsam": (keras_sam.GSAMModel, dict(rho=0.06, alpha=0.3, rho_min=0.01, lr_max=0.1)),
+    "looksam": (keras_sam.LookSAMModel, dict(rho=0.05, sam_every=2, alpha=0.4)),
+}
+
+
+@pytest.mark.parametrize("name", list(SAVED_0_3))
+def test_a_model_saved_by_0_3_loads_and_trains_on(name):
+    """tests/data/<name>_0_3.keras: trained 2 epochs and saved by keras_sam
+    0.3 (SGD momentum, BatchNorm), with its predictions beside it."""
+    cls, settings = SAVED_0_3[name]
+    loaded = keras.models.load_model(os.path.join(DATA, f"{name}_0_3.keras"))
+    assert type(loaded) is cls
+    config = loaded.get_config()
+    assert {k: config[k] for k in settings} == settings
+    assert config["sam_start_epoch"] == 0
+    data = np.load(os.path.join(DATA, "data_0_3.npz"))
+    x, y = data["x"], data["y"]
+    expected = np.load(os.path.join(DATA, f"{name}_0_3_predict.npy"))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+    assert int(loaded.optimizer.iterations.numpy()) == 4  # 2 epochs of 2 steps
+    if name == "looksam":  # the stored direction came back
+        assert any(np.any(v.numpy() != 0) for v in loaded._own_state_variables())
+    before = [v.numpy() for v in loaded.inner.trainable_variables]
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert int(loaded.optimizer.iterations.numpy()) == 6
+    assert any(np.any(a != b.numpy()) for a, b in zip(before, loaded.inner.trainable_variables))

@@ -54,7 +54,7 @@ def test_steps_chosen_on_the_host_cost_their_own_memory(rows):
     assert temp(rows, "late", "plain step (before the start epoch)") <= plain * (1 + TOLERANCE)
     assert temp(rows, "late", "SAM step") <= sam * (1 + TOLERANCE)
     for (method, kind), r in rows.items():
-        chooses_inside = kind.startswith("one step choosing inside") or method == "aesam"
+        chooses_inside = kind.startswith("choosing inside") or method == "aesam"
         assert r["conditional"] == chooses_inside, (method, kind)
 
 
