@@ -16,6 +16,8 @@ process its slice. Cases:
   interrupted at the start of epoch 2 and resumed with BackupAndRestore;
 - `adaptive`: SAMModel with `noise_scale=True` + BatchSizeScheduler with an
   AdaptiveBatchSize (4 -> 16) and a cosine rate over 4 epochs;
+- `late`: SAMModel with `sam_every=3` and `sam_start_epoch=1` (the kinds of
+  step chosen on the host in every process), global batch 8, 3 epochs;
 - `errors` (several processes only): the scheduler's checks that stop a
   multi-process fit before its first step (their messages are saved).
 
@@ -148,6 +150,8 @@ class Record:
                     record.batch_size[epoch] = int(logs["batch_size"])
                 if logs and "noise_scale" in logs:
                     record.noise_scale[epoch] = float(logs["noise_scale"])
+                if logs and "sam_fraction" in logs:
+                    record.sam_fraction[epoch] = float(logs["sam_fraction"])
 
         self.epoch = None
         self.batches = {}
@@ -155,6 +159,7 @@ class Record:
         self.iterations = {}
         self.batch_size = {}
         self.noise_scale = {}
+        self.sam_fraction = {}
         self.callback = _Callback()
 
     def arrays(self, prefix):
@@ -171,6 +176,8 @@ class Record:
             out[f"{prefix}/batch_size"] = np.array([self.batch_size.get(e, -1) for e in epochs])
         if self.noise_scale:
             out[f"{prefix}/noise_scale"] = np.array([self.noise_scale[e] for e in epochs])
+        if self.sam_fraction:
+            out[f"{prefix}/sam_fraction"] = np.array([self.sam_fraction[e] for e in epochs])
         return out
 
 
@@ -188,6 +195,20 @@ def run_sam():
     record = Record()
     model.fit(dataset_fn(8), epochs=2, verbose=0, shuffle=False, callbacks=[record.callback])
     return {**_weights("sam", model), **record.arrays("sam")}
+
+
+def run_late():
+    import keras
+
+    import keras_sam
+
+    model = keras_sam.SAMModel(
+        inner_model(), rho=0.1, sync_perturbation=True, sam_every=3, sam_start_epoch=1
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    record = Record()
+    model.fit(dataset_fn(8), epochs=3, verbose=0, shuffle=False, callbacks=[record.callback])
+    return {**_weights("late", model), **record.arrays("late")}
 
 
 def run_gsam():
@@ -330,6 +351,8 @@ def main(argv=None):
             results.update(run_sam())
         elif case == "gsam":
             results.update(run_gsam())
+        elif case == "late":
+            results.update(run_late())
         elif case == "ramp":
             backup_dir = args.backup_dir or (
                 f"{os.path.splitext(args.out)[0]}.backup{args.process_id}"

@@ -105,7 +105,9 @@ def runs(tmp_path_factory):
     logs = [str(tmp / "one.log")] + [str(tmp / f"process{i}.log") for i in range(PROCESSES)]
     procs = []
     try:
-        procs.append(_start([WORKER, "--out", one, "--cases", "sam,gsam,ramp,adaptive"], logs[0]))
+        procs.append(
+            _start([WORKER, "--out", one, "--cases", "sam,gsam,late,ramp,adaptive"], logs[0])
+        )
         for i, out in enumerate(outs):
             procs.append(
                 _start(
@@ -120,7 +122,7 @@ def runs(tmp_path_factory):
                         "--port",
                         str(port),
                         "--cases",
-                        "sam,gsam,ramp,adaptive,errors",
+                        "sam,gsam,late,ramp,adaptive,errors",
                     ],
                     logs[i + 1],
                 )
@@ -151,6 +153,16 @@ def _check_same_as_one_process(runs, case):
             np.testing.assert_array_equal(
                 results[f"{case}/{key}"], one[f"{case}/{key}"], err_msg=key
             )
+
+
+def test_steps_chosen_on_the_host_alike_in_every_process(runs):
+    """sam_every and sam_start_epoch: each process counts steps itself."""
+    _check_same_as_one_process(runs, "late")
+    one, _ = runs
+    np.testing.assert_array_equal(one["late/iterations"], [8, 16, 24])
+    # Plain epoch 0; then SAM at steps 9, 12, 15 and 18, 21 (of 8 each).
+    for results in [one, *runs[1]]:
+        np.testing.assert_allclose(results["late/sam_fraction"], [0, 3 / 8, 2 / 8], rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["sam", "gsam"])

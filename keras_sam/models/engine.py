@@ -319,7 +319,13 @@ class StepEngine(keras.Model):
             function, self.train_function = self.train_function, chooser
             return function
 
-        self.train_function = host_steps.HostChosenSteps(self, build)
+        # Every kind this fit can take, built now: under a keras.distribution
+        # Keras reads the variables' shardings when it builds a function, and
+        # during an epoch the JAX trainer has purged the variables.
+        per_call = self.steps_per_execution
+        epochs = [None] + ([0] if self.sam_start_epoch > 0 else [])
+        kinds = {self._host_step_kind(s, e, per_call) for s in (0, 1) for e in epochs}
+        self.train_function = host_steps.HostChosenSteps(self, build, kinds)
         return self.train_function
 
     MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")

@@ -64,17 +64,20 @@ class StepClock(keras.callbacks.Callback):
 
 class HostChosenSteps:
     """`model.train_function`: calls the compiled function of the next step's
-    kind, building each one the first time it is needed.
+    kind.
 
     Args:
         model: the wrapper (a `keras_sam.models.engine.StepEngine`).
-        build: `build(kind)` -> a new Keras training function for `kind`.
+        build: `build(kind)` -> a new Keras training function for `kind`
+            (each traces when it is first called).
+        kinds: the kinds to build, every kind a call may take.
     """
 
-    def __init__(self, model, build):
+    def __init__(self, model, build, kinds):
         self.model = model
-        self.build = build
         self.functions = {}
+        for kind in sorted(kinds, key=str):
+            self.functions[kind] = build(kind)
 
     def __call__(self, *args):
         clock = self.model._host_steps
@@ -86,9 +89,7 @@ class HostChosenSteps:
             epoch = None
         per_call = self.model.steps_per_execution
         kind = self.model._host_step_kind(step, epoch, per_call)
-        function = self.functions.get(kind)
-        if function is None:
-            function = self.functions[kind] = self.build(kind)
+        function = self.functions[kind]
         clock.kind = kind  # PyTorch runs `train_step` eagerly: read on every call
         outputs = function(*args)
         if running and per_call == 1:  # a call that ran no step raised
@@ -96,5 +97,5 @@ class HostChosenSteps:
         return outputs
 
     def kinds_built(self):
-        """The kinds of the functions built so far (for tests)."""
+        """The kinds of the functions built (for tests)."""
         return sorted(self.functions, key=str)
