@@ -16,7 +16,8 @@ One policy per process (`--policies float32`, then `--policies mixed_bfloat16
 --merge`) gives both in one file, each run within a shorter time limit.
 
 With `--cheaper`, the cheaper steps join the same rounds: SAM and LookSAM with
-the second gradient on one step in five, Momentum-SAM and MESA (one gradient per
+the second gradient on one step in five (each step's kind chosen on the host,
+one compiled function per kind, as `fit` runs them), Momentum-SAM and MESA (one gradient per
 step). Momentum-SAM perturbs along SGD's momentum, so it trains with
 SGD(momentum=0.9) and its cost is taken against plain Keras with that optimizer
 ("plain_momentum"); every other ratio is against plain SGD.
@@ -42,6 +43,7 @@ from keras_sam.models import LookSAMModel  # noqa: E402
 from keras_sam.models import MESAModel  # noqa: E402
 from keras_sam.models import MSAMModel  # noqa: E402
 from keras_sam.models import SAMModel  # noqa: E402
+from keras_sam.models.engine import StepEngine  # noqa: E402
 
 BASELINES = {"msam": "plain_momentum", "minimal_sam": "minimal_plain"}
 """Methods timed against a baseline other than plain SGD: {method: baseline}."""
@@ -90,7 +92,20 @@ def compiled_step(model, batch, image, momentum=0.0):
     )
     state = jax.tree_util.tree_map(lambda t: jax.numpy.array(t), state)
     data = (jax.device_put(x), jax.device_put(y))
-    step = jax.jit(model.train_step, donate_argnums=0)
+    if not (isinstance(model, StepEngine) and model._steps_chosen_on_host()):
+        return jax.jit(model.train_step, donate_argnums=0), state, data
+    # sam_every / LookSAM: as `fit` runs them, one compiled function per kind
+    # of step, the kind of each step chosen on the host from its own count.
+    functions = {}
+    count = [int(keras.ops.convert_to_numpy(model.optimizer.iterations))]
+
+    def step(state, data):
+        kind = model._host_step_kind(count[0], None, 1)
+        count[0] += 1
+        if kind not in functions:
+            functions[kind] = jax.jit(model.train_step_of_kind(kind), donate_argnums=0)
+        return functions[kind](state, data)
+
     return step, state, data
 
 
@@ -153,8 +168,9 @@ def main(argv=None):
     parser.add_argument(
         "--conditional",
         action="store_true",
-        help="also time SAMModel(sam_every=10**9): the step's conditional with the second "
-        "gradient never taken after the first step, i.e. what the conditional alone costs",
+        help="also time SAMModel(sam_every=10**9): the second gradient never taken after "
+        "the first step; before 0.4 that step held a conditional (what it alone cost), "
+        "now the steps between run their own compiled function",
     )
     parser.add_argument("--json", help="write the results to this file too")
     parser.add_argument(
