@@ -172,21 +172,17 @@ def step_cost_fit_calls():
 
 
 def headline_cost():
-    """The front page's cost table: whole fit calls with tf.data autotuning off."""
-    r = json.load(open(os.path.join(RESULTS, FIT_CALLS[1][1])))
-    rows = ["| method | cost / plain step (median) | per-process medians |", "|---|---|---|"]
+    """The front page's cost table: whole epochs of fit (`step_cost.py --epochs`)."""
+    r = json.load(open(os.path.join(RESULTS, "step_cost_epochs_cpu.json")))
+    rows = ["| method | cost / plain step |", "|---|---|"]
     for key, v in r["ratio"].items():
-        if key != "plain":
-            rows.append(
-                f"| {r['methods'][key]} | {v['median']:.2f} | "
-                f"{min(v['process_medians']):.2f}-{max(v['process_medians']):.2f} |"
-            )
+        rows.append(f"| {r['methods'][key]} | {v:.2f} |")
     return (
-        "\n".join(rows) + "\n\n(from `python benchmarks/step_cost.py --fit-calls --no-autotune`, "
-        "the full command on the cheaper-SAM page; "
+        "\n".join(rows) + "\n\n(median of per-epoch ratios, from `python benchmarks/step_cost.py "
+        "--epochs`, the full command on the step-cost page; "
         f"{r['machine']}, {r['backend']}, Keras {r['keras']}, a conv net with BatchNorm, "
-        f"batch {r['batch']}, {r['image']}x{r['image']}x3, {r['processes']} fresh processes "
-        f"x {r['calls_per_process']} fit calls of {r['steps_per_fit_call']} steps)"
+        f"batch {r['batch']}, {r['image']}x{r['image']}x3, {r['rounds']} epochs of "
+        f"{r['fit_steps']} steps per method)"
     )
 
 
@@ -216,6 +212,79 @@ def efficient(folder="efficient"):
         + "\n".join(f"- {line}" for line in r["guidance"])
         + "\n\n![SAM's sharpness reduction kept and test error against cost]"
         f"(benchmarks/results/{folder}/sharpness_vs_cost.png)\n\n" + tables
+    )
+
+
+GUIDE = (
+    # (method in benchmarks.efficient, what to write, rows of step_memory.py)
+    ("sgd", "the model itself", [("plain", "the step")]),
+    ("sam", "`SAMModel(m, rho=0.05)`", [("sam", "the step")]),
+    ("gsam", "`GSAMModel(m, rho=0.05, alpha=0.02)`", [("gsam", "the step")]),
+    (
+        "late25",
+        "`SAMModel(m, rho=0.05, sam_start_epoch=E)`, E at 75% of the epochs",
+        [("late", "plain step (before the start epoch)"), ("late", "SAM step")],
+    ),
+    (
+        "late50",
+        "`SAMModel(m, rho=0.05, sam_start_epoch=E)`, E at half the epochs",
+        [("late", "plain step (before the start epoch)"), ("late", "SAM step")],
+    ),
+    (
+        "sam_every5",
+        "`SAMModel(m, rho=0.05, sam_every=5)`",
+        [("sam_every5", "step between"), ("sam_every5", "SAM step")],
+    ),
+    (
+        "looksam5_alpha0.1",
+        "`LookSAMModel(m, rho=0.05, sam_every=5, alpha=0.1)`",
+        [("looksam5", "step between"), ("looksam5", "SAM step")],
+    ),
+    ("aesam", "`AESAMModel(m, rho=0.05, threshold=0.4)`", [("aesam", "the step")]),
+    ("msam", "`MSAMModel(m, rho=0.3)` with SGD momentum", [("msam", "the step")]),
+    ("mesa", "`MESAModel(m)`", [("mesa", "the step")]),
+)
+
+
+def cheaper_guide():
+    """The decision table of the cheaper-SAM page: each option's cost and
+    flatness kept (benchmarks.efficient) and memory (step_memory.py)."""
+    r = json.load(open(os.path.join(RESULTS, "efficient", "summary.json")))
+    memory = json.load(open(os.path.join(RESULTS, "step_memory_cpu.json")))
+    size = list(memory["sizes"])[-1]
+    mem = {(x["method"], x["kind"]): x for x in memory["sizes"][size]["rows"]}
+    models = list(r["tables"])
+    by = {m: {row["method"]: row for row in rows} for m, rows in r["tables"].items()}
+    names = " / ".join(m.replace("mnist1d_", "") for m in models)
+    rows = [
+        f"| option | write | step cost / SGD ({names}) | temporary memory / parameter "
+        f"| SAM's sharpness reduction kept ({names}) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, write, memory_rows in GUIDE:
+        if not all(method in by[m] for m in models):
+            continue
+        first = by[models[0]][method]
+        cost = " / ".join(f"{by[m][method]['cost']:.2f}" for m in models)
+        kept = " / ".join(
+            "—"
+            if by[m][method]["fraction_kept"] is None
+            else f"{by[m][method]['fraction_kept']:.0%}"
+            for m in models
+        )
+        temp = " then ".join(f"{mem[k]['temp_per_parameter_byte']:.2f}" for k in memory_rows)
+        stored = mem[memory_rows[-1]]["stored_per_parameter_byte"]
+        if stored:
+            temp += f" (+{stored:.2f} stored)"
+        words = [by[m][method]["verdict"] for m in models]
+        verdict = words[0] if len(set(words)) == 1 else " / ".join(words)
+        rows.append(f"| {first['label']} | {write} | {cost} | {temp} | {kept} | {verdict} |")
+    return "\n".join(rows) + (
+        f"\n\n(cost, flatness and verdicts: `{r['command']}`, {r['machine']}; memory: "
+        "`KERAS_BACKEND=jax python benchmarks/step_memory.py`, XLA's temporary bytes per "
+        "parameter byte of the compiled step, MLP of four "
+        f"Dense({memory['sizes'][size]['width']}), "
+        '"then": the steps without and with SAM\'s second gradient)'
     )
 
 
@@ -275,9 +344,10 @@ def step_cost_epochs():
             f"\n\nOne SAM step in five at SAM's measured cost would cost "
             f"1 + (SAM - 1) / {r['sam_every']} = {r['one_in_five']:.3f}."
         )
+    methods = ",".join(k for k in r["methods"] if k != "plain")
     command = (
-        "python benchmarks/step_cost.py --epochs --methods sam,sam_every5,looksam5 "
-        "--rounds 15 --json benchmarks/results/step_cost_epochs_cpu.json"
+        f"python benchmarks/step_cost.py --epochs --methods {methods} "
+        f"--rounds {r['rounds']} --json benchmarks/results/step_cost_epochs_cpu.json"
     )
     return (
         "\n".join(rows)
@@ -416,6 +486,7 @@ BLOCKS = {
     "paper_speed": from_markdown(os.path.join("paper_speed", "speed.md")),
     "efficient": efficient,
     "efficient_ramp": efficient_ramp,
+    "cheaper_guide": cheaper_guide,
     "step_memory": step_memory,
     "step_cost_epochs": step_cost_epochs,
     "headline_cost": headline_cost,

@@ -36,7 +36,8 @@ class AESAMModel(SAMModel):
         total_steps: steps over which `c` moves (needed with `threshold_end`).
         decay: decay of the moving averages, in `[0, 1)` (AE-SAM's 0.9).
         **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
-            `sync_perturbation`); sub-batches are not supported.
+            `sync_perturbation`, `sam_start_epoch`); sub-batches are not
+            supported.
 
     Example:
 

@@ -440,8 +440,13 @@ class StepEngine(keras.Model):
         """Descent gradients and new state for one batch (one replica).
 
         The clean pass always runs; the perturbed pass only on the steps
-        where `_decide` says so (every step by default), inside one compiled
-        conditional, so a plain step costs one gradient evaluation.
+        where `_decide` says so (every step by default). A kind of step
+        chosen on the host (`keras_sam.models.host_steps`) makes `do_sam` a
+        Python bool, and the traced step holds only that kind's passes;
+        otherwise (AE-SAM, several steps per call) the second pass runs
+        inside one compiled conditional. Before `sam_start_epoch` the step
+        is Keras' own (see `_keras_plain_step`), unless the noise scale is
+        measured, which this step does with the clean pass alone.
 
         The hooks get `summed(*names)`: this step's `"clean"` and/or
         `"perturbed"` gradients summed over the replicas, one list per name.

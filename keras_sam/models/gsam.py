@@ -46,7 +46,8 @@ class GSAMModel(SAMModel):
             None keeps `rho` constant.
         lr_max, lr_min: learning-rate range (see above).
         **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
-            `sync_perturbation`, `num_batch_splits`, ...).
+            `sync_perturbation`, `num_batch_splits`, `sam_every`,
+            `sam_start_epoch`, ...).
 
     Example:
 

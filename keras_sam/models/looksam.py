@@ -23,7 +23,9 @@ class LookSAMModel(SAMModel):
     and `BackupAndRestore` keep it. Under `MirroredStrategy`, `g_v` and the
     reuse step use the all-reduced gradients, so every replica holds the same
     `g_v`. The refresh steps are those with `optimizer.iterations %
-    sam_every == 0`.
+    sam_every == 0`; `fit` chooses refresh and reuse steps on the host, each
+    its own compiled function (see `SAMModel`'s `sam_every`), and
+    `sam_start_epoch` gives plain steps before a late phase.
 
     Args:
         model: the `keras.Model` to train, built.
@@ -31,7 +33,8 @@ class LookSAMModel(SAMModel):
         sam_every: steps per refresh (LookSAM's k), `>= 1`.
         alpha: weight of the reused direction, `>= 0` (LookSAM's 0.7).
         **kwargs: the keywords of `SAMModel` (`adaptive`, `eta`,
-            `sync_perturbation`); sub-batches are not supported.
+            `sync_perturbation`, `sam_start_epoch`); sub-batches are not
+            supported.
 
     Example:
 
