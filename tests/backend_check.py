@@ -91,7 +91,7 @@ def late_phase(x, y, jit):
         return keras.optimizers.SGD(0.05, momentum=0.9)
 
     def fit(model, epochs, initial_epoch=0):
-        model.fit(
+        return model.fit(
             x,
             y,
             batch_size=BATCH,
@@ -104,7 +104,7 @@ def late_phase(x, y, jit):
     inner = mlp()
     model = keras_sam.SAMModel(inner, rho=0.05, sam_start_epoch=2)
     model.compile(optimizer=optimizer(), loss="mse", jit_compile=jit)
-    fit(model, 4)
+    history = fit(model, 4)
     got = weights_of(inner) + weights_of_optimizer(model.optimizer)
 
     reference = mlp()
@@ -118,6 +118,9 @@ def late_phase(x, y, jit):
     return {
         "late_phase": np.concatenate([t.ravel().astype(np.float64) for t in got]),
         "late_phase_reference": np.concatenate([t.ravel().astype(np.float64) for t in expected]),
+        # Keras' own step in the plain epochs: no gradient norm measured.
+        "late_phase_grad_norm": np.array(history.history["grad_norm"]),
+        "late_phase_sam_fraction": np.array(history.history["sam_fraction"]),
     }
 
 

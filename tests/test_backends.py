@@ -71,6 +71,9 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
     # Late-phase SAM: plain Keras first, then SAM, exactly (weights,
     # BatchNorm statistics, optimizer step count and momentum).
     np.testing.assert_array_equal(got["late_phase"], got["late_phase_reference"])
+    np.testing.assert_array_equal(got["late_phase_sam_fraction"], [0, 0, 1, 1])
+    norms = got["late_phase_grad_norm"]
+    assert np.isnan(norms[:2]).all() and np.isfinite(norms[2:]).all(), norms
     reference = outputs[("tensorflow", False, False)]
     core_only = "scheduler_steps" not in got
     if not core_only:

@@ -127,6 +127,9 @@ def test_late_phase_is_plain_keras_then_the_wrapper_exactly(name, every):
     assert_equal_states(state(model, model.optimizer), state(wrapped, shared))
     fraction = history.history["sam_fraction"]
     assert fraction[:2] == [0.0, 0.0]
+    grad_norm = history.history["grad_norm"]
+    assert np.isnan(grad_norm[:2]).all() and np.isfinite(grad_norm[2:]).all()  # not measured
+    assert model._host_steps.kind is host_steps.IN_STEP  # a train_step called by hand
     if name != "aesam":
         expected = [len(range(e * STEPS, (e + 1) * STEPS, every)) / STEPS for e in (2, 3)]
         np.testing.assert_allclose(fraction[2:], expected, rtol=1e-6)
@@ -216,6 +219,37 @@ def test_a_callback_list_gets_the_clock_for_the_fit_only():
     fit(b, data, 2, callbacks=callbacks)
     assert b._host_steps not in callbacks.callbacks
     assert_equal_states(state(a, a.optimizer), state(b, b.optimizer))
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_loss_scale_optimizer_keeps_sam_every_inside_the_step(mixed_float16):
+    """Its skipped steps leave `optimizer.iterations` behind a host count, so
+    `sam_every` chooses inside the step; the late phase stays on the host,
+    with the engine's plain step (a skipped step changes no state)."""
+    data = make_data()
+    every = compiled(keras_sam.SAMModel(make_inner(), rho=0.1, sam_every=2))
+    history = fit(every, data, 1)
+    assert isinstance(every.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert not isinstance(every.train_function, host_steps.HostChosenSteps)
+    np.testing.assert_allclose(history.history["sam_fraction"], [0.5])
+    late = compiled(keras_sam.SAMModel(make_inner(), rho=0.1, sam_every=2, sam_start_epoch=1))
+    history = fit(late, data, 2)
+    assert late.train_function.kinds_built() == [host_steps.IN_STEP, host_steps.PLAIN]
+    np.testing.assert_allclose(history.history["sam_fraction"], [0.0, 0.5])
+    assert np.isfinite(history.history["grad_norm"]).all()  # the engine's step measures it
+
+
+def test_a_single_callback_outside_a_list():
+    model = compiled(keras_sam.SAMModel(make_inner(), rho=0.1, sam_every=2))
+    history = keras.callbacks.History()
+    fit(model, make_data(), 2, callbacks=history)
+    assert len(history.history["loss"]) == 2
 
 
 # ------------------------------------------------ the batch ramp, saving

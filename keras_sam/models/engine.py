@@ -252,11 +252,12 @@ class StepEngine(keras.Model):
             callbacks.callbacks.append(clock)
             clock.set_model(self)
         else:
-            arguments["callbacks"] = list(callbacks or []) + [clock]
+            arguments["callbacks"] = (tree.flatten(callbacks) if callbacks else []) + [clock]
+        outer = clock.state()  # a fit called from a callback of another fit
         try:
             return super().fit(*bound.args[1:], **bound.kwargs)
         finally:
-            clock.running = False
+            clock.set_state(outer)
             if isinstance(callbacks, keras.callbacks.CallbackList):
                 callbacks.callbacks.remove(clock)
 
@@ -268,7 +269,18 @@ class StepEngine(keras.Model):
     def _steps_chosen_on_host(self):
         """Whether `fit` chooses each step's kind on the host (see
         `keras_sam.models.host_steps`)."""
-        return self.sam_start_epoch > 0 or (self.sam_every > 1 and not self._decides_from_data)
+        return self.sam_start_epoch > 0 or self._every_on_host()
+
+    def _every_on_host(self):
+        """Whether the `sam_every` schedule is chosen on the host: not for a
+        data-driven policy, and not under a LossScaleOptimizer, whose skipped
+        steps (non-finite gradients) leave `optimizer.iterations` behind a
+        count of the steps taken."""
+        return (
+            self.sam_every > 1
+            and not self._decides_from_data
+            and not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        )
 
     def _host_step_kind(self, step, epoch, per_call):
         """The kind of the call that starts at step `step` (the optimizer's
@@ -280,7 +292,7 @@ class StepEngine(keras.Model):
             return host_steps.IN_STEP
         if self.sam_every == 1:
             return host_steps.SAM
-        if per_call > 1:  # the kinds of one call's steps differ
+        if per_call > 1 or not self._every_on_host():  # see _every_on_host
             return host_steps.IN_STEP
         return host_steps.SAM if step % self.sam_every == 0 else host_steps.BETWEEN
 
@@ -752,14 +764,22 @@ class StepEngine(keras.Model):
         return rules.all_finite(descent)
 
     def _keras_plain_step(self):
-        """Whether this step is Keras' own `train_step` (the plain steps
-        before `sam_start_epoch`; with `noise_scale` the engine's plain step,
-        which measures it)."""
-        return self._host_steps.kind == host_steps.PLAIN and not self.noise_scale
+        """Whether this step is Keras' own `train_step`: the plain steps
+        before `sam_start_epoch`, except with `noise_scale` (the engine's
+        plain step measures it) and under a LossScaleOptimizer (the engine's
+        step skips a non-finite step on every replica and leaves BatchNorm
+        statistics unchanged then). `grad_norm` is not measured there: it is
+        logged as NaN (`sharpness` and `rho`, averaged over SAM steps, as 0)."""
+        return (
+            self._host_steps.kind == host_steps.PLAIN
+            and not self.noise_scale
+            and not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        )
 
     def _stateful_train_step(self, data):
         """`train_step` for TensorFlow and PyTorch: variables updated in place."""
         if self._keras_plain_step():
+            self._grad_norm_tracker.update_state(float("nan"))  # not measured
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         trainable = self.trainable_variables
@@ -793,7 +813,14 @@ class StepEngine(keras.Model):
     def _stateless_train_step(self, state, data):
         """`train_step` for JAX: state in, state out (see Keras' JAX trainer)."""
         if self._keras_plain_step():
-            return super().train_step(state, data)
+            logs, state = super().train_step(state, data)
+            *others, metrics_vars = state
+            mapping = list(zip(self.metrics_variables, metrics_vars))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                self._grad_norm_tracker.update_state(float("nan"))  # not measured
+                logs = dict(logs, grad_norm=self._grad_norm_tracker.result())
+            metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
+            return logs, (*others, metrics_vars)
         trainable, non_trainable, optimizer_vars, metrics_vars = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         mesh = None if self.sync_perturbation else sam_backend.per_device_mesh()

@@ -22,7 +22,10 @@ once when `fit` starts, after every callback's `on_train_begin` (so
 `BackupAndRestore`, a second `fit` and `initial_epoch` continue the schedule
 exactly), and adds one per call that ran; it never reads the device during
 training. Outside `fit` (`train_on_batch`) it reads `optimizer.iterations`
-before each call.
+before each call. Under a `LossScaleOptimizer` a skipped step (non-finite
+gradients) leaves `optimizer.iterations` where it was, so there `sam_every`
+keeps its in-step choice (`sam_start_epoch`, by the epoch, stays on the
+host).
 """
 
 import keras
@@ -61,6 +64,12 @@ class StepClock(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.running = False
 
+    def state(self):
+        return self.step, self.epoch, self.running, self.kind
+
+    def set_state(self, state):
+        self.step, self.epoch, self.running, self.kind = state
+
 
 class HostChosenSteps:
     """`model.train_function`: calls the compiled function of the next step's
@@ -91,7 +100,10 @@ class HostChosenSteps:
         kind = self.model._host_step_kind(step, epoch, per_call)
         function = self.functions[kind]
         clock.kind = kind  # PyTorch runs `train_step` eagerly: read on every call
-        outputs = function(*args)
+        try:
+            outputs = function(*args)
+        finally:
+            clock.kind = IN_STEP  # a `train_step` called by hand chooses inside
         if running and per_call == 1:  # a call that ran no step raised
             clock.step += 1
         return outputs
