@@ -274,7 +274,7 @@ def cheaper_guide():
         )
         temp = " then ".join(f"{mem[k]['temp_per_parameter_byte']:.2f}" for k in memory_rows)
         stored = mem[memory_rows[-1]]["stored_per_parameter_byte"]
-        if stored:
+        if stored >= 0.005:
             temp += f" (+{stored:.2f} stored)"
         words = [by[m][method]["verdict"] for m in models]
         verdict = words[0] if len(set(words)) == 1 else " / ".join(words)
