@@ -81,6 +81,18 @@ def oracle_linear_sam(w, b, x, y, rho, alpha):
     return w, b
 
 
+def fresh_dynamo(jit):
+    """torch.compile: a fresh dynamo cache before each model. torch 2.13's
+    dynamo, recompiling the train-step code that earlier models compiled,
+    crashes while it works out why it recompiles (IndexError in guards.py,
+    recompilation_reason_for_no_tensor_aliasing_guard); a process that
+    trains one model is not hit."""
+    if jit and keras.backend.backend() == "torch":
+        import torch._dynamo
+
+        torch._dynamo.reset()
+
+
 def late_phase(x, y, jit):
     """`SAMModel(sam_start_epoch=2)` for 4 epochs, and its reference: plain
     Keras for 2 epochs, then `SAMModel` for 2 with the same optimizer. Both
@@ -101,12 +113,14 @@ def late_phase(x, y, jit):
             verbose=0,
         )
 
+    fresh_dynamo(jit)
     inner = mlp()
     model = keras_sam.SAMModel(inner, rho=0.05, sam_start_epoch=2)
     model.compile(optimizer=optimizer(), loss="mse", jit_compile=jit)
     history = fit(model, 4)
     got = weights_of(inner) + weights_of_optimizer(model.optimizer)
 
+    fresh_dynamo(jit)
     reference = mlp()
     shared = optimizer()
     reference.compile(optimizer=shared, loss="mse", jit_compile=jit)
@@ -193,6 +207,7 @@ def main(out, jit, data_parallel=False, core_only=False):
             "mlp_late": cases["mlp_late"],
         }
     for name, wrap in cases.items():
+        fresh_dynamo(jit)
         inner = mlp()
         model = wrap(inner)
         if data_parallel:  # the global perturbation: comparable with one device
@@ -220,14 +235,7 @@ def main(out, jit, data_parallel=False, core_only=False):
     # MESA on a classifier with BatchNorm: the teacher, its average and the
     # epoch at which the term switches on.
     labels = np.abs(y[:, 0] * 3).astype("int64") % 3
-    if jit and keras.backend.backend() == "torch":
-        # torch 2.13's dynamo, recompiling the train-step code that the
-        # models above compiled, crashes while it works out why it recompiles
-        # (IndexError in guards.py, recompilation_reason_for_no_tensor_aliasing_guard);
-        # a fresh dynamo cache, as in a process that trains one model, avoids it.
-        import torch._dynamo
-
-        torch._dynamo.reset()
+    fresh_dynamo(jit)
     inner = mlp_classifier()
     model = keras_sam.MESAModel(
         inner, kl_weight=0.8, temperature=2.0, ema_decay=0.5, kl_start_epoch=0
