@@ -346,7 +346,12 @@ SAVED_0_3 = {
 @pytest.mark.parametrize("name", list(SAVED_0_3))
 def test_a_model_saved_by_0_3_loads_and_trains_on(name):
     """tests/data/<name>_0_3.keras: trained 2 epochs and saved by keras_sam
-    0.3 (SGD momentum, BatchNorm), with its predictions beside it."""
+    0.3 with Keras 3.15.1 (SGD momentum, BatchNorm), with its predictions
+    beside it."""
+    if tuple(int(p) for p in keras.__version__.split(".")[:2]) < (3, 15):
+        pytest.skip(
+            "the files were saved with Keras 3.15.1, whose layer configs Keras < 3.15 reads not"
+        )
     cls, settings = SAVED_0_3[name]
     loaded = keras.models.load_model(os.path.join(DATA, f"{name}_0_3.keras"))
     assert type(loaded) is cls
