@@ -248,10 +248,7 @@ def main(argv=None):
     for k, r in result["estimate_ratio"].items():
         print(f"{METHODS[k][0]:>22}: {r:.3f}x {METHODS[NOISE_SCALE_PAIRS[k]][0]}")
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        _write_json(args.json, result)
     return result
 
 
@@ -387,10 +384,7 @@ def epochs_in_process(args):
     if "one_in_five" in result:
         print(f"1 + (SAM - 1) / {SAM_EVERY} = {result['one_in_five']:.3f}")
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        _write_json(args.json, result)
     return result
 
 
@@ -498,11 +492,16 @@ def fit_calls(args):
             f"{max(r['without_teardown_process_medians']):.3f}"
         )
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        _write_json(args.json, result)
     return result
+
+
+def _write_json(path, result):
+    """`result` to `path`, replacing it only once written whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _setting(args):
