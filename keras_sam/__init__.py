@@ -9,6 +9,8 @@ Public names:
   (LookSAM's reused direction, AE-SAM's adaptive switching);
 - `MSAMModel`, `MESAModel`: SAM's aim at one gradient per step
   (Momentum-SAM's perturbation along the momentum, MESA's EMA teacher);
+- `RWPModel`, `FlatLoRAModel`: one gradient at randomly perturbed weights
+  (RWP on all weights; Flat-LoRA on LoRA layers' merged weights);
 - `keras_sam.rules`: the math of one step, backend-neutral;
 - `keras_sam.schedules`: epoch-aware learning-rate schedules;
 - `keras_sam.callbacks`: `BatchSizeScheduler`, `AdaptiveBatchSize`, `SharpnessMonitor`;
@@ -26,10 +28,12 @@ from keras_sam import schedules
 from keras_sam import sharpness
 from keras_sam.batch_schedule import BatchSchedule
 from keras_sam.models import AESAMModel
+from keras_sam.models import FlatLoRAModel
 from keras_sam.models import GSAMModel
 from keras_sam.models import LookSAMModel
 from keras_sam.models import MESAModel
 from keras_sam.models import MSAMModel
+from keras_sam.models import RWPModel
 from keras_sam.models import SAMModel
 from keras_sam.models import SharpnessAwareMinimization
 
@@ -42,6 +46,8 @@ __all__ = [
     "AESAMModel",
     "MSAMModel",
     "MESAModel",
+    "RWPModel",
+    "FlatLoRAModel",
     "BatchSchedule",
     "SharpnessAwareMinimization",
     "callbacks",

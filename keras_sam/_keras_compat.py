@@ -376,3 +376,11 @@ def epoch_learning_rate_schedule(optimizer):
     if isinstance(schedule, _EpochSchedule) and schedule._steps is not None:
         return schedule
     return None
+
+
+def random_seed_dtype():
+    """The dtype of a Keras seed pair on this backend (`keras.random` takes
+    the pair as a `SeedGenerator`'s state; see `models/_weight_noise.py`)."""
+    from keras.src.backend import random_seed_dtype as seed_dtype
+
+    return seed_dtype()

@@ -249,3 +249,82 @@ def noise_scale(average_squared_norm, average_trace):
     positive = ops.greater(average_squared_norm, 0)
     safe = ops.where(positive, average_squared_norm, 1.0)
     return ops.where(positive, average_trace / safe, float("inf"))
+
+
+def filter_norms(weight, axis=-1):
+    """L2 norm of each slice of `weight` along `axis` (its "filters"), over
+    all other axes, kept as broadcastable dimensions; one norm over the
+    whole tensor for a 1-D `weight`."""
+    if len(weight.shape) <= 1:
+        return ops.sqrt(ops.sum(ops.square(weight)))
+    axis = axis % len(weight.shape)
+    others = tuple(i for i in range(len(weight.shape)) if i != axis)
+    return ops.sqrt(ops.sum(ops.square(weight), axis=others, keepdims=True))
+
+
+def rwp_noise(standard_normals, weights, rho, axes):
+    """RWP's filter-wise Gaussian noise `n = rho * ||filter|| * z`.
+
+    Li et al., "Revisiting Random Weight Perturbation for Efficiently
+    Improving Generalization" (TMLR 2024), official code nblt/mARWP: every
+    filter (one output unit's slice) gets noise of standard deviation `rho`
+    times its own norm; a 1-D weight (bias, normalization) `rho` times the
+    norm of the whole vector. The standard deviation carries no gradient.
+
+    Args:
+        standard_normals: list of standard normal tensors `z`, one per weight.
+        weights: list of weight tensors `w`.
+        rho: the relative standard deviation (float or scalar tensor).
+        axes: list, the filter axis of each weight (see `filter_norms`).
+
+    Returns:
+        The list of noise tensors `n`.
+    """
+    noise = []
+    for z, w, axis in zip(standard_normals, weights, axes):
+        std = ops.stop_gradient(ops.cast(rho, w.dtype) * filter_norms(w, axis))
+        noise.append(std * ops.cast(z, w.dtype))
+    return noise
+
+
+def flat_lora_noise(standard_normal, merged_kernel, rho):
+    """Flat-LoRA's noise on one merged weight `W' = W + s B A`.
+
+    Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape"
+    (ICML 2025), official code nblt/Flat-LoRA: each output unit's weights
+    get noise of standard deviation `rho / sqrt(n) * ||row||`, with `n` the
+    row's input size, so that the noise's effect on that unit's output does
+    not grow with `n`. Keras keeps kernels as `(inputs..., outputs)`: a row
+    of the PyTorch weight is a slice along the LAST axis here, and `n` is
+    the product of the other axes. The standard deviation carries no
+    gradient.
+
+    Args:
+        standard_normal: a standard normal tensor `z`, the kernel's shape.
+        merged_kernel: `W + s B A`, the kernel the forward pass uses.
+        rho: the radius at this step (Flat-LoRA's `factor * rho`).
+
+    Returns:
+        The noise tensor.
+    """
+    fan_in = 1
+    for size in merged_kernel.shape[:-1]:
+        fan_in *= int(size)
+    scale = ops.cast(rho, merged_kernel.dtype) / (fan_in**0.5)
+    std = ops.stop_gradient(scale * filter_norms(merged_kernel, -1))
+    return std * ops.cast(standard_normal, merged_kernel.dtype)
+
+
+def cosine_ramp(step, ramp_steps):
+    """Flat-LoRA's noise factor `(1 - cos(pi * min(step / ramp_steps, 1))) / 2`,
+    rising from 0 at step 0 to 1 at `ramp_steps` and after."""
+    progress = ops.minimum(ops.cast(step, "float32") / float(ramp_steps), 1.0)
+    return (1.0 - ops.cos(3.141592653589793 * progress)) / 2.0
+
+
+def mixed_gradient(clean_grads, noisy_grads, clean_weight):
+    """m-RWP's descent `(1 - c) * g(w + n) + c * g(w)` for a clean weight `c`."""
+    return [
+        ops.cast(1 - clean_weight, n.dtype) * n + ops.cast(clean_weight, g.dtype) * g
+        for g, n in zip(clean_grads, noisy_grads)
+    ]

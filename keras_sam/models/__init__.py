@@ -12,7 +12,9 @@ One family per module, on the step they share:
 - `looksam.py`: `LookSAMModel`, the reused direction between refreshes;
 - `aesam.py`: `AESAMModel`, SAM steps where the gradient norm is high;
 - `msam.py`: `MSAMModel`, Momentum-SAM: one gradient, along the momentum;
-- `mesa.py`: `MESAModel`, MESA: distillation from a moving average of the weights.
+- `mesa.py`: `MESAModel`, MESA: distillation from a moving average of the weights;
+- `rwp.py`: `RWPModel` and `FlatLoRAModel`: one gradient at randomly
+  perturbed weights (all weights; LoRA's merged weights).
 """
 
 from keras_sam.models.aesam import AESAMModel
@@ -21,6 +23,8 @@ from keras_sam.models.gsam import GSAMModel
 from keras_sam.models.looksam import LookSAMModel
 from keras_sam.models.mesa import MESAModel
 from keras_sam.models.msam import MSAMModel
+from keras_sam.models.rwp import FlatLoRAModel
+from keras_sam.models.rwp import RWPModel
 from keras_sam.models.sam import ADAPTIVE_SCOPES
 from keras_sam.models.sam import SAMModel
 from keras_sam.models.sam import SharpnessAwareMinimization
@@ -30,10 +34,12 @@ __all__ = [
     "ADAPTIVE_SCOPES",
     "TRAINING_STATISTICS",
     "AESAMModel",
+    "FlatLoRAModel",
     "GSAMModel",
     "LookSAMModel",
     "MESAModel",
     "MSAMModel",
+    "RWPModel",
     "SAMModel",
     "SharpnessAwareMinimization",
     "asam_scaled",
