@@ -146,6 +146,58 @@ def weights_of(model):
     return [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights]
 
 
+def random_perturbation(x, y, jit):
+    """RWP (all weights) and Flat-LoRA (a LoRA layer's merged weight) on
+    least squares, against float64 replays that use this backend's own
+    noise draws (`standard_normals(step)`): the formulas of the official
+    code, the gradient `2/n X^T r` at the noisy point, SGD."""
+    n64 = lambda t: np.asarray(keras.ops.convert_to_numpy(t), np.float64)  # noqa: E731
+    results = {}
+
+    fresh_dynamo(jit)
+    inner = linear()
+    model = keras_sam.RWPModel(inner, rho=0.2, seed=3)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=jit)
+    w, b = (t.astype(np.float64) for t in weights_of(inner))
+    for step, s in enumerate(range(0, N, BATCH)):
+        xb, yb = x[s : s + BATCH].astype(np.float64), y[s : s + BATCH]
+        zw, zb = (n64(t) for t in model.standard_normals(step))
+        wn = w + 0.2 * np.linalg.norm(w, axis=0, keepdims=True) * zw  # per output unit
+        bn = b + 0.2 * np.linalg.norm(b) * zb
+        r = xb @ wn + bn - yb
+        w, b = w - LR * 2 * xb.T @ r / len(xb), b - LR * 2 * r.mean(axis=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    results["rwp"] = np.concatenate([t.ravel() for t in weights_of(inner)])
+    results["rwp_oracle"] = np.concatenate([w.ravel(), b.ravel()])
+
+    fresh_dynamo(jit)
+    inner = linear()
+    dense = inner.layers[0]
+    dense.enable_lora(2, lora_alpha=4)
+    rng = np.random.default_rng(1)
+    for v in (dense.lora_kernel_a, dense.lora_kernel_b):
+        v.assign(rng.normal(scale=0.5, size=v.shape).astype("float32"))
+    frozen = n64(dense._kernel)
+    model = keras_sam.FlatLoRAModel(inner, rho=0.3, ramp_steps=2, seed=5)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=jit)
+    a, bb, bias = (n64(v) for v in (dense.lora_kernel_a, dense.lora_kernel_b, dense.bias))
+    for step, s in enumerate(range(0, N, BATCH)):
+        xb, yb = x[s : s + BATCH].astype(np.float64), y[s : s + BATCH]
+        factor = 0.5 * (1 - np.cos(min(step / 2, 1.0) * np.pi))
+        merged = frozen + 2 * a @ bb
+        std = factor * 0.3 / np.sqrt(D) * np.linalg.norm(merged, axis=0, keepdims=True)
+        noisy = merged + std * n64(model.standard_normals(step)[0])
+        r = xb @ noisy + bias - yb
+        g = 2 * xb.T @ r / len(xb)
+        a, bb, bias = a - LR * 2 * g @ bb.T, bb - LR * 2 * a.T @ g, bias - LR * 2 * r.mean(axis=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    trained = (dense.lora_kernel_a, dense.lora_kernel_b, dense.bias)
+    results["flat_lora"] = np.concatenate([n64(v).ravel() for v in trained])
+    results["flat_lora_oracle"] = np.concatenate([a.ravel(), bb.ravel(), bias.ravel()])
+    results["flat_lora_frozen_changed"] = np.array(np.any(n64(dense._kernel) != frozen))
+    return results
+
+
 def main(out, jit, data_parallel=False, core_only=False):
     if data_parallel:  # JAX: shard every batch over the (forced host) devices
         devices = keras.distribution.list_devices("cpu")
@@ -256,6 +308,7 @@ def main(out, jit, data_parallel=False, core_only=False):
     )
 
     results.update(late_phase(x, y, jit))
+    results.update(random_perturbation(x, y, jit))
     if core_only:
         np.savez(out, **results)
         return
