@@ -36,7 +36,8 @@ Each backend module exports the same names:
   step does it here).
 - `keras_loss_share(value)`: a batch-mean term (MESA's distillation loss)
   scaled as Keras' compiled loss is on this replica, to be added to it.
-- JAX only: `per_device_mesh()` and `per_device(fn, mesh, axis, replicated,
+- JAX only: `batch_devices_without_per_device_step()` (the batch axis of a
+  `ModelParallel` mesh), `per_device_mesh()` and `per_device(fn, mesh, axis, replicated,
   sharded)`, the per-device step under `keras.distribution.DataParallel`.
 - `loop_over(n, body, carry)`: `carry, out = body(i, carry)` for `i < n`,
   returning the last carry and the outputs concatenated along axis 0; `n`

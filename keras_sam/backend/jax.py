@@ -29,6 +29,7 @@ __all__ = [
     "keras_loss_share",
     "per_device_mesh",
     "per_device_count",
+    "batch_devices_without_per_device_step",
     "per_device",
     "random_state",
     "set_random_state",
@@ -85,6 +86,22 @@ def per_device_count():
     """Devices that each perturb with their own shard (1 without DataParallel)."""
     mesh = per_device_mesh()
     return 1 if mesh is None else mesh[0].shape[mesh[1]]
+
+
+def batch_devices_without_per_device_step():
+    """Devices the batch is split over by a `keras.distribution` other than
+    `DataParallel` (`ModelParallel`: its batch axis), where the step runs on
+    global arrays and no device can perturb with its own shard; 1 otherwise."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    if distribution is None or isinstance(distribution, keras.distribution.DataParallel):
+        return 1
+    mesh = distribution.device_mesh
+    axis = getattr(distribution, "batch_dim_name", None)
+    if axis not in mesh.axis_names:
+        return 1
+    return mesh.shape[mesh.axis_names.index(axis)]
 
 
 def per_device_mesh():

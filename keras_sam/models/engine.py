@@ -233,6 +233,7 @@ class StepEngine(keras.Model):
         from keras_sam._multi_worker import check_not_multi_worker
 
         check_not_multi_worker(self)  # MultiWorkerMirroredStrategy: clear error
+        self._check_per_replica_perturbation()
         if self.noise_scale:
             self._check_mean_reduced_loss()
         if self.num_batch_splits or self.sub_batch_size:
@@ -355,6 +356,25 @@ class StepEngine(keras.Model):
                     f"reduction={reduction!r}. Use reduction='sum_over_batch_size' (the "
                     "default), or noise_scale=False."
                 )
+
+    def _check_per_replica_perturbation(self):
+        """Per-replica perturbation needs a step per device: refused (before
+        any step) under a JAX `ModelParallel` mesh whose batch axis spans
+        several devices, where the step runs on global arrays."""
+        if self.sync_perturbation or type(self)._sam_step is not StepEngine._sam_step:
+            return  # one global perturbation, or none computed from the batch
+        count = getattr(sam_backend, "batch_devices_without_per_device_step", lambda: 1)()
+        if count > 1:
+            raise ValueError(
+                f"{type(self).__name__} perturbs per replica by default (each "
+                "device with the gradient of its own batch shard), which needs "
+                "one step per device: keras.distribution.DataParallel gives it, "
+                f"but this distribution ({type(keras.distribution.distribution()).__name__}) "
+                f"splits the batch over {count} devices of a mesh that also shards "
+                "the weights. Pass `sync_perturbation=True` (one perturbation from "
+                "the global batch's gradient, the same on every device), with "
+                "`num_batch_splits` too for m-sharpness within the global batch."
+            )
 
     def _replicas_for_splits(self):
         """Replicas that each split their own slice of the global batch."""

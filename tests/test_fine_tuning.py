@@ -1,0 +1,265 @@
+"""Sharpness-aware fine-tuning of KerasHub task models (small configs, random
+weights, offline): a causal LM (Gemma) and a text classifier (BERT), with and
+without LoRA, wrapped in SAMModel, GSAMModel, SAMModel(sam_every=2) and
+FlatLoRAModel. Each wrapper's step equals a hand-written reference step
+(GradientTape, weights moved by `assign` and put back); frozen weights stay
+bitwise equal; the task model generates, predicts and saves after training;
+two replicas equal one device. JAX `ModelParallel` with the backbone's layout
+map: tests/test_model_parallel.py.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from strategies import mirrored
+
+import keras_sam
+from keras_sam import _keras_compat
+
+if _keras_compat.keras_version() < (3, 15):
+    pytest.skip("keras-hub 0.32 needs Keras >= 3.15", allow_module_level=True)
+keras_hub = pytest.importorskip(
+    "keras_hub", reason="keras-hub is an extra: pip install keras_sam[hub]"
+)
+
+VOCAB, LENGTH, BATCH = 64, 10, 4
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def numpy_weights(model, seed):
+    """Backends and runs draw different initial weights; use NumPy's."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        if keras.backend.is_float_dtype(v.dtype):
+            v.assign(rng.normal(scale=0.2, size=v.shape).astype(v.dtype))
+
+
+def causal_lm(lora, seed=0):
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    )
+    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    if lora:
+        backbone.enable_lora(rank=2)
+    numpy_weights(model, seed)  # LoRA's B too: a zero B would stop A's gradient
+    return model
+
+
+def classifier(lora, seed=0):
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        dropout=0.0,
+        max_sequence_length=LENGTH,
+    )
+    model = keras_hub.models.BertTextClassifier(
+        backbone, num_classes=3, preprocessor=None, dropout=0.0
+    )
+    if lora:
+        backbone.enable_lora(rank=2)
+    numpy_weights(model, seed)
+    return model
+
+
+def lm_data(n=BATCH, seed=0):
+    ids = np.random.default_rng(seed).integers(1, VOCAB, size=(n, LENGTH + 1)).astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((n, LENGTH), bool)}
+    return x, ids[:, 1:]
+
+
+def classifier_data(n=BATCH, seed=0):
+    rng = np.random.default_rng(seed)
+    x = {
+        "token_ids": rng.integers(1, VOCAB, size=(n, LENGTH)).astype("int32"),
+        "segment_ids": np.zeros((n, LENGTH), "int32"),
+        "padding_mask": np.ones((n, LENGTH), bool),
+    }
+    return x, rng.integers(0, 3, size=(n,))
+
+
+FAMILIES = {"causal_lm": (causal_lm, lm_data), "classifier": (classifier, classifier_data)}
+
+
+def gradient(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    return [tf.convert_to_tensor(g) for g in grads]  # embeddings: IndexedSlices
+
+
+def at(variables, values, fn):
+    """`fn()` with `variables` holding `values`; their old values put back exactly."""
+    saved = [v.numpy().copy() for v in variables]
+    for v, value in zip(variables, values):
+        v.assign(value)
+    try:
+        return fn()
+    finally:
+        for v, value in zip(variables, saved):
+            v.assign(value)
+
+
+def norm(tensors):
+    return tf.sqrt(tf.add_n([tf.reduce_sum(t * t) for t in tensors]))
+
+
+def reference_direction(method, model, x, y, step):
+    """The descent direction of one step, hand-written with a GradientTape."""
+    variables = model.trainable_variables
+    g = gradient(model, x, y)
+    if method == "sam_every2" and step % 2 == 1:
+        return g  # a plain step between SAM steps
+    if method == "flat_lora":
+        return flat_lora_gradient(model, x, y, step)
+    rho = 0.05
+    e = [rho * t / (norm(g) + 1e-12) for t in g]
+    gp = at(variables, [v + ei for v, ei in zip(variables, e)], lambda: gradient(model, x, y))
+    if method != "gsam":
+        return gp
+    # GSAM: gp minus alpha times g's part orthogonal to gp.
+    alpha = 0.3
+    coef = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, gp)]) / (norm(gp) ** 2 + 1e-12)
+    return [p - alpha * (c - coef * p) for c, p in zip(g, gp)]
+
+
+FLAT_LORA = dict(rho=0.3, seed=4)
+
+
+def flat_lora_gradient(model, x, y, step):
+    """Flat-LoRA: the frozen kernels moved by the official noise (relative
+    to each output unit of the merged weight), the gradient taken there."""
+    layers = keras_sam.models.rwp.lora_layers(model)
+    wrapper = keras_sam.FlatLoRAModel(model, **FLAT_LORA)
+    draws = wrapper.standard_normals(step)
+    noisy = []
+    for layer, z in zip(layers, draws):
+        kernel = layer._kernel.numpy().astype(np.float64)
+        s = layer.lora_alpha / layer.lora_rank
+        merged = kernel + s * np.matmul(layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy())
+        units = merged.reshape(-1, merged.shape[-1])
+        std = FLAT_LORA["rho"] / np.sqrt(len(units)) * np.linalg.norm(units, axis=0)
+        noisy.append((kernel + std * np.asarray(z)).astype("float32"))
+    return at([layer._kernel for layer in layers], noisy, lambda: gradient(model, x, y))
+
+
+def wrap(method, model):
+    if method == "sam":
+        return keras_sam.SAMModel(model, rho=0.05)
+    if method == "gsam":
+        return keras_sam.GSAMModel(model, rho=0.05, alpha=0.3)
+    if method == "sam_every2":
+        return keras_sam.SAMModel(model, rho=0.05, sam_every=2)
+    return keras_sam.FlatLoRAModel(model, **FLAT_LORA)
+
+
+CASES = [
+    ("causal_lm", True, "sam"),
+    ("causal_lm", True, "gsam"),
+    ("causal_lm", True, "sam_every2"),
+    ("causal_lm", True, "flat_lora"),
+    ("causal_lm", False, "sam"),
+    ("classifier", True, "sam"),
+    ("classifier", True, "flat_lora"),
+    ("classifier", False, "gsam"),
+]
+
+
+@pytest.mark.parametrize(
+    "family, lora, method", CASES, ids=[f"{f}-{'lora' if l else 'full'}-{m}" for f, l, m in CASES]
+)
+def test_each_step_equals_a_hand_written_step_and_frozen_weights_stay(family, lora, method):
+    build, make_data = FAMILIES[family]
+    x, y = make_data()
+    steps = 2
+
+    # SGD with momentum: Adam's per-coordinate scaling would turn float32
+    # rounding of a near-zero gradient entry into a visible difference.
+    reference = build(lora)
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    for step in range(steps):
+        direction = reference_direction(method, reference, x, y, step)
+        optimizer.apply(direction, reference.trainable_variables)
+
+    model = build(lora)
+    frozen = [v.numpy().copy() for v in model.non_trainable_variables]
+    trained_names = {v.path for v in model.trainable_variables}
+    wrapper = wrap(method, model)
+    wrapper.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=LOSS)
+    wrapper.fit(x, y, batch_size=BATCH, epochs=steps, shuffle=False, verbose=0)
+
+    if lora:  # LoRA: only the adapters (and heads, biases left trainable) train
+        assert all("lora_kernel" in n or not n.endswith("kernel") or "logits" in n
+                   for n in trained_names if "attention" in n)
+    for v, before in zip(model.non_trainable_variables, frozen):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
+    for got, want in zip(model.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6, err_msg=got.path)
+
+
+def test_lora_trains_a_small_share_of_the_weights():
+    full, adapted = causal_lm(lora=False), causal_lm(lora=True)
+    count = lambda vs: sum(int(np.prod(v.shape)) for v in vs)  # noqa: E731
+    assert count(adapted.trainable_variables) < count(full.trainable_variables) / 10
+    assert all("lora_kernel" in v.path for v in adapted.trainable_variables)
+
+
+def test_the_trained_model_generates_predicts_and_reloads(tmp_path):
+    lm = causal_lm(lora=True)
+    x, y = lm_data(8)
+    model = keras_sam.GSAMModel(lm, rho=0.05)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=LOSS)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+
+    logits = model.predict(x, verbose=0)
+    np.testing.assert_allclose(logits, lm.predict(x, verbose=0), rtol=1e-6)
+    prompt = {"token_ids": x["token_ids"][:2].copy(), "padding_mask": np.zeros((2, LENGTH), bool)}
+    prompt["padding_mask"][:, :4] = True
+    out = lm.generate(prompt, stop_token_ids=None)  # greedy by default
+    first = lm.predict(
+        {"token_ids": x["token_ids"][:2, :4], "padding_mask": np.ones((2, 4), bool)}, verbose=0
+    )[:, -1].argmax(-1)
+    np.testing.assert_array_equal(out["token_ids"][:, 4], first)
+
+    lm.save(tmp_path / "lm.keras")  # Keras merges s A B into each kernel
+    loaded = keras.models.load_model(tmp_path / "lm.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sam", "sam_synced", "flat_lora"])
+def test_two_replicas_equal_one_device(method):
+    """Per replica (default): each replica perturbs with its half of the
+    batch, as `num_batch_splits=2` does on one device; synced: the global
+    batch's perturbation; Flat-LoRA: the same noise on both."""
+    x, y = lm_data(8)
+    # A bool padding mask fails under MirroredStrategy in plain Keras too
+    # (TensorFlow's AddN has no bool kernel); KerasHub reads an int32 one.
+    x["padding_mask"] = x["padding_mask"].astype("int32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+    def make(strategy, splits):
+        with strategy.scope():
+            lm = causal_lm(lora=True)
+            if method == "flat_lora":
+                model = keras_sam.FlatLoRAModel(lm, **FLAT_LORA)
+            else:
+                model = keras_sam.SAMModel(
+                    lm, rho=0.05, sync_perturbation=method == "sam_synced", num_batch_splits=splits
+                )
+            model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=LOSS)
+        model.fit(ds, epochs=2, verbose=0)
+        return lm
+
+    one = make(tf.distribute.get_strategy(), 2 if method == "sam" else None)
+    two = make(mirrored(2), None)
+    for a, b in zip(one.weights, two.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
