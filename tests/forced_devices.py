@@ -25,3 +25,13 @@ def with_two_host_devices(env):
     """`env` (a dict) with two forced host devices and room in XLA's thread
     pools for both devices' shares of more than one program."""
     return dict(env, XLA_FLAGS=TWO_HOST_DEVICES, NPROC=POOL_THREADS)
+
+
+def with_host_devices(env, count):
+    """`env` with `count` forced host devices and XLA thread pools of
+    `max(8, 2 * count)` threads (see the module docstring)."""
+    return dict(
+        env,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+        NPROC=str(max(int(POOL_THREADS), 2 * count)),
+    )
