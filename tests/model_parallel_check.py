@@ -73,9 +73,7 @@ def train(name, distribution):
         not np.array_equal(np.array(v.value), f) for v, f in zip(lm.non_trainable_variables, frozen)
     )
     sharded = sorted(
-        {v.path for v in lm.weights if len(v.value.sharding.device_set) > 1}
-        if distribution
-        else []
+        {v.path for v in lm.weights if len(v.value.sharding.device_set) > 1} if distribution else []
     )
     return [np.array(v.value, np.float64) for v in lm.trainable_variables], changed, sharded
 

@@ -175,7 +175,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "family, lora, method", CASES, ids=[f"{f}-{'lora' if l else 'full'}-{m}" for f, l, m in CASES]
+    "family, lora, method", CASES, ids=[f"{f}-{'lora' if lo else 'full'}-{m}" for f, lo, m in CASES]
 )
 def test_each_step_equals_a_hand_written_step_and_frozen_weights_stay(family, lora, method):
     build, make_data = FAMILIES[family]
@@ -198,12 +198,17 @@ def test_each_step_equals_a_hand_written_step_and_frozen_weights_stay(family, lo
     wrapper.fit(x, y, batch_size=BATCH, epochs=steps, shuffle=False, verbose=0)
 
     if lora:  # LoRA: only the adapters (and heads, biases left trainable) train
-        assert all("lora_kernel" in n or not n.endswith("kernel") or "logits" in n
-                   for n in trained_names if "attention" in n)
+        assert all(
+            "lora_kernel" in n or not n.endswith("kernel") or "logits" in n
+            for n in trained_names
+            if "attention" in n
+        )
     for v, before in zip(model.non_trainable_variables, frozen):
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
     for got, want in zip(model.trainable_variables, reference.trainable_variables):
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6, err_msg=got.path)
+        np.testing.assert_allclose(
+            got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6, err_msg=got.path
+        )
 
 
 def test_lora_trains_a_small_share_of_the_weights():

@@ -73,7 +73,7 @@ def test_rwp_matches_a_float64_replay_of_the_official_update(clean_weight):
     )
     w, b = (n64(v) for v in model.trainable_variables)
     steps = 0
-    for epoch in range(2):
+    for _ in range(2):
         for s in range(0, N, BATCH):
             xb, yb = x[s : s + BATCH].astype(np.float64), y[s : s + BATCH]
             z = [n64(t) for t in model.standard_normals(steps)]
@@ -229,9 +229,7 @@ def test_two_replicas_draw_the_same_noise_and_equal_one_device(kind):
             if kind == "rwp":
                 model = keras_sam.RWPModel(softmax_regression(), rho=0.3, seed=1)
             else:
-                model = keras_sam.FlatLoRAModel(
-                    softmax_regression(lora_rank=2), rho=0.5, seed=1
-                )
+                model = keras_sam.FlatLoRAModel(softmax_regression(lora_rank=2), rho=0.5, seed=1)
             compile_sgd(model)
         history = model.fit(ds, epochs=2, verbose=0)
         return model, history.history
