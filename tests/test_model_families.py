@@ -398,6 +398,50 @@ def test_one_step_equals_hand_written_step(name, variant):
     )
 
 
+# ------------------- 2b. steps chosen on the host: sam_every, late phase
+def _assign(model, weights, state):
+    for v, w in zip(model.trainable_variables, weights):
+        v.assign(np.asarray(w, np.float32))
+    for v, w in zip(model.non_trainable_variables, state):
+        v.assign(w)
+
+
+def _hand_plain_step(model, family, x, y, lr=LR):
+    tv = values(model.trainable_variables)
+    _, g, new_state = loss_and_grad(model, family, tv, values(model.non_trainable_variables), x, y)
+    return [w.astype(np.float64) - lr * gi for w, gi in zip(tv, g)], new_state
+
+
+@pytest.mark.parametrize("schedule", ["sam_every2", "sam_start_epoch1"])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "mobilenet"])
+def test_steps_chosen_on_the_host_equal_hand_written_steps(name, schedule):
+    """Two full-batch steps, one per epoch: `sam_every=2` takes SAM's step
+    then a plain one; `sam_start_epoch=1` a plain step (Keras' own) then
+    SAM's. Each kind of step is its own compiled function."""
+    family = FAMILIES[name]
+    reference, inner = twins(family)
+    x, y = family.data()
+    kinds = ["sam", "plain"] if schedule == "sam_every2" else ["plain", "sam"]
+    for kind in kinds:
+        if kind == "sam":
+            weights, state = hand_step(reference, family, "sam", x, y)
+        else:
+            weights, state = _hand_plain_step(reference, family, x, y)
+        _assign(reference, weights, state)
+    keywords = {"sam_every": 2} if schedule == "sam_every2" else {"sam_start_epoch": 1}
+    model = keras_sam.SAMModel(inner, rho=SAM_RHO, **keywords)
+    model.compile(**family.compile_kwargs())
+    history = fit(model, family, x, y, epochs=2, batch_size=N)
+    assert history.history["sam_fraction"] == [float(k == "sam") for k in kinds]
+    assert_weights_close(
+        values(inner.variables),
+        values(reference.variables),
+        rtol=1e-5,
+        atol=1e-6,
+        names=[v.path for v in inner.variables],
+    )
+
+
 # --------------------------------------------------- 3. habits around fit
 class RecordLearningRate(keras.callbacks.Callback):
     """The learning rate each training step actually ran with."""
@@ -703,7 +747,7 @@ def test_both_passes_see_the_same_dropout_mask_without_a_seed():
     assert max(abs(s) for s in history.history["sharpness"]) <= 2e-6 * grad_norm + 1e-6
 
 
-# ------------------------- 5. one-gradient methods: Momentum-SAM and MESA
+# ------------------- 5. one-gradient methods: Momentum-SAM, RWP and MESA
 MSAM_RHO, MOMENTUM, MESA_WEIGHT, MESA_TAU = 0.3, 0.9, 0.8, 2.0
 
 
@@ -714,6 +758,9 @@ def _kl_output(name):
 ONE_GRADIENT = {
     "msam": lambda inner, name, zero=False: keras_sam.MSAMModel(
         inner, rho=0.0 if zero else MSAM_RHO
+    ),
+    "rwp": lambda inner, name, zero=False: keras_sam.RWPModel(
+        inner, rho=0.0 if zero else 0.01, seed=0
     ),
     "mesa": lambda inner, name, zero=False: keras_sam.MESAModel(
         inner,
