@@ -16,10 +16,8 @@ batch size and `B_noise` the model's logged `noise_scale`,
     next = b                                  otherwise.
 """
 
-import json
-import os
-
 from keras_sam import _validation
+from keras_sam.callbacks._growing_batch import GrowingBatchSize
 
 
 def next_batch_size(batch_size, noise_scale, epochs_since_change, config):
@@ -42,7 +40,7 @@ def next_batch_size(batch_size, noise_scale, epochs_since_change, config):
     return min(batch_size * config.factor, config.max_batch_size) if grow else batch_size
 
 
-class AdaptiveBatchSize:
+class AdaptiveBatchSize(GrowingBatchSize):
     """A schedule for `BatchSizeScheduler` that grows the batch from the
     measured gradient noise scale.
 
@@ -91,93 +89,33 @@ class AdaptiveBatchSize:
     """
 
     def __init__(self, initial_batch_size, max_batch_size, factor=2, threshold=1.0, min_epochs=1):
-        self.initial_batch_size = _validation.integer(
-            "initial_batch_size", initial_batch_size, low=1
-        )
-        self.max_batch_size = _validation.integer(
-            "max_batch_size", max_batch_size, low=self.initial_batch_size
-        )
-        self.factor = _validation.integer("factor", factor, low=2)
+        super().__init__(initial_batch_size, max_batch_size, factor)
         self.threshold = _validation.real("threshold", threshold, low=0, low_inclusive=False)
         self.min_epochs = _validation.integer("min_epochs", min_epochs, low=1)
-        self.history = {0: self.initial_batch_size}
-        """The decisions: `{epoch: batch_size}` from each change on."""
 
-    def __call__(self, epoch):
-        """The batch size of `epoch`: decided for the epochs run, and the
-        current one after them (the projection if the batch grew no more)."""
-        size = self.initial_batch_size
-        for start, batch_size in sorted(self.history.items()):
-            if start > epoch:
-                break
-            size = batch_size
-        return size
+    required_logs = ("noise_scale",)
 
-    def reachable_batch_sizes(self):
-        """Every batch size the rule can choose, smallest first."""
-        sizes, size = [], self.initial_batch_size
-        while size < self.max_batch_size:
-            sizes.append(size)
-            size *= self.factor
-        return sizes + [self.max_batch_size]
+    def check_model(self, model):
+        if getattr(model, "noise_scale", False) is not True:
+            raise ValueError(
+                "BatchSizeScheduler with an AdaptiveBatchSize decides from the gradient "
+                f"noise scale, which {type(model).__name__} does not measure. "
+                "Wrap the model in `keras_sam.SAMModel(model, ..., noise_scale=True)` "
+                "(`rho=0` for plain SGD: one gradient per step), or GSAMModel / LookSAMModel / "
+                "AESAMModel with `noise_scale=True`."
+            )
+
+    def _grows(self, epoch, batch_size, logs):
+        last_change = max(start for start in self.history if start <= epoch)
+        size = next_batch_size(
+            batch_size, float(logs["noise_scale"]), epoch + 1 - last_change, self
+        )
+        return size != batch_size
 
     def decide(self, epoch, noise_scale):
         """Applies the rule at the end of `epoch`; records and returns the
         batch size of epoch `epoch + 1`."""
-        batch_size = self(epoch)
-        last_change = max(start for start in self.history if start <= epoch)
-        size = next_batch_size(batch_size, noise_scale, epoch + 1 - last_change, self)
-        self.forget_after(epoch)
-        if size != batch_size:
-            self.history[epoch + 1] = size
-        return size
-
-    def forget_after(self, epoch):
-        """Drops the decisions for epochs after `epoch` (a resumed run
-        decides them again)."""
-        self.history = {e: b for e, b in self.history.items() if e <= epoch}
+        return self.decide_from_logs(epoch, {"noise_scale": noise_scale})
 
     def get_config(self):
-        return {
-            "initial_batch_size": self.initial_batch_size,
-            "max_batch_size": self.max_batch_size,
-            "factor": self.factor,
-            "threshold": self.threshold,
-            "min_epochs": self.min_epochs,
-        }
-
-    # ------------------------------------------------ saved with BackupAndRestore
-    STATE_FILE = "keras_sam_batch_size_decisions.json"
-
-    def save(self, folder):
-        """Writes the decisions to `folder/STATE_FILE` whole or not at all."""
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, self.STATE_FILE)
-        text = json.dumps({"config": self.get_config(), "history": self.history})
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def restore(self, folder):
-        """Reads the decisions saved in `folder` (if any); True if read.
-
-        Raises:
-            ValueError: when they were made with another configuration.
-        """
-        path = os.path.join(folder, self.STATE_FILE)
-        if not os.path.exists(path):
-            return False
-        with open(path) as f:
-            saved = json.load(f)
-        if saved["config"] != self.get_config():
-            raise ValueError(
-                f"{path} holds batch-size decisions made with another "
-                f"AdaptiveBatchSize ({saved['config']}, this one: "
-                f"{self.get_config()}); use another BackupAndRestore `backup_dir` "
-                "or delete the folder to start over."
-            )
-        self.history = {int(e): int(b) for e, b in saved["history"].items()}
-        return True
+        return dict(super().get_config(), threshold=self.threshold, min_epochs=self.min_epochs)

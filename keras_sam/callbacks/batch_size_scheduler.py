@@ -33,12 +33,13 @@ import keras
 from keras_sam import _keras_compat
 from keras_sam import _validation
 from keras_sam.batch_schedule import BatchSchedule
-from keras_sam.callbacks.adaptive_batch_size import AdaptiveBatchSize
+from keras_sam.callbacks._growing_batch import GrowingBatchSize
 
 _FEATURE = "BatchSizeScheduler"
 _SCHEDULE = (
     "a dict {epoch: batch_size} of int epochs >= 0 (key 0 required) to int "
-    "batch sizes >= 1, a callable epoch -> batch_size, or an AdaptiveBatchSize"
+    "batch sizes >= 1, a callable epoch -> batch_size, an AdaptiveBatchSize or a "
+    "BatchSizeOnPlateau"
 )
 
 
@@ -118,10 +119,13 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         schedule: the global batch size per epoch. Either a dict
             `{epoch: batch_size}` with 0-based int epochs, which must contain
             0; each size holds until the next key (see `doubling_schedule`).
-            Or a callable `epoch -> batch_size` (0-based epoch). Or a
-            `keras_sam.callbacks.AdaptiveBatchSize`: the batch grows at an
-            epoch's end when the model's logged `noise_scale` says so; each
-            epoch's logs then also get `next_batch_size` (the decision).
+            Or a callable `epoch -> batch_size` (0-based epoch). Or a policy
+            that decides as training goes: a
+            `keras_sam.callbacks.AdaptiveBatchSize` (the batch grows at an
+            epoch's end when the model's logged `noise_scale` says so) or a
+            `keras_sam.callbacks.BatchSizeOnPlateau` (when a monitored
+            metric has stalled); each epoch's logs then also get
+            `next_batch_size` (the decision).
         dataset_fn: a callable `batch_size -> tf.data.Dataset` returning the
             user's BATCHED pipeline (shuffle, augmentation, `batch`,
             `prefetch`) with a known, finite cardinality: no `repeat()` and
@@ -180,7 +184,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 dataset_fn,
             )
         self.schedule = schedule
-        self._adaptive = schedule if isinstance(schedule, AdaptiveBatchSize) else None
+        self._adaptive = schedule if isinstance(schedule, GrowingBatchSize) else None
         self._backup_dir = None  # BackupAndRestore's folder (adaptive decisions)
         self._first_epoch = True  # the first epoch of the running fit() is next
         self.dataset_fn = dataset_fn
@@ -219,11 +223,13 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         return [self._steps_for(self.batch_size_at(e)) for e in range(epochs)]
 
     def get_config(self):
-        """The schedule (None when it is a callable; an `AdaptiveBatchSize`'s
+        """The schedule (None when it is a callable; a policy's name and
         config) and `relax_batch_shape`."""
         schedule = self._batch_schedule.as_dict()
         if self._adaptive is not None:
             schedule = {"adaptive": self._adaptive.get_config()}
+            if type(self._adaptive).__name__ != "AdaptiveBatchSize":
+                schedule = {type(self._adaptive).__name__: self._adaptive.get_config()}
         return {"schedule": schedule, "relax_batch_shape": self.relax_batch_shape}
 
     # ------------------------------------------------------------- callbacks
@@ -246,7 +252,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         if self._adaptive is not None:
             self._check_adaptive(fit, epochs)
             for batch_size in self._adaptive.reachable_batch_sizes():
-                sizes[batch_size] = "reachable by the AdaptiveBatchSize"
+                sizes[batch_size] = f"reachable by the {type(self._adaptive).__name__}"
         for epoch in range(epochs):
             sizes.setdefault(self.batch_size_at(epoch), f"epoch {epoch}")
         replicas = self._num_replicas()
@@ -300,14 +306,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             logs["batch_size"] = current
         if self._adaptive is None:
             return
-        noise_scale = (logs or {}).get("noise_scale")
-        if noise_scale is None:
-            raise ValueError(
-                f"{_FEATURE} with an AdaptiveBatchSize found no `noise_scale` in "
-                f"the logs of epoch {epoch}: train a model that logs it "
-                "(`keras_sam.SAMModel(..., noise_scale=True)`)."
-            )
-        decided = self._adaptive.decide(epoch, float(noise_scale))
+        decided = self._adaptive.decide_from_logs(epoch, dict(logs or {}))
         if logs is not None:
             logs["next_batch_size"] = decided
         if self._backup_dir is not None:
@@ -321,22 +320,16 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         """The model logs the noise scale; the decisions saved by a
         BackupAndRestore are read; epoch-axis learning-rate schedules were
         built from `steps_per_epoch(epochs)`."""
-        if getattr(self.model, "noise_scale", False) is not True:
-            raise ValueError(
-                f"{_FEATURE} with an AdaptiveBatchSize decides from the gradient "
-                f"noise scale, which {type(self.model).__name__} does not measure. "
-                "Wrap the model in `keras_sam.SAMModel(model, ..., noise_scale=True)` "
-                "(`rho=0` for plain SGD: one gradient per step), or GSAMModel / LookSAMModel / "
-                "AESAMModel with `noise_scale=True`."
-            )
+        self._adaptive.check_model(self.model)
         callbacks = list(getattr(fit.callback_list, "callbacks", None) or [])
         backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
         self._backup_dir = backups[0].backup_dir if backups else None
         if backups and self in callbacks and callbacks.index(backups[0]) < callbacks.index(self):
             raise ValueError(
                 f"Put the {_FEATURE} before the BackupAndRestore in `callbacks`: the "
-                "AdaptiveBatchSize's decision at an epoch's end must be saved before the "
-                "weights are, or a run resumed between the two would use the old batch size."
+                f"{type(self._adaptive).__name__}'s decision at an epoch's end must be saved "
+                "before the weights are, or a run resumed between the two would use the old "
+                "batch size."
             )
         if self._backup_dir is not None:
             self._adaptive.restore(self._backup_dir)
