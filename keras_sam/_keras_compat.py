@@ -147,18 +147,21 @@ TF_EPOCH_ITERATOR_ATTRIBUTES = (
 class RunningFit:
     """What a callback needs from the `fit()` call that is running."""
 
-    def __init__(self, epoch_iterator, callback_list, class_weight):
+    def __init__(self, epoch_iterator, callback_list, class_weight, initial_epoch=0):
         self.epoch_iterator = epoch_iterator
         self.callback_list = callback_list
         self.class_weight = class_weight
+        self.initial_epoch = initial_epoch
 
 
 def running_fit(model):
-    """The epoch iterator, CallbackList and class_weight of `model.fit()`.
+    """The epoch iterator, CallbackList, class_weight and initial_epoch of `model.fit()`.
 
     Call it from a callback hook (`on_train_begin`, `on_epoch_begin`): it walks
     up the Python stack to the frame of the `fit` method running on `model` and
-    reads its locals `epoch_iterator`, `callbacks` and `class_weight`.
+    reads its locals `epoch_iterator`, `callbacks`, `class_weight` and
+    `initial_epoch` (the caller's: `BackupAndRestore` resumes through
+    `model._initial_epoch` later).
 
     Raises:
         RuntimeError: when not called from inside `model.fit()`, or when this
@@ -181,7 +184,10 @@ def running_fit(model):
                     if not isinstance(callback_list, CallbackList):
                         callback_list = None
                     _check_iterator_attributes(iterator)
-                    return RunningFit(iterator, callback_list, local.get("class_weight"))
+                    initial_epoch = local.get("initial_epoch") or 0
+                    return RunningFit(
+                        iterator, callback_list, local.get("class_weight"), int(initial_epoch)
+                    )
             frame = frame.f_back
     finally:
         del frame

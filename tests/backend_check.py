@@ -360,6 +360,26 @@ def main(out, jit, data_parallel=False, core_only=False):
     results["scheduler_iterations"] = np.array(
         int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     )
+
+    # BatchSizeOnPlateau: the batch sizes follow the rule replayed on the
+    # run's own losses (a large min_delta: the loss stalls within epochs).
+    policy = keras_sam.callbacks.BatchSizeOnPlateau(
+        4, patience=1, min_delta=0.05, max_batch_size=16
+    )
+    model = keras_sam.SAMModel(mlp(), rho=0.05)
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+    scheduler = keras_sam.callbacks.BatchSizeScheduler(policy, dataset_fn)
+    seen.clear()
+    history = model.fit(dataset_fn(4), epochs=6, callbacks=[scheduler, Count()], verbose=0)
+    replay = keras_sam.callbacks.BatchSizeOnPlateau(
+        4, patience=1, min_delta=0.05, max_batch_size=16
+    )
+    expected = [4] + [
+        replay.decide_from_logs(e, {"loss": v}) for e, v in enumerate(history.history["loss"][:-1])
+    ]
+    results["plateau_batch_sizes"] = np.array(history.history["batch_size"])
+    results["plateau_expected"] = np.array(expected)
+    results["plateau_steps"] = np.array(seen)
     np.savez(out, **results)
 
 

@@ -16,6 +16,7 @@ import pytest
 from forced_devices import with_two_host_devices
 
 HERE = os.path.dirname(__file__)
+N = 32  # examples in tests/backend_check.py
 # (backend, jit, data parallel over 2 forced host devices)
 RUNS = [
     ("tensorflow", False, False),
@@ -83,6 +84,9 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
         np.testing.assert_array_equal(got["scheduler_steps"], [8, 4, 2])
         np.testing.assert_array_equal(got["scheduler_batch_sizes"], [4, 8, 16])
         assert int(got["scheduler_iterations"]) == 14
+        np.testing.assert_array_equal(got["plateau_batch_sizes"], got["plateau_expected"])
+        np.testing.assert_array_equal(got["plateau_steps"], N // got["plateau_batch_sizes"])
+        assert len(set(got["plateau_batch_sizes"])) >= 2  # it grew
         np.testing.assert_allclose(
             got["worst_case_sharpness"], reference["worst_case_sharpness"], rtol=1e-4
         )

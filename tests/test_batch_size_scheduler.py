@@ -711,6 +711,56 @@ def test_resume_with_backup_and_restore(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+# A run continued by hand: a second fit() with initial_epoch, given the data
+# of epoch 0's batch size or of initial_epoch's.
+@pytest.mark.parametrize("start", [3, 4])
+@pytest.mark.parametrize("second_data", ["epoch_0", "initial_epoch"])
+def test_fit_again_with_initial_epoch_continues_like_one_run(start, second_data):
+    steps = BatchSizeScheduler(RAMP, dataset_fn).steps_per_epoch(EPOCHS)
+    model = _compile(_resume_model(1), steps)
+    straight = Recorder()
+    model.fit(
+        dataset_fn(4),
+        epochs=EPOCHS,
+        verbose=0,
+        shuffle=False,
+        callbacks=[BatchSizeScheduler(RAMP, dataset_fn), straight],
+    )
+    expected = [w.copy() for w in model.get_weights()]
+
+    model = _compile(_resume_model(1), steps)
+    by_hand = Recorder()
+    scheduler = BatchSizeScheduler(RAMP, dataset_fn)
+    model.fit(
+        dataset_fn(4), epochs=start, verbose=0, shuffle=False, callbacks=[scheduler, by_hand]
+    )
+    size = RAMP_SIZES[start] if second_data == "initial_epoch" else RAMP_SIZES[0]
+    history = model.fit(
+        dataset_fn(size),
+        epochs=EPOCHS,
+        initial_epoch=start,
+        verbose=0,
+        shuffle=False,
+        callbacks=[scheduler, by_hand],
+    )
+    assert history.epoch == list(range(start, EPOCHS))
+    assert history.history["batch_size"] == RAMP_SIZES[start:]
+    assert by_hand.batches == straight.batches
+    assert by_hand.per_epoch(by_hand.iterations) == straight.per_epoch(straight.iterations)
+    for got, want in zip(model.get_weights(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_with_initial_epoch_refuses_data_of_another_batch_size():
+    model = _counting_model()
+    scheduler = BatchSizeScheduler(RAMP, dataset_fn)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="gives 4 at epoch 0 and 16 at initial_epoch=4"):
+        model.fit(dataset_fn(8), epochs=EPOCHS, initial_epoch=4, callbacks=[scheduler], verbose=0)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
 # --------------------------------------------------------------------------
 # NumPy integers: the same schedule as with Python ints.
 

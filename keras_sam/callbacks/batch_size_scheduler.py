@@ -87,7 +87,10 @@ class BatchSizeScheduler(keras.callbacks.Callback):
     Use it this way:
 
     - pass `dataset_fn(batch_size at epoch 0)` as `fit`'s data (checked in
-      `on_train_begin`), and no `steps_per_epoch`;
+      `on_train_begin`), and no `steps_per_epoch`; a run continued by hand
+      (`fit(..., initial_epoch=k)` with the same scheduler) may pass
+      `dataset_fn(batch_size at epoch k)` instead, and continues exactly as
+      one uninterrupted run;
     - put the scheduler FIRST in `callbacks`: callbacks listed before it see
       the previous epoch's `params["steps"]` in their `on_epoch_begin` and
       no `batch_size` in their `on_epoch_end` logs (`History` and the
@@ -262,13 +265,13 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._steps_for(batch_size)  # builds and checks the dataset
             if self._per_process():
                 _check_full_batches(self._dataset(batch_size), batch_size)
-        self._check_fit_data(iterator)
+        given = self._check_fit_data(iterator, fit.initial_epoch)
         self._fit = fit
         # With relaxed shapes even the first epoch draws from our dataset, so
         # the train function is traced once, for every batch size. Across
         # processes too: fit's own process slice has no step count.
         swap_first = self._relaxed() or self._per_process()
-        self._current = None if swap_first else self.batch_size_at(0)
+        self._current = None if swap_first else given
         self._first_epoch = True
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -452,37 +455,44 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self._dataset(batch_size)
         return self._steps[batch_size]
 
-    def _check_fit_data(self, iterator):
-        expected = self.batch_size_at(0)
+    def _check_fit_data(self, iterator, initial_epoch):
+        """The batch size of the data passed to `fit()`: the schedule's at
+        epoch 0 or at `initial_epoch` (a run continued by hand)."""
+        allowed = [self.batch_size_at(0)]
+        if initial_epoch and self.batch_size_at(initial_epoch) not in allowed:
+            allowed.append(self.batch_size_at(initial_epoch))
+        where = "at epoch 0" + (
+            f" and {allowed[1]} at initial_epoch={initial_epoch}" if len(allowed) > 1 else ""
+        )
+        names = " or ".join(f"`dataset_fn({b})`" for b in allowed)
         adapter = _keras_compat.epoch_iterator_data_adapter(iterator)
         given = getattr(adapter, "batch_size", None)
         if self._per_process():
             # fit's adapter holds this process's slice, of unknown cardinality
-            local = _leading_dim(self._training_dataset(expected))
-            if given is not None and given != local:
+            locals_ = {_leading_dim(self._training_dataset(b)): b for b in allowed}
+            if given is not None and given not in locals_:
                 raise ValueError(
                     f"The data passed to `fit()` gives this process batches "
                     f"of {given}, but `schedule` gives a global batch size of "
-                    f"{expected} at epoch 0, i.e. {local} in each of the "
-                    f"{self._sharding.num_processes} processes. Pass "
-                    f"`dataset_fn({expected})` (the full pipeline, batched "
-                    "with the GLOBAL batch size) to `fit()` in every process."
+                    f"{allowed[0]} {where}, i.e. {', '.join(map(str, locals_))} in each of "
+                    f"the {self._sharding.num_processes} processes. Pass {names} (the full "
+                    "pipeline, batched with the GLOBAL batch size) to `fit()` in every process."
                 )
-            return
-        if given is not None and given != expected:
+            return locals_.get(given, allowed[0])
+        if given is not None and given not in allowed:
             raise ValueError(
                 f"The data passed to `fit()` has batch size {given}, but "
-                f"`schedule` gives {expected} at epoch 0. Pass "
-                f"`dataset_fn({expected})` to `fit()`."
+                f"`schedule` gives {allowed[0]} {where}. Pass {names} to `fit()`."
             )
         steps = _keras_compat.epoch_iterator_num_batches(iterator)
-        if steps != self._steps[expected]:
+        matching = [b for b in allowed if self._steps_for(b) == steps and given in (None, b)]
+        if not matching:
             raise ValueError(
-                f"The data passed to `fit()` has {steps} batches per epoch, "
-                f"but `dataset_fn({expected})` (batch size at epoch 0) has "
-                f"{self._steps[expected]}. Pass `dataset_fn({expected})` to "
-                "`fit()`."
+                f"The data passed to `fit()` has {steps} batches per epoch, but "
+                + " and ".join(f"`dataset_fn({b})` has {self._steps_for(b)}" for b in allowed)
+                + f". Pass {names} to `fit()`."
             )
+        return matching[0] if given is None else given
 
 
 def _leading_dim(dataset):
