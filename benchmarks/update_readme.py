@@ -14,7 +14,10 @@ from the stored runs), and from benchmarks/results/paper_speed/speed.md
 benchmarks/results/efficient/summary.json (`python -m benchmarks.efficient`) and
 benchmarks/results/efficient_ramp/summary.json (the same with `--schedule BC`);
 the memory table from benchmarks/results/step_memory_cpu.json
-(`benchmarks/step_memory.py`), the cost by the epoch from
+(`benchmarks/step_memory.py`), the fine-tuning table from
+benchmarks/results/fine_tuning_cost_cpu.json (`benchmarks/fine_tuning_cost.py`)
+and benchmarks/results/lora_study/results.md (`python -m benchmarks.lora_study`),
+the cost by the epoch from
 benchmarks/results/step_cost_epochs_cpu.json (`step_cost.py --epochs`);
 the adaptive batch's block from the paper benchmark's <model>/runs.json, and
 the noise scale estimate's cost from benchmarks/results/noise_scale_cost_cpu.json
@@ -469,6 +472,48 @@ def _adaptive_cells(metric, c):
     )
 
 
+def fine_tuning_cost():
+    """Memory and step time of LoRA fine-tuning per method
+    (`benchmarks/fine_tuning_cost.py`)."""
+    r = json.load(open(os.path.join(RESULTS, "fine_tuning_cost_cpu.json")))
+    sizes = list(r["sizes"])
+    rows = [
+        "| size | method | trainable MiB | frozen MiB | temp / trainable byte "
+        "| temp / frozen byte | stored / trainable byte | time / AdamW-LoRA step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size in sizes:
+        entry = r["sizes"][size]
+        name = f"{size}: {entry['layers']} layers, hidden {entry['hidden']}"
+        for x in entry["rows"]:
+            frozen = x["temp_per_frozen_byte"]
+            rows.append(
+                f"| {name} | {x['label']} | {x['trainable_bytes'] / 2**20:.2f} "
+                f"| {x['frozen_bytes'] / 2**20:.2f} | {x['temp_per_trainable_byte']:.1f} "
+                f"| {'—' if frozen is None else f'{frozen:.2f}'} "
+                f"| {x['stored_per_trainable_byte']:.2f} | {x['time_vs_adamw_lora']:.2f} |"
+            )
+    command = (
+        "KERAS_BACKEND=jax python benchmarks/fine_tuning_cost.py "
+        "--json benchmarks/results/fine_tuning_cost_cpu.json"
+    )
+    return "\n".join(rows) + (
+        f"\n\n(from `{command}`; XLA's `memory_analysis()` of the compiled step and the "
+        f"median of {r.get('repeats', 5)} timed repeats on {r['machine']} ({r['device']}), "
+        f"Keras {r['keras']}, JAX {r['jax']}; a Gemma-style causal LM from a small config, "
+        f"LoRA rank {r['lora_rank']} on the attention query and value projections, AdamW, "
+        f"batch {r['batch']} x {r['sequence_length']} tokens. Temporaries include the "
+        'activations, which dominate at these sizes; "full fine-tuning" trains every '
+        "weight, so its trainable bytes are the whole model's.)"
+    )
+
+
+def lora_study():
+    """The LoRA fine-tuning study (`python -m benchmarks.lora_study`)."""
+    text = from_markdown(os.path.join("lora_study", "results.md"), demote=2)()
+    return text.replace("](lora_study.png)", "](benchmarks/results/lora_study/lora_study.png)")
+
+
 BLOCKS = {
     "gpu_step_cost": gpu_step_cost,
     "gpu_step_cost_cheaper": gpu_step_cost_cheaper,
@@ -488,6 +533,8 @@ BLOCKS = {
     "efficient_ramp": efficient_ramp,
     "cheaper_guide": cheaper_guide,
     "step_memory": step_memory,
+    "fine_tuning_cost": fine_tuning_cost,
+    "lora_study": lora_study,
     "step_cost_epochs": step_cost_epochs,
     "headline_cost": headline_cost,
     "efficient_verdicts": efficient_verdicts,

@@ -268,3 +268,81 @@ def test_two_replicas_equal_one_device(method):
     two = make(mirrored(2), None)
     for a, b in zip(one.weights, two.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+# ------------------------------------------------- examples/fine_tune_lora.py
+def _lora_example():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "fine_tune_lora.py")
+    spec = importlib.util.spec_from_file_location("example_fine_tune_lora", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--epochs", "2", "--examples", "32", "--batch-size", "16", "--sequence-length", "8"]
+TINY += ["--size", "1", "16", "2", "--rank", "2"]
+
+
+@pytest.mark.parametrize("method", ["adamw", "sam", "gsam", "flat_lora"])
+def test_the_lora_example_trains_checkpoints_and_logs(tmp_path, method):
+    example = _lora_example()
+    history = example.main(TINY + ["--method", method, "--out", str(tmp_path)])
+    logs = history.history
+    assert len(logs["loss"]) == 2 and "sparse_categorical_accuracy" in logs
+    if method != "adamw":
+        assert {"grad_norm", "rho"} <= set(logs)
+    if method == "flat_lora":  # the cosine ramp over the 4 steps: 0 -> 1
+        factors = [(1 - np.cos(np.pi * t / 4)) / 2 for t in range(4)]
+        assert logs["rho"] == pytest.approx(
+            [0.05 * np.mean(factors[:2]), 0.05 * np.mean(factors[2:])], rel=1e-5
+        )
+    assert (tmp_path / "fine_tuned.weights.h5").exists()
+    assert list((tmp_path / "logs").rglob("*.tfevents*"))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--rank", "0"], "--rank"),
+        (["--rho", "-1"], "--rho"),
+        (["--text-file", "x.txt"], "--preset"),
+        (["--size", "2", "10", "3"], "--size"),
+    ],
+)
+def test_the_lora_example_refuses_bad_arguments(args, match):
+    with pytest.raises(SystemExit, match=match):
+        _lora_example().main(args)
+
+
+# ---------------------------------------- memory: benchmarks/fine_tuning_cost.py
+def test_flat_lora_keeps_no_copy_of_the_frozen_weights(tmp_path):
+    """XLA's temporaries of Flat-LoRA's compiled step (JAX) against plain
+    AdamW with LoRA: the noise on the merged weights lives only as long as
+    the forward pass needs the merged weights anyway, so no buffer the size
+    of the adapted kernels (let alone of all frozen weights) is added."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cost.json"
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "fine_tuning_cost.py")]
+    cmd += ["--sizes", "small", "--methods", "adamw_lora", "flat_lora"]
+    cmd += ["--steps", "1", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["sizes"]["small"]["rows"]}
+    # Half the adapted kernels' bytes: far below one copy of them.
+    adapted = rows["flat_lora"]["adapted_kernel_bytes"]
+    assert 0 < adapted < rows["flat_lora"]["frozen_bytes"]
+    assert rows["flat_lora"]["temp"] - rows["adamw_lora"]["temp"] <= adapted / 2
+    assert rows["flat_lora"]["stored"] == rows["adamw_lora"]["stored"]  # nothing stored
