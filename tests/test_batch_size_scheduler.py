@@ -731,9 +731,7 @@ def test_fit_again_with_initial_epoch_continues_like_one_run(start, second_data)
     model = _compile(_resume_model(1), steps)
     by_hand = Recorder()
     scheduler = BatchSizeScheduler(RAMP, dataset_fn)
-    model.fit(
-        dataset_fn(4), epochs=start, verbose=0, shuffle=False, callbacks=[scheduler, by_hand]
-    )
+    model.fit(dataset_fn(4), epochs=start, verbose=0, shuffle=False, callbacks=[scheduler, by_hand])
     size = RAMP_SIZES[start] if second_data == "initial_epoch" else RAMP_SIZES[0]
     history = model.fit(
         dataset_fn(size),
