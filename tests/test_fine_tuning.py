@@ -1,11 +1,13 @@
 """Sharpness-aware fine-tuning of KerasHub task models (small configs, random
 weights, offline): a causal LM (Gemma) and a text classifier (BERT), with and
-without LoRA, wrapped in SAMModel, GSAMModel, SAMModel(sam_every=2) and
-FlatLoRAModel. Each wrapper's step equals a hand-written reference step
-(GradientTape, weights moved by `assign` and put back); frozen weights stay
-bitwise equal; the task model generates, predicts and saves after training;
-two replicas equal one device. JAX `ModelParallel` with the backbone's layout
-map: tests/test_model_parallel.py.
+without LoRA, wrapped in SAMModel, GSAMModel, SAMModel(sam_every=2),
+FlatLoRAModel and RWPModel. Each wrapper's step equals a hand-written
+reference step (the backend's own gradient of `stateless_call`, weights
+moved by `assign` and put back, the method's formula in NumPy); frozen
+weights stay bitwise equal; the task model generates, predicts and saves
+after training; two replicas equal one device. JAX and PyTorch:
+tests/test_fine_tuning_backends.py; JAX `ModelParallel` with the backbone's
+layout map: tests/test_model_parallel.py.
 """
 
 import keras
@@ -90,18 +92,46 @@ def classifier_data(n=BATCH, seed=0):
 FAMILIES = {"causal_lm": (causal_lm, lm_data), "classifier": (classifier, classifier_data)}
 
 
+def numpy(t):
+    return np.asarray(keras.ops.convert_to_numpy(t))
+
+
 def gradient(model, x, y):
-    with tf.GradientTape() as tape:
-        loss = LOSS(y, model(x, training=True))
-    grads = tape.gradient(loss, model.trainable_variables)
-    return [tf.convert_to_tensor(g) for g in grads]  # embeddings: IndexedSlices
+    """The gradient of the loss in training mode, by the backend's own
+    autodiff of `stateless_call` (independently of keras_sam), as NumPy."""
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    x = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
+    y = keras.ops.convert_to_tensor(y)
+
+    def loss_fn(values):
+        y_pred, _ = model.stateless_call(values, ntv, x, training=True)
+        return LOSS(y, y_pred)
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        values = [tf.convert_to_tensor(t) for t in tv]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss = loss_fn(values)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, values)]
+    elif backend == "jax":
+        import jax
+
+        grads = jax.grad(loss_fn)(tv)
+    else:
+        import torch
+
+        values = [t.detach().clone().requires_grad_(True) for t in tv]
+        grads = torch.autograd.grad(loss_fn(values), values)
+    return [numpy(g).astype(np.float64) for g in grads]
 
 
 def at(variables, values, fn):
     """`fn()` with `variables` holding `values`; their old values put back exactly."""
-    saved = [v.numpy().copy() for v in variables]
+    saved = [numpy(v).copy() for v in variables]
     for v, value in zip(variables, values):
-        v.assign(value)
+        v.assign(np.asarray(value, v.dtype))
     try:
         return fn()
     finally:
@@ -109,27 +139,51 @@ def at(variables, values, fn):
             v.assign(value)
 
 
-def norm(tensors):
-    return tf.sqrt(tf.add_n([tf.reduce_sum(t * t) for t in tensors]))
+def norm(arrays):
+    return np.sqrt(sum(float(np.sum(a * a)) for a in arrays))
 
 
 def reference_direction(method, model, x, y, step):
-    """The descent direction of one step, hand-written with a GradientTape."""
+    """The descent direction of one step, hand-written in NumPy around the
+    backend's gradient."""
     variables = model.trainable_variables
     g = gradient(model, x, y)
     if method == "sam_every2" and step % 2 == 1:
         return g  # a plain step between SAM steps
     if method == "flat_lora":
         return flat_lora_gradient(model, x, y, step)
+    if method == "rwp":
+        return rwp_gradient(model, x, y, step)
     rho = 0.05
     e = [rho * t / (norm(g) + 1e-12) for t in g]
-    gp = at(variables, [v + ei for v, ei in zip(variables, e)], lambda: gradient(model, x, y))
+    w = [numpy(v).astype(np.float64) for v in variables]
+    gp = at(variables, [wi + ei for wi, ei in zip(w, e)], lambda: gradient(model, x, y))
     if method != "gsam":
         return gp
     # GSAM: gp minus alpha times g's part orthogonal to gp.
     alpha = 0.3
-    coef = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, gp)]) / (norm(gp) ** 2 + 1e-12)
+    coef = sum(float(np.sum(a * b)) for a, b in zip(g, gp)) / (norm(gp) ** 2 + 1e-12)
     return [p - alpha * (c - coef * p) for c, p in zip(g, gp)]
+
+
+RWP = dict(rho=0.05, seed=6)
+
+
+def rwp_gradient(model, x, y, step):
+    """RWP: every trainable weight moved by the official filter-wise noise
+    (std rho times each output unit's norm; PyTorch's filters are rows)."""
+    draws = keras_sam.RWPModel(model, **RWP).standard_normals(step)
+    noisy = []
+    for v, z in zip(model.trainable_variables, draws):
+        w = numpy(v).astype(np.float64)
+        if w.ndim == 1:
+            std = RWP["rho"] * np.linalg.norm(w)
+        elif v.name == "embeddings":  # one token per filter
+            std = RWP["rho"] * np.linalg.norm(w, axis=1, keepdims=True)
+        else:  # one output unit (the last axis) per filter
+            std = RWP["rho"] * np.linalg.norm(w.reshape(-1, w.shape[-1]), axis=0)
+        noisy.append(w + std * numpy(z))
+    return at(model.trainable_variables, noisy, lambda: gradient(model, x, y))
 
 
 FLAT_LORA = dict(rho=0.3, seed=4)
@@ -143,12 +197,12 @@ def flat_lora_gradient(model, x, y, step):
     draws = wrapper.standard_normals(step)
     noisy = []
     for layer, z in zip(layers, draws):
-        kernel = layer._kernel.numpy().astype(np.float64)
+        kernel = numpy(layer._kernel).astype(np.float64)
         s = layer.lora_alpha / layer.lora_rank
-        merged = kernel + s * np.matmul(layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy())
+        merged = kernel + s * np.matmul(numpy(layer.lora_kernel_a), numpy(layer.lora_kernel_b))
         units = merged.reshape(-1, merged.shape[-1])
         std = FLAT_LORA["rho"] / np.sqrt(len(units)) * np.linalg.norm(units, axis=0)
-        noisy.append((kernel + std * np.asarray(z)).astype("float32"))
+        noisy.append(kernel + std * numpy(z))
     return at([layer._kernel for layer in layers], noisy, lambda: gradient(model, x, y))
 
 
@@ -159,6 +213,8 @@ def wrap(method, model):
         return keras_sam.GSAMModel(model, rho=0.05, alpha=0.3)
     if method == "sam_every2":
         return keras_sam.SAMModel(model, rho=0.05, sam_every=2)
+    if method == "rwp":
+        return keras_sam.RWPModel(model, **RWP)
     return keras_sam.FlatLoRAModel(model, **FLAT_LORA)
 
 
@@ -167,6 +223,7 @@ CASES = [
     ("causal_lm", True, "gsam"),
     ("causal_lm", True, "sam_every2"),
     ("causal_lm", True, "flat_lora"),
+    ("causal_lm", True, "rwp"),
     ("causal_lm", False, "sam"),
     ("classifier", True, "sam"),
     ("classifier", True, "flat_lora"),
@@ -188,10 +245,11 @@ def test_each_step_equals_a_hand_written_step_and_frozen_weights_stay(family, lo
     optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
     for step in range(steps):
         direction = reference_direction(method, reference, x, y, step)
+        direction = [keras.ops.convert_to_tensor(d.astype("float32")) for d in direction]
         optimizer.apply(direction, reference.trainable_variables)
 
     model = build(lora)
-    frozen = [v.numpy().copy() for v in model.non_trainable_variables]
+    frozen = [numpy(v).copy() for v in model.non_trainable_variables]
     trained_names = {v.path for v in model.trainable_variables}
     wrapper = wrap(method, model)
     wrapper.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=LOSS)
@@ -204,11 +262,9 @@ def test_each_step_equals_a_hand_written_step_and_frozen_weights_stay(family, lo
             if "attention" in n
         )
     for v, before in zip(model.non_trainable_variables, frozen):
-        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
+        np.testing.assert_array_equal(numpy(v), before, err_msg=v.path)
     for got, want in zip(model.trainable_variables, reference.trainable_variables):
-        np.testing.assert_allclose(
-            got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6, err_msg=got.path
-        )
+        np.testing.assert_allclose(numpy(got), numpy(want), rtol=1e-5, atol=1e-6, err_msg=got.path)
 
 
 def test_lora_trains_a_small_share_of_the_weights():
@@ -245,6 +301,8 @@ def test_two_replicas_equal_one_device(method):
     """Per replica (default): each replica perturbs with its half of the
     batch, as `num_batch_splits=2` does on one device; synced: the global
     batch's perturbation; Flat-LoRA: the same noise on both."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("MirroredStrategy is TensorFlow's")
     x, y = lm_data(8)
     # A bool padding mask fails under MirroredStrategy in plain Keras too
     # (TensorFlow's AddN has no bool kernel); KerasHub reads an int32 one.
@@ -323,6 +381,8 @@ def test_flat_lora_keeps_no_copy_of_the_frozen_weights(tmp_path):
     AdamW with LoRA: the noise on the merged weights lives only as long as
     the forward pass needs the merged weights anyway, so no buffer the size
     of the adapted kernels (let alone of all frozen weights) is added."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a JAX subprocess: run once, from the TensorFlow process")
     import importlib.util
     import json
     import os

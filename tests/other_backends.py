@@ -1,0 +1,42 @@
+"""Reruns a test module under another Keras backend, in a subprocess (Keras
+fixes its backend per process); shared by the `*_backends.py` test modules."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module_on(backend, module, timeout_s, select=None):
+    """Runs `module` (a path from the repository root) with pytest under
+    KERAS_BACKEND=`backend`; `select` is pytest's `-k` expression. Skips on
+    the backend this process runs (the module runs here already) and on a
+    backend that is not installed; fails with the output's tail otherwise."""
+    if backend == keras.backend.backend():
+        pytest.skip(f"{module} runs in this process on {backend}")
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", module]
+    if select:
+        cmd += ["-k", select]
+    start = time.time()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        pytest.fail(f"{module} on {backend} ran past {timeout_s} s:\n{out[-6000:]}")
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, (
+        f"{module} failed on KERAS_BACKEND={backend} "
+        f"(rc={proc.returncode}, {time.time() - start:.0f} s):\n{tail}"
+    )
