@@ -308,10 +308,11 @@ def main(out, jit, data_parallel=False, core_only=False):
     )
 
     results.update(late_phase(x, y, jit))
-    results.update(random_perturbation(x, y, jit))
     if core_only:
         np.savez(out, **results)
         return
+
+    results.update(random_perturbation(x, y, jit))
 
     # 3. Measures on the trained linear model.
     inner = linear()

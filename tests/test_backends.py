@@ -65,19 +65,22 @@ def test_backend_matches_oracles_and_tensorflow(outputs, backend, jit, parallel)
     if not _installed(backend):
         pytest.skip(f"{backend} is not installed")
     got = outputs[(backend, jit, parallel)]
-    for name in ("linear_sam", "linear_gsam", "rwp", "flat_lora"):
+    core_only = "scheduler_steps" not in got
+    # torch.compile (core only): RWP and Flat-LoRA are left out for time.
+    oracles = ("linear_sam", "linear_gsam") + (() if core_only else ("rwp", "flat_lora"))
+    for name in oracles:
         np.testing.assert_allclose(
             got[name], got[name + "_oracle"], rtol=1e-5, atol=1e-6, err_msg=name
         )
     # Late-phase SAM: plain Keras first, then SAM, exactly (weights,
     # BatchNorm statistics, optimizer step count and momentum).
     np.testing.assert_array_equal(got["late_phase"], got["late_phase_reference"])
-    assert not got["flat_lora_frozen_changed"]  # LoRA's frozen kernel: bitwise equal
+    if not core_only:
+        assert not got["flat_lora_frozen_changed"]  # LoRA's frozen kernel: bitwise equal
     np.testing.assert_array_equal(got["late_phase_sam_fraction"], [0, 0, 1, 1])
     norms = got["late_phase_grad_norm"]
     assert np.isnan(norms[:2]).all() and np.isfinite(norms[2:]).all(), norms
     reference = outputs[("tensorflow", False, False)]
-    core_only = "scheduler_steps" not in got
     if not core_only:
         for name in ("full_gradient_norm", "hessian_max_eigenvalue"):
             np.testing.assert_allclose(got[name], got[name + "_oracle"], rtol=1e-4, err_msg=name)

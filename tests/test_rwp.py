@@ -107,6 +107,21 @@ def test_the_noise_is_new_every_step_and_a_function_of_seed_and_step():
     assert [tuple(t.shape) for t in model.standard_normals(0)] == [(D, K), (K,)]
 
 
+def test_the_noise_is_standard_normal_and_the_same_under_xla():
+    """TensorFlow's stateless normal ops draw other numbers under XLA; the
+    noise must not (the replay, and a run with `jit_compile`, draw it too)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("XLA through tf.function: TensorFlow's")
+    model = keras_sam.RWPModel(softmax_regression(), seed=2)
+    eager = [n64(t) for t in model.standard_normals(7)]
+    compiled = tf.function(lambda s: model.standard_normals(s), jit_compile=True)
+    for a, b in zip(eager, compiled(tf.constant(7))):
+        np.testing.assert_allclose(n64(b), a, rtol=1e-5, atol=1e-6)
+    many = n64(keras_sam.models._weight_noise.standard_normals([(200_000,)], 1, 0)[0])
+    assert abs(many.mean()) < 0.01 and abs(many.std() - 1) < 0.01
+    assert abs(np.mean(many**4) - 3) < 0.05  # Gaussian tails (kurtosis 3)
+
+
 def test_embedding_tables_get_noise_per_token():
     """An Embedding's filter is one token's row (PyTorch's first axis)."""
     inner = keras.Sequential(

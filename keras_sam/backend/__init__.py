@@ -31,6 +31,9 @@ Each backend module exports the same names:
 - `random_state()` / `set_random_state(state)`: the backend's global random
   state, for layers that draw from it (torch's unseeded Dropout), so both
   passes of a step see the same random numbers (no-ops elsewhere).
+- `standard_normal(shape, seed, dtype)`: Gaussian draws from a seed pair (an
+  int32 tensor of shape (2,)), the same numbers however the step is compiled
+  (RWP's and Flat-LoRA's noise).
 - `replica_loss(loss)`: a replica's share of the global mean loss (Keras'
   TensorFlow trainer divides by the replica count itself; JAX's `per_device`
   step does it here).

@@ -12,11 +12,13 @@ import contextlib
 
 import jax
 
+from keras_sam.backend._seeded_normal import standard_normal  # noqa: F401
 from keras_sam.backend._single_replica import loop_over  # noqa: F401
 from keras_sam.backend._stateless_random import random_state  # noqa: F401
 from keras_sam.backend._stateless_random import set_random_state  # noqa: F401
 
 __all__ = [
+    "standard_normal",
     "value_and_grad",
     "hessian_vector_product",
     "compile",

@@ -28,6 +28,7 @@ __all__ = [
     "loop_over",
     "random_state",
     "set_random_state",
+    "standard_normal",
 ]
 
 
@@ -138,3 +139,24 @@ def keras_loss_share(value):
     """A batch-mean term as Keras' compiled loss scales it on this replica:
     divided by the replica count, as `scale_loss_for_distribution` does."""
     return value / num_replicas()
+
+
+def standard_normal(shape, seed, dtype="float32"):
+    """Standard normal draws of `shape` from a seed pair `seed`, the same
+    numbers with and without XLA: TensorFlow's stateless normal (and
+    uniform) ops draw other numbers under `jit_compile` than on the CPU
+    kernels for one seed, its raw Philox bits do not; so the bits come from
+    `stateless_uniform_full_int` and become normals by Box-Muller here."""
+    shape = tuple(int(d) for d in shape)
+    size = 1
+    for d in shape:
+        size *= d
+    bits = tf.random.stateless_uniform(
+        (2, size), seed=tf.cast(seed, tf.int64), minval=None, maxval=None,
+        dtype=tf.uint32, alg="philox",
+    )  # fmt: skip
+    # 24 high bits -> (0, 1), never 0 (the log's argument).
+    uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / float(1 << 24)
+    radius = tf.sqrt(-2.0 * tf.math.log(uniform[0]))
+    normal = radius * tf.cos(2.0 * 3.141592653589793 * uniform[1])
+    return tf.cast(tf.reshape(normal, shape), dtype)

@@ -4,6 +4,7 @@ model's parameters never accumulate `.grad` and no graph outlives a pass."""
 import torch
 from keras import tree
 
+from keras_sam.backend._seeded_normal import standard_normal  # noqa: F401
 from keras_sam.backend._single_replica import all_reduce  # noqa: F401
 from keras_sam.backend._single_replica import keras_loss_share  # noqa: F401
 from keras_sam.backend._single_replica import loop_over  # noqa: F401
@@ -11,6 +12,7 @@ from keras_sam.backend._single_replica import num_replicas  # noqa: F401
 from keras_sam.backend._single_replica import replica_loss  # noqa: F401
 
 __all__ = [
+    "standard_normal",
     "value_and_grad",
     "hessian_vector_product",
     "compile",

@@ -8,30 +8,18 @@ noise the uninterrupted run drew, and a test can replay it
 (`RWPModel.standard_normals(step)`).
 """
 
-import keras
 from keras import ops
 
-from keras_sam import _keras_compat
-
-
-class _SeedValue(keras.random.SeedGenerator):
-    """A seed for `keras.random.*` given as a tensor (Keras takes an int or a
-    `SeedGenerator`; an int is a Python constant, fixed when traced). It
-    holds no variable: `next()` returns the tensor."""
-
-    def __init__(self, value):  # no state variable: nothing to track or save
-        self._value = value
-
-    def next(self, ordered=True):
-        return self._value
+from keras_sam import backend as sam_backend
 
 
 def standard_normals(shapes, seed, step, dtype="float32"):
     """One standard normal tensor per shape, drawn from `(seed, step)`.
 
-    The `i`-th tensor of step `t` uses the Keras seed `[seed, t * len(shapes)
+    The `i`-th tensor of step `t` uses the seed pair `[seed, t * len(shapes)
     + i]`: distinct for every tensor of every step (also on PyTorch, whose
-    Keras backend seeds with the sum of the pair).
+    Keras backend seeds with the sum of the pair). The numbers do not depend
+    on how the step is compiled (`sam_backend.standard_normal`).
 
     Args:
         shapes: list of shapes.
@@ -42,10 +30,9 @@ def standard_normals(shapes, seed, step, dtype="float32"):
     Returns:
         A list of tensors.
     """
-    seed_dtype = _keras_compat.random_seed_dtype()
     counter = ops.cast(step, "int32") * len(shapes)
     draws = []
     for i, shape in enumerate(shapes):
-        value = ops.cast(ops.stack([ops.cast(seed, "int32"), counter + i]), seed_dtype)
-        draws.append(keras.random.normal(tuple(shape), dtype=dtype, seed=_SeedValue(value)))
+        pair = ops.stack([ops.cast(seed, "int32"), counter + i])
+        draws.append(sam_backend.standard_normal(shape, pair, dtype))
     return draws
