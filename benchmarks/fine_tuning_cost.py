@@ -19,7 +19,6 @@ adapted layers), and full fine-tuning with AdamW for scale.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
+from benchmarks._results import write_json  # noqa: E402
 
 SIZES = {
     # name: (layers, hidden, heads, vocabulary)
@@ -192,9 +192,7 @@ def main(argv=None):
                 f"{r['stored_per_trainable_byte']:16.2f} {r['time_vs_adamw_lora']:15.2f}"
             )
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, results, indent=1)
     return results
 
 

@@ -16,7 +16,6 @@ space without costing test error.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
+from benchmarks._results import write_json  # noqa: E402
 from benchmarks.paper import verdicts  # noqa: E402
 
 WIDTH, RANK = 256, 4
@@ -295,10 +295,8 @@ def main(argv=None):
     print("\n" + table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        tmp = os.path.join(args.out, "runs.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dict(runs=runs, summary=rows, markdown=table, command=command), f, indent=1)
-        os.replace(tmp, os.path.join(args.out, "runs.json"))
+        record = dict(runs=runs, summary=rows, markdown=table, command=command)
+        write_json(os.path.join(args.out, "runs.json"), record, indent=1)
         plot(runs, os.path.join(args.out, "lora_study.png"))
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(text)

@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
+from benchmarks._results import write_json  # noqa: E402
 from benchmarks.architectures import small_convnet  # noqa: E402
 
 SAM_EVERY = 5
@@ -248,7 +249,7 @@ def main(argv=None):
     for k, r in result["estimate_ratio"].items():
         print(f"{METHODS[k][0]:>22}: {r:.3f}x {METHODS[NOISE_SCALE_PAIRS[k]][0]}")
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
     return result
 
 
@@ -384,7 +385,7 @@ def epochs_in_process(args):
     if "one_in_five" in result:
         print(f"1 + (SAM - 1) / {SAM_EVERY} = {result['one_in_five']:.3f}")
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
     return result
 
 
@@ -492,16 +493,8 @@ def fit_calls(args):
             f"{max(r['without_teardown_process_medians']):.3f}"
         )
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
     return result
-
-
-def _write_json(path, result):
-    """`result` to `path`, replacing it only once written whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _setting(args):

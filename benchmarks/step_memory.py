@@ -17,7 +17,6 @@ The model is an MLP of four Dense(width) layers (width 256 and 1024: 1 MiB and
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
+from benchmarks._results import write_json  # noqa: E402
 from keras_sam.models import host_steps  # noqa: E402
 
 BATCH = 8
@@ -175,9 +175,7 @@ def main(argv=None):
                 f"{r['stored_per_parameter_byte']:13.2f}  {r['conditional']}"
             )
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, results, indent=1)
     return results
 
 
