@@ -503,6 +503,8 @@ def test_default_arguments_are_both_models_five_seeds_and_the_controls(monkeypat
         "adaptive",
         "adaptive_C",
         "B_measured",
+        "plateau",
+        "plateau_C",
     ]
     assert (args.jobs, args.threads, args.steps_per_execution) == (os.cpu_count(), 1, 32)
     assert [paper.model_args(args, m).epochs for m in args.models] == [100, 200]
@@ -819,3 +821,74 @@ def test_adaptive_schedules_decide_from_the_logged_noise_scale(tmp_path):
     text = open(os.path.join(out, MODEL, "results.md")).read()
     assert "| **adaptive needs no more optimizer steps than +B** |" in text
     assert os.path.exists(os.path.join(out, MODEL, "noise_scale.png"))
+
+
+def test_plateau_schedules_follow_reduce_lr_on_plateaus_rule(tmp_path, monkeypatch):
+    from benchmarks.paper import protocol
+    from benchmarks.paper import verdicts
+
+    # The protocol's patience (10) outlasts --tiny's 5 epochs: a patience of 1
+    # and a min_delta that some epochs beat and some do not exercise the rule.
+    monkeypatch.setitem(paper_run.PLATEAU_CONFIG, "plateau_patience", 1)
+    min_delta = 0.18  # --tiny's losses fall by 0.1-0.3 an epoch
+    monkeypatch.setitem(paper_run.PLATEAU_CONFIG, "plateau_min_delta", min_delta)
+    out = str(tmp_path / "plateau")
+    # A grid into a folder that holds other runs reports them too.
+    assert (
+        paper.main(["--tiny", "--methods", "sgd", "--schedules", "B", "--out", out])["trained"] == 1
+    )
+    stats = paper.main(
+        ["--tiny", "--methods", "sgd", "--schedules", "plateau,plateau_C", "--out", out]
+    )
+    assert stats["trained"] == 2
+    runs = {r["schedule"]: r for r in _runs(os.path.join(out, MODEL)).values()}
+    args = paper.model_args(paper.parse_args(["--tiny"]), MODEL)
+    b0, largest = args.initial_batch, args.initial_batch * 2 ** (protocol.STAGES - 1)
+    grew = 0
+    for schedule in ("plateau", "plateau_C"):
+        r = runs[schedule]
+        # ReduceLROnPlateau's rule (mode "min", cooldown 0) replayed by hand
+        # on the logged training losses.
+        best, wait, size, changes = math.inf, 0, b0, {0: b0}
+        for i, e in enumerate(r["epochs"]):
+            assert e["batch_size"] == size, (schedule, i)
+            assert "noise_scale" in e  # logged for the plots
+            if e["train_loss"] < best - min_delta:
+                best, wait = e["train_loss"], 0
+            else:
+                wait += 1
+                if wait >= 1 and size < largest:
+                    size, wait = min(2 * size, largest), 0
+                    changes[i + 1] = size
+            assert e["next_batch_size"] == size
+        grew += len(changes) > 1
+        assert r["batch_schedule"] == {str(k): v for k, v in changes.items()}
+        assert r["config"]["plateau_patience"] == 1
+        assert r["final"]["steps"] == sum(r["steps_per_epoch"])
+        assert r["final"]["examples"] == sum(e["steps"] * e["batch_size"] for e in r["epochs"])
+    assert grew, "no plateau run grew its batch: the test checks nothing"
+    # plateau_C: the cosine rate per step over the steps of the batch sizes
+    # taken, so at each epoch's end the rate of the whole epochs done (closed form).
+    r = runs["plateau_C"]
+    for i, e in enumerate(r["epochs"]):
+        p = (i + 1) / r["base_epochs"]
+        lr, final = protocol.LR, protocol.LR_FINAL
+        cosine = final + (lr - final) * (1 + math.cos(math.pi * p)) / 2
+        np.testing.assert_allclose(e["learning_rate"], cosine, rtol=1e-5)
+    rates = [e["learning_rate"] for e in runs["plateau"]["epochs"]]
+    np.testing.assert_allclose(rates, protocol.LR, rtol=1e-6)
+    text = open(os.path.join(out, MODEL, "results.md")).read()
+    for schedule in ("B", "plateau", "plateau_C"):
+        assert f"| sgd | {schedule} |" in text
+    for claim in (
+        "plateau is at least as flat as +B",
+        "plateau is at least as flat as +B's steps-matched control (constant_steps)",
+        "plateau needs no more optimizer steps than +B",
+        "plateau needs no more examples than +B",
+        "plateau has a test error no higher than +B",
+        "plateau has a test error no higher than constant",
+    ):
+        assert claim in {c[0] for c in verdicts.CLAIMS}
+    assert "| **plateau needs no more optimizer steps than +B** |" in text
+    grid = json.load(open(os.path.join(out, MODEL, "runs.json")))["grid"]
+    assert (grid["schedules"], grid["total"]) == (["B", "plateau", "plateau_C"], 3)

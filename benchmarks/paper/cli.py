@@ -432,7 +432,8 @@ def main(argv=None):
         _run_grid(args, todo, on_done)
     finally:
         # The report covers every finished run of the grid on disk (also the
-        # ones after an interruption point); a run in progress never counts.
+        # ones after an interruption point) and the other runs stored in the
+        # folder with the same configuration; a run in progress never counts.
         wall_s = time.perf_counter() - t_start
         for model, margs in per_model.items():
             finished = []
@@ -448,11 +449,15 @@ def main(argv=None):
                     finished.append(record)
             if not finished:
                 continue
-            head = report.header(margs, argv_used, total // len(per_model), wall_s, trained[model])
+            # With the folder's other runs of this configuration (a grid run
+            # that adds schedules or seeds extends the report).
+            shown, finished = report.with_stored_runs(margs, finished)
+            size = len(shown.methods) * len(shown.schedules) * len(shown.seeds)
+            head = report.header(shown, argv_used, size, wall_s, trained[model])
             kept = report.stored_header(margs.out, run_lib.run_config(margs))
             if not trained[model] and kept is not None:
                 head.update(kept)  # nothing new: the header of the runs' invocation
-            report.write_report(margs, finished, head)
+            report.write_report(shown, finished, head)
         # Every model folder of the grid folder, also ones of other invocations.
         report.write_summary(args.out, report.model_folders_with_reports(args.out))
     _progress(

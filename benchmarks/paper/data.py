@@ -6,9 +6,9 @@ import keras
 import numpy as np
 
 import keras_sam
-from benchmarks.paper.protocol import ADAPTIVE
 from benchmarks.paper.protocol import CIFAR_SIZES
 from benchmarks.paper.protocol import DATASETS
+from benchmarks.paper.protocol import GROWN
 from benchmarks.paper.protocol import INCREASING
 from benchmarks.paper.protocol import MODELS
 from benchmarks.paper.protocol import STAGES
@@ -186,7 +186,7 @@ def estimate_memory_bytes(args):
         del model
         keras.backend.clear_session()
     max_batch = args.batch
-    if any(s in INCREASING + ADAPTIVE for s in args.schedules):
+    if any(s in INCREASING + GROWN for s in args.schedules):
         max_batch = max(max_batch, args.initial_batch * 2 ** (STAGES - 1))
     import tensorflow as tf
 

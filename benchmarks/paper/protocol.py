@@ -15,19 +15,30 @@ SCHEDULES = (
     "adaptive",
     "adaptive_C",
     "B_measured",
+    "plateau",
+    "plateau_C",
 )
 INCREASING = ("B", "BC", "B_measured")
 ADAPTIVE = ("adaptive", "adaptive_C")
 """The batch grows when the measured gradient noise scale says so
 (`keras_sam.callbacks.AdaptiveBatchSize`, from the initial batch up to B's
 largest, constant rate or cosine)."""
+PLATEAU = ("plateau", "plateau_C")
+"""The batch grows when the training loss has stalled
+(`keras_sam.callbacks.BatchSizeOnPlateau`, `ReduceLROnPlateau`'s rule and
+defaults, from the initial batch up to B's largest, constant rate or
+cosine)."""
+GROWN = ADAPTIVE + PLATEAU
+"""The schedules whose batch sizes are decided during training."""
 MEASURED = ("B_measured",)
 """B with the noise scale estimate switched on: the noise scale of B's
 training for the plots, and the like-for-like comparison with the adaptive
 batch (on one device the estimate evaluates the clean gradient as the two
 halves of the batch, which changes a BatchNorm model's step)."""
-NOISE_SCALE = ADAPTIVE + MEASURED
-"""The schedules whose models estimate the noise scale."""
+NOISE_SCALE = GROWN + MEASURED
+"""The schedules whose models estimate the noise scale (the plateau rule does
+not read it; its runs log it for the plots and train like-for-like with the
+noise-scale rule and B_measured)."""
 STEPS_CONTROL = "constant_steps"
 """The steps-matched control of B: the constant batch and rate, trained for as
 many optimizer steps as B takes (in whole epochs, so up to one epoch more).
@@ -67,6 +78,13 @@ ADAPTIVE_THRESHOLD = 1.0
 (McCandlish et al.'s critical batch size is about B_simple)."""
 ADAPTIVE_FACTOR = 2
 ADAPTIVE_MIN_EPOCHS = 1
+PLATEAU_MONITOR = "loss"
+PLATEAU_PATIENCE = 10
+PLATEAU_MIN_DELTA = 1e-4
+PLATEAU_COOLDOWN = 0
+"""The plateau rule as a Keras user would start it: `ReduceLROnPlateau`'s
+defaults (patience 10, min_delta 1e-4, cooldown 0) on the training loss (the
+test set stays out of every decision), the batch doubled (factor 2)."""
 NOISE_SCALE_DECAY = 0.99
 """The moving average of the noise scale estimates (about 100 steps)."""
 SHARPNESS_RHO = 2e-4
@@ -85,6 +103,9 @@ SCHEDULE_TEXT = {
     "noise scale >= {threshold:g} x batch, lr 0.1",
     "adaptive_C": "the adaptive batch + cosine lr 0.1->0.001 per step",
     "B_measured": "B with the noise scale estimate on",
+    "plateau": "batch {b0}->{bmax}, doubled at an epoch's end when the training loss "
+    "has not fallen by more than {min_delta:g} for {patience} epochs, lr 0.1",
+    "plateau_C": "the plateau batch + cosine lr 0.1->0.001 per step",
 }
 
 EXTEND_UNTIL_CONVERGED = 0.2

@@ -174,7 +174,7 @@ VERDICT_RULE = (
     "side the paper claims, *not reproduced* when it lies on the other side, "
     "*not settled* when it contains 0 (no difference). A claim is reproduced "
     "when all its comparisons are, not reproduced when none is and at least "
-    "one is on the other side, else not settled. The adaptive batch's claims "
+    "one is on the other side, else not settled. The grown batches' claims "
     "(at least as flat, no more steps or examples, a test error no higher) "
     "hold where the interval lies at or below 0 (equal step counts in every "
     'pair meet "no more") and fail where it lies above. Each line is its '
@@ -267,6 +267,31 @@ def header(args, argv_used, total, wall_s, trained):
     }
 
 
+def with_stored_runs(args, runs):
+    """`args` and `runs` grown by the other runs stored in `args.out/runs`
+    with the same configuration, so that a grid run into a folder that
+    holds more (other schedules, methods or seeds) reports them all instead
+    of replacing the report with its own part."""
+    config = runs[0]["config"]
+    names = {r["name"] for r in runs}
+    more = [
+        r
+        for r in run_lib.stored_runs(os.path.join(args.out, "runs"))
+        if r["name"] not in names
+        and r["config"] == config
+        and r["method"] in METHODS
+        and r["schedule"] in SCHEDULES
+    ]
+    if not more:
+        return args, runs
+    runs = runs + more
+    args = argparse.Namespace(**vars(args))
+    args.methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    args.schedules = [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)]
+    args.seeds = sorted({r["seed"] for r in runs})
+    return args, runs
+
+
 HEADER_KEYS = ("command", "date", "machine", "versions", "wall_s", "trained")
 
 
@@ -297,6 +322,8 @@ def write_report(args, runs, head):
         bmax=args.initial_batch * 2 ** (STAGES - 1),
         control_epochs=control[0] if control else "?",
         threshold=config["adaptive_threshold"],
+        patience=config["plateau_patience"],
+        min_delta=config["plateau_min_delta"],
     )
     runs = sorted(
         runs,
@@ -440,6 +467,8 @@ def write_plots(args, runs):
         "adaptive": (0, (3, 1, 1, 1)),
         "adaptive_C": (0, (1, 1)),
         "B_measured": (0, (8, 2)),
+        "plateau": (0, (6, 2, 1, 2)),
+        "plateau_C": (0, (2, 2)),
     }
     groups = []
     for method in args.methods:
@@ -504,8 +533,8 @@ def write_plots(args, runs):
 
 def write_noise_scale_plot(args, groups, colors, styles, save):
     """`noise_scale.png`: the batch size and the measured noise scale over
-    the epochs, for the adaptive batch and B (the runs with the estimate;
-    median over seeds)."""
+    the epochs, for the grown batches (noise-scale and plateau rules) and B
+    (the runs with the estimate; median over seeds)."""
     shown = [g for g in groups if g[1] in NOISE_SCALE + ("B",)]
     if not any(g[1] in NOISE_SCALE for g in shown):
         return
@@ -526,7 +555,7 @@ def write_noise_scale_plot(args, groups, colors, styles, save):
     top.set_title(
         f"batch size and measured noise scale B_simple ({args.dataset} / {args.model}, "
         f"median over seeds); adaptive doubles at an epoch's end when B_simple >= "
-        f"{threshold:g} x batch",
+        f"{threshold:g} x batch, plateau when the training loss has stalled",
         fontsize=8,
     )
     bottom.set_ylabel("noise scale B_simple")

@@ -19,12 +19,18 @@ from benchmarks.paper.protocol import ADAPTIVE_MIN_EPOCHS
 from benchmarks.paper.protocol import ADAPTIVE_THRESHOLD
 from benchmarks.paper.protocol import ALPHA
 from benchmarks.paper.protocol import GRADIENT_NORM_BATCH
+from benchmarks.paper.protocol import GROWN
 from benchmarks.paper.protocol import INCREASING
 from benchmarks.paper.protocol import LR
 from benchmarks.paper.protocol import LR_FINAL
 from benchmarks.paper.protocol import MODELS
 from benchmarks.paper.protocol import NOISE_SCALE
 from benchmarks.paper.protocol import NOISE_SCALE_DECAY
+from benchmarks.paper.protocol import PLATEAU
+from benchmarks.paper.protocol import PLATEAU_COOLDOWN
+from benchmarks.paper.protocol import PLATEAU_MIN_DELTA
+from benchmarks.paper.protocol import PLATEAU_MONITOR
+from benchmarks.paper.protocol import PLATEAU_PATIENCE
 from benchmarks.paper.protocol import RHO
 from benchmarks.paper.protocol import SHARPNESS_BATCH
 from benchmarks.paper.protocol import SHARPNESS_RHO
@@ -33,8 +39,15 @@ from benchmarks.paper.protocol import STEPS_CONTROL
 
 
 def batch_schedule(args, schedule):
-    """`{epoch: batch_size}` of a schedule, or the `AdaptiveBatchSize` of an
-    adaptive one, for `BatchSizeScheduler`."""
+    """`{epoch: batch_size}` of a schedule, or the `AdaptiveBatchSize` /
+    `BatchSizeOnPlateau` of a grown one, for `BatchSizeScheduler`."""
+    if schedule in PLATEAU:
+        return keras_sam.callbacks.BatchSizeOnPlateau(
+            args.initial_batch,
+            factor=ADAPTIVE_FACTOR,
+            max_batch_size=args.initial_batch * 2 ** (STAGES - 1),
+            **{key[len("plateau_") :]: value for key, value in PLATEAU_CONFIG.items()},
+        )
     if schedule in ADAPTIVE:
         return keras_sam.callbacks.AdaptiveBatchSize(
             args.initial_batch,
@@ -101,6 +114,7 @@ def run_config(args):
         "alpha": ALPHA,
         "sharpness_rho": SHARPNESS_RHO,
         **ADAPTIVE_CONFIG,
+        **PLATEAU_CONFIG,
     }
 
 
@@ -112,6 +126,14 @@ ADAPTIVE_CONFIG = {
 }
 """The adaptive schedules' constants (runs stored before they existed hold
 none, and did not depend on them: `normalized_config`)."""
+
+PLATEAU_CONFIG = {
+    "plateau_monitor": PLATEAU_MONITOR,
+    "plateau_patience": PLATEAU_PATIENCE,
+    "plateau_min_delta": PLATEAU_MIN_DELTA,
+    "plateau_cooldown": PLATEAU_COOLDOWN,
+}
+"""The plateau schedules' constants (the same for runs stored before)."""
 
 
 # ---------------------------------------------------------------------------
@@ -240,9 +262,7 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
     scheduler = keras_sam.callbacks.BatchSizeScheduler(sizes, lambda b: data.train_dataset(b, seed))
     batch_size_at = scheduler.batch_size_at  # the scheduler's own lookup
     largest = (
-        sizes.max_batch_size
-        if schedule in ADAPTIVE
-        else max(batch_size_at(e) for e in range(epochs))
+        sizes.max_batch_size if schedule in GROWN else max(batch_size_at(e) for e in range(epochs))
     )
     if data.num_train < largest:
         raise SystemExit(
@@ -250,14 +270,14 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
             f"{largest}; raise --num-samples or lower --batch / --initial-batch"
         )
 
-    if schedule in INCREASING + ADAPTIVE:
-        # Adaptive: the steps if the batch never grew; the scheduler gives
+    if schedule in INCREASING + GROWN:
+        # Grown: the steps if the batch never grew; the scheduler gives
         # the rate the real ones as it grows.
         steps = scheduler.steps_per_epoch(epochs)
     else:
         scheduler = None  # one batch size: fit's own data, no callback
         steps = keras_sam.schedules.steps_per_epoch(data.num_train, args.batch, epochs)
-    if schedule in ("C", "BC", "adaptive_C"):
+    if schedule in ("C", "BC", "adaptive_C", "plateau_C"):
         lr = keras_sam.schedules.CosineAnnealing(LR, LR_FINAL, epochs, steps)
     elif schedule == "linear":
         lr = keras_sam.schedules.LinearDecay(LR, LR_FINAL, epochs, steps)
@@ -346,9 +366,9 @@ def train_one(args, data, method, schedule, seed, wrappers=None, callbacks=(), o
         "steps_per_epoch": [int(e["steps"]) for e in log.epochs],
         "base_epochs": int(epochs),
         "examples": int(sum(e["steps"] * e["batch_size"] for e in log.epochs)),
-        # The changes: scheduled, or decided by the adaptive batch.
+        # The changes: scheduled, or decided during training.
         "batch_schedule": {
-            str(k): v for k, v in (sizes.history if schedule in ADAPTIVE else sizes).items()
+            str(k): v for k, v in (sizes.history if schedule in GROWN else sizes).items()
         },
         "intra_op_threads": intra_op_threads(),
         "epochs": log.epochs,
@@ -451,8 +471,8 @@ def load_run(path, config):
 def normalized_config(config):
     """A stored configuration; runs stored before the extension rule existed
     were never extended (`extend_until_converged` 0), and those stored before
-    the adaptive schedules did not depend on their constants."""
-    return {EXTEND_KEY: 0.0, **ADAPTIVE_CONFIG, **config}
+    the adaptive and plateau schedules did not depend on their constants."""
+    return {EXTEND_KEY: 0.0, **ADAPTIVE_CONFIG, **PLATEAU_CONFIG, **config}
 
 
 def _without_extension(config):

@@ -24,6 +24,7 @@ import statistics
 from benchmarks.paper.protocol import CONVERGENCE_ABSOLUTE
 from benchmarks.paper.protocol import CONVERGENCE_RELATIVE
 from benchmarks.paper.protocol import CONVERGENCE_WINDOW
+from benchmarks.paper.protocol import STEPS_CONTROL
 
 LEVEL = 0.95
 
@@ -218,12 +219,49 @@ def _against_sgd(schedules=BASE_SCHEDULES):
     return [((m, s), ("sgd", s)) for s in schedules for m in SAM_METHODS]
 
 
-_ADAPTIVE_VS_B = _same_method("adaptive", "B") + _same_method("adaptive_C", "BC")
-_ADAPTIVE_VS_CONSTANT = _same_method("adaptive", "constant") + _same_method("adaptive_C", "C")
-_ADAPTIVE_VS_MEASURED = _same_method("adaptive", "B_measured")
-"""Like for like: B trained with the estimate on, as the adaptive runs are
-(on one device its halves change a BatchNorm model's clean gradient)."""
-"""The adaptive batch against the fixed schedules of the same rate."""
+def _grown_batch_claims(rule, rule_C, steps_control=False):
+    """The claims of a batch that grows during training (`rule` with the
+    constant rate, `rule_C` with the cosine one) against the paper's fixed
+    doubling: with the constant rate against B, with the cosine rate
+    against BC; like for like against B with the noise scale estimate on
+    (B_measured: the grown runs train with it, and on one device its halves
+    change a BatchNorm model's clean gradient); against the constant batch
+    of the same rate; with `steps_control`, against B's steps-matched
+    control too. "At least as flat" / "no more" hold where the interval of
+    a - b lies at or below 0, fail where it lies above."""
+    vs_b = _same_method(rule, "B") + _same_method(rule_C, "BC")
+    vs_measured = _same_method(rule, "B_measured")
+    vs_constant = _same_method(rule, "constant") + _same_method(rule_C, "C")
+    sharpness, error = "worst_case_sharpness", "test_error"
+    claims = [(f"{rule} is at least as flat as +B", sharpness, "at_most", vs_b)]
+    if steps_control:
+        claims.append(
+            (
+                f"{rule} is at least as flat as +B's steps-matched control (constant_steps)",
+                sharpness,
+                "at_most",
+                _same_method(rule, STEPS_CONTROL),
+            )
+        )
+    return claims + [
+        (
+            f"{rule} is at least as flat as +B with the estimate on (B_measured)",
+            sharpness,
+            "at_most",
+            vs_measured,
+        ),
+        (f"{rule} needs no more optimizer steps than +B", "steps", "at_most", vs_b),
+        (f"{rule} needs no more examples than +B", "examples", "at_most", vs_b),
+        (f"{rule} has a test error no higher than +B", error, "at_most", vs_b),
+        (
+            f"{rule} has a test error no higher than +B with the estimate on (B_measured)",
+            error,
+            "at_most",
+            vs_measured,
+        ),
+        (f"{rule} has a test error no higher than constant", error, "at_most", vs_constant),
+    ]
+
 
 CLAIMS = (
     # (claim, metric, direction of a vs b, comparisons [((method, schedule) a, b)])
@@ -260,52 +298,10 @@ CLAIMS = (
         _same_method("C", "constant"),
     ),
     ("SAM/GSAM have a lower test error than SGD", "test_error", "less", _against_sgd()),
-    # The adaptive batch (keras_sam.callbacks.AdaptiveBatchSize) against the
-    # paper's fixed doubling: with the constant rate against B, with the
-    # cosine rate against BC. "At least as flat" / "no more" hold where the
-    # interval of a - b lies at or below 0, fail where it lies above.
-    (
-        "adaptive is at least as flat as +B",
-        "worst_case_sharpness",
-        "at_most",
-        _ADAPTIVE_VS_B,
-    ),
-    (
-        "adaptive is at least as flat as +B with the estimate on (B_measured)",
-        "worst_case_sharpness",
-        "at_most",
-        _ADAPTIVE_VS_MEASURED,
-    ),
-    (
-        "adaptive needs no more optimizer steps than +B",
-        "steps",
-        "at_most",
-        _ADAPTIVE_VS_B,
-    ),
-    (
-        "adaptive needs no more examples than +B",
-        "examples",
-        "at_most",
-        _ADAPTIVE_VS_B,
-    ),
-    (
-        "adaptive has a test error no higher than +B",
-        "test_error",
-        "at_most",
-        _ADAPTIVE_VS_B,
-    ),
-    (
-        "adaptive has a test error no higher than +B with the estimate on (B_measured)",
-        "test_error",
-        "at_most",
-        _ADAPTIVE_VS_MEASURED,
-    ),
-    (
-        "adaptive has a test error no higher than constant",
-        "test_error",
-        "at_most",
-        _ADAPTIVE_VS_CONSTANT,
-    ),
+    # The batch grown by the noise scale (keras_sam.callbacks.AdaptiveBatchSize)
+    # and on a plateau of the training loss (BatchSizeOnPlateau).
+    *_grown_batch_claims("adaptive", "adaptive_C"),
+    *_grown_batch_claims("plateau", "plateau_C", steps_control=True),
 )
 
 
