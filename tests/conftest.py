@@ -63,3 +63,29 @@ def noise_scale_backends(tmp_path_factory):
         for backend, parallel in NOISE_SCALE_RUNS
         if importlib.util.find_spec(backend) is not None
     }
+
+
+# ---------------------------------------------------------------------------
+# The `tooling` mark: CI's oldest-Keras leg runs the library's own tests
+# (`-m "not tooling"`) and leaves out these modules, which test the benchmark
+# scripts, the docs and the examples; the newest-Keras leg runs everything.
+
+TOOLING_MODULES = frozenset(
+    {
+        "test_docs.py",
+        "test_examples.py",
+        "test_examples_fine_tune.py",
+        "test_paper_benchmark.py",
+        "test_paper_verdicts.py",
+        "test_efficient_benchmark.py",
+        "test_step_memory.py",
+        "test_gpu_step_cost.py",
+        "test_lora_study.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in TOOLING_MODULES:
+            item.add_marker(pytest.mark.tooling)
