@@ -66,9 +66,13 @@ def noise_scale_backends(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------
-# The `tooling` mark: CI's oldest-Keras leg runs the library's own tests
-# (`-m "not tooling"`) and leaves out these modules, which test the benchmark
-# scripts, the docs and the examples; the newest-Keras leg runs everything.
+# Marks for CI's oldest-Keras leg, which runs `-m "not tooling and not
+# cross_backend"`: the library's own tests, each backend's check
+# (test_backends.py) and the noise scale on every backend, but not the tests
+# of the benchmark scripts, the docs and the examples (`tooling`), nor the
+# modules that rerun whole features in subprocesses on the other backends,
+# over several processes or on forced device meshes (`cross_backend`). The
+# newest-Keras leg runs everything.
 
 TOOLING_MODULES = frozenset(
     {
@@ -83,9 +87,20 @@ TOOLING_MODULES = frozenset(
         "test_lora_study.py",
     }
 )
+CROSS_BACKEND_MODULES = frozenset(
+    {
+        "test_model_families_backends.py",
+        "test_fine_tuning_backends.py",
+        "test_multi_process.py",
+        "test_model_parallel.py",
+        "test_jax_per_device.py",
+    }
+)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in TOOLING_MODULES:
             item.add_marker(pytest.mark.tooling)
+        if item.path.name in CROSS_BACKEND_MODULES:
+            item.add_marker(pytest.mark.cross_backend)
