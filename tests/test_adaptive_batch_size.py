@@ -23,6 +23,10 @@ from keras_sam.callbacks.adaptive_batch_size import next_batch_size
 sys.path.insert(0, os.path.dirname(__file__))
 import noise_scale_check as check  # noqa: E402
 from conftest import NOISE_SCALE_RUNS  # noqa: E402
+from growing_batch_data import D
+from growing_batch_data import N
+from growing_batch_data import dataset_fn
+from growing_batch_data import mlp
 from interrupts import Interrupt  # noqa: E402
 from interrupts import InterruptAt  # noqa: E402
 
@@ -133,29 +137,14 @@ def test_backup_and_restore_resumes_like_the_uninterrupted_run(noise_scale_backe
 
 
 # --------------------------------------------- in this process (TensorFlow)
-N, D, EPOCHS = 192, 6, 8
-
-
-def data():
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(N, D)).astype("float32")
-    y = (np.tanh(x @ rng.normal(size=D)) + 0.3 * rng.normal(size=N)).astype("float32")
-    return x, y[:, None]
-
-
-def dataset_fn(batch_size):
-    x, y = data()
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
+EPOCHS = 8
 
 
 def build(noise_scale=True, steps=None, **policy_kwargs):
     """A SAM MLP with a cosine rate over the scheduler's steps."""
     policy = AdaptiveBatchSize(4, max_batch_size=32, threshold=0.2, **policy_kwargs)
     scheduler = BatchSizeScheduler(policy, dataset_fn)
-    keras.utils.set_random_seed(0)
-    inner = keras.Sequential(
-        [keras.Input((D,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
-    )
+    inner = mlp()
     steps = scheduler.steps_per_epoch(EPOCHS) if steps is None else steps
     lr = keras_sam.schedules.CosineAnnealing(0.05, 0.001, EPOCHS, steps)
     model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=noise_scale, noise_scale_decay=0.8)

@@ -14,6 +14,10 @@ import os
 import keras
 import numpy as np
 import pytest
+from growing_batch_data import N
+from growing_batch_data import data
+from growing_batch_data import dataset_fn
+from growing_batch_data import mlp
 from interrupts import Interrupt
 from interrupts import InterruptAt
 
@@ -126,19 +130,7 @@ def test_bad_arguments_are_named(kwargs, name):
 
 
 # ------------------------------------------------------------- through fit
-N, D, EPOCHS = 192, 6, 10
-
-
-def data():
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(N, D)).astype("float32")
-    y = (np.tanh(x @ rng.normal(size=D)) + 0.3 * rng.normal(size=N)).astype("float32")
-    return x, y[:, None]
-
-
-def dataset_fn(batch_size):
-    x, y = data()
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
+EPOCHS = 10
 
 
 def build(monitor="loss", **policy_kwargs):
@@ -147,10 +139,7 @@ def build(monitor="loss", **policy_kwargs):
     kwargs = dict(patience=1, min_delta=0.02, max_batch_size=64, monitor=monitor)
     policy = BatchSizeOnPlateau(4, **dict(kwargs, **policy_kwargs))
     scheduler = BatchSizeScheduler(policy, dataset_fn)
-    keras.utils.set_random_seed(0)
-    inner = keras.Sequential(
-        [keras.Input((D,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
-    )
+    inner = mlp()
     lr = keras_sam.schedules.CosineAnnealing(0.05, 0.001, EPOCHS, scheduler.steps_per_epoch(EPOCHS))
     model = keras_sam.SAMModel(inner, rho=0.05)
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="mse")
