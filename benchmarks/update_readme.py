@@ -19,7 +19,7 @@ benchmarks/results/fine_tuning_cost_cpu.json (`benchmarks/fine_tuning_cost.py`)
 and benchmarks/results/lora_study/results.md (`python -m benchmarks.lora_study`),
 the cost by the epoch from
 benchmarks/results/step_cost_epochs_cpu.json (`step_cost.py --epochs`);
-the adaptive batch's block from the paper benchmark's <model>/runs.json, and
+the noise-scale and plateau rules' blocks from the paper benchmark's <model>/runs.json, and
 the noise scale estimate's cost from benchmarks/results/noise_scale_cost_cpu.json
 (`python benchmarks/step_cost.py --noise-scale --json ...`).
 """
@@ -389,6 +389,21 @@ def paper_summary():
     return text + f"\n\n(from {found['command']}; {found['machine']})"
 
 
+GROWN_BATCH_RULES = ("adaptive", "plateau")
+"""The claims of the batch-size rules start with these schedule names."""
+
+
+def paper_summary_short():
+    """`paper_summary` without the batch-size rules' claims (the README's
+    front page; the batch-size page has them in full)."""
+    rows = [
+        line
+        for line in paper_summary().splitlines()
+        if not line.startswith(tuple(f"| {rule} " for rule in GROWN_BATCH_RULES))
+    ]
+    return "\n".join(rows)
+
+
 def noise_scale_cost():
     """`step_cost.py --noise-scale`: each method with the estimate against itself without."""
     r = json.load(open(os.path.join(RESULTS, "noise_scale_cost_cpu.json")))
@@ -416,13 +431,24 @@ def noise_scale_cost():
 NOISE_SCALE_PAIRS = {"plain_noise": "plain_rho0", "sam_noise": "sam", "gsam_noise": "gsam"}
 """As in benchmarks/step_cost.py (not imported: it sets up TensorFlow)."""
 
-ADAPTIVE_CLAIM = "adaptive"
-"""The claims of the adaptive batch start with this word (benchmarks.paper.verdicts)."""
-
 
 def adaptive():
-    """The adaptive batch's claims on both MNIST-1D models, each comparison
-    with its means and interval, and the batch-size / noise-scale plots."""
+    """The noise-scale rule's claims on both MNIST-1D models
+    (`AdaptiveBatchSize`, the schedules adaptive and adaptive_C)."""
+    return _grown_batch_claims("adaptive", plots=False)
+
+
+def plateau():
+    """The plateau rule's claims on both MNIST-1D models
+    (`BatchSizeOnPlateau`, the schedules plateau and plateau_C), and the
+    batch-size / noise-scale plots of both rules beside B."""
+    return _grown_batch_claims("plateau", plots=True)
+
+
+def _grown_batch_claims(rule, plots):
+    """The claims of a grown batch (they start with the rule's schedule
+    name, benchmarks.paper.verdicts), each comparison with its means and
+    interval, from the paper benchmark's <model>/runs.json."""
     lines = [
         "| model | claim | comparison (a vs b) | mean a | mean b | 95% CI of a − b | verdict |",
         "|---|---|---|---|---|---|---|",
@@ -433,7 +459,7 @@ def adaptive():
         r = json.load(open(os.path.join(RESULTS, "mnist1d", model, "runs.json")))
         machine, command = r["machine"], r["command"]
         for v in r["verdicts"]:
-            if not v["claim"].startswith(ADAPTIVE_CLAIM):
+            if not v["claim"].startswith(rule + " "):
                 continue
             lines.append(f"| {model} | **{v['claim']}** | | | | | **{v['verdict']}** |")
             for c in v["comparisons"]:
@@ -442,11 +468,13 @@ def adaptive():
                     + " | ".join(_adaptive_cells(v["metric"], c))
                     + f" | {c['verdict']} |"
                 )
-    plots = "\n\n".join(
-        f"![batch size and noise scale, {m}](benchmarks/results/mnist1d/{m}/noise_scale.png)"
-        for m in models
-    )
-    return "\n".join(lines) + f"\n\n(from `{command}`; {machine})\n\n" + plots
+    text = "\n".join(lines) + f"\n\n(from `{command}`; {machine})"
+    if plots:
+        text += "\n\n" + "\n\n".join(
+            f"![batch size and noise scale, {m}](benchmarks/results/mnist1d/{m}/noise_scale.png)"
+            for m in models
+        )
+    return text
 
 
 def _adaptive_cells(metric, c):
@@ -522,6 +550,7 @@ BLOCKS = {
     "step_cost_fit_calls": step_cost_fit_calls,
     "batch_switch": from_markdown("batch_switch.md", demote=2),
     "paper_verdicts": paper_summary,
+    "paper_verdicts_short": paper_summary_short,
     "paper_mnist1d_cnn": from_markdown(
         os.path.join("mnist1d", "mnist1d_cnn", "results.md"), demote=3
     ),
@@ -540,6 +569,7 @@ BLOCKS = {
     "efficient_verdicts": efficient_verdicts,
     "noise_scale_cost": noise_scale_cost,
     "adaptive": adaptive,
+    "plateau": plateau,
 }
 
 DOCS = os.path.join(ROOT, "docs")

@@ -1,7 +1,7 @@
 """Rerun the comparison of Harada & Iiduka (arXiv 2409.09984) with one command.
 
 Grid: models x {sgd, sam, gsam} x {constant, B, C, BC, linear,
-constant_steps, adaptive, adaptive_C, B_measured} x seeds, with the paper's
+constant_steps, adaptive, adaptive_C, B_measured, plateau, plateau_C} x seeds, with the paper's
 protocol: plain SGD (no momentum, no weight decay), lr 0.1, rho 0.05, alpha
 0.02 (GSAM's rho constant), cross-entropy, last partial batch dropped.
 
@@ -19,8 +19,13 @@ protocol: plain SGD (no momentum, no weight decay), lr 0.1, rho 0.05, alpha
   has reached it (`keras_sam.callbacks.AdaptiveBatchSize`, threshold 1),
   lr 0.1 constant / cosine 0.1 -> 0.001;
 - B_measured: B with the noise scale estimate on (its curve in
-  `noise_scale.png`). The three train SGD as `SAMModel(rho=0)` and every
-  method with `noise_scale=True`.
+  `noise_scale.png`);
+- plateau, plateau_C: the batch doubles from `--initial-batch` (up to 256)
+  where `ReduceLROnPlateau` with its defaults (patience 10, min_delta 1e-4,
+  cooldown 0) on the training loss would cut the rate
+  (`keras_sam.callbacks.BatchSizeOnPlateau`), lr 0.1 constant / cosine.
+  These five train SGD as `SAMModel(rho=0)` and every method with
+  `noise_scale=True`.
 
 After each run: worst-case sharpness (L-inf Auto-PGD, rho 2e-4, 20
 iterations, first `--sharpness-examples` training examples in batches of 128,
@@ -40,9 +45,10 @@ The CPU default (MNIST-1D, 4000 examples = 3200 train / 800 test; the CNN
 with BatchNorm for 100 epochs and the MLP without normalization for 200, so
 that every run's training loss stops moving, and a run whose loss still
 moves then trains on at its final batch size and rate until it stops, for at
-most 20% more epochs; 5 seeds; 270 runs) takes about 90 minutes on a 2-core
-CPU, two runs side by side with one thread each (the 90 runs of the adaptive
-and measured schedules took 43 minutes, partly beside another job).
+most 20% more epochs; 5 seeds; 330 runs) takes about two and a half hours
+on a 2-core CPU, two runs side by side with one thread each (the 90 runs of
+the adaptive and measured schedules took 43 minutes, partly beside another
+job; the 60 plateau runs 48 minutes, partly beside tests).
 Outputs go to `--out` (default benchmarks/results/<dataset>), one folder per
 model: `results.md` (the table and the claims' verdicts), `runs.md` (each
 run's length and convergence), `runs.json`, PNG plots and
