@@ -1,6 +1,7 @@
 """Runs keras_sam on the backend named by KERAS_BACKEND and writes what it got.
 
-Used by tests/test_backends.py, once per backend, in a subprocess (a Keras
+Used by tests/test_backends.py and tests/test_backends_torch.py (through
+tests/backend_runs.py), once per setting, in a subprocess (a Keras
 backend is fixed per process). Writes an .npz with, per case, the final
 weights and logged values, plus the float64 NumPy oracle for a linear model.
 

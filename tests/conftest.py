@@ -68,11 +68,11 @@ def noise_scale_backends(tmp_path_factory):
 # ---------------------------------------------------------------------------
 # Marks for CI's oldest-Keras leg, which runs `-m "not tooling and not
 # cross_backend"`: the library's own tests, each backend's check
-# (test_backends.py) and the noise scale on every backend, but not the tests
-# of the benchmark scripts, the docs and the examples (`tooling`), nor the
-# modules that rerun whole features in subprocesses on the other backends,
-# over several processes or on forced device meshes (`cross_backend`). The
-# newest-Keras leg runs everything.
+# (test_backends.py, test_backends_torch.py) and the noise scale on every
+# backend, but not the tests of the benchmark scripts, the docs and the
+# examples (`tooling`), nor the modules that rerun whole features in
+# subprocesses on the other backends, over several processes or on forced
+# device meshes (`cross_backend`). The newest-Keras leg runs everything.
 
 TOOLING_MODULES = frozenset(
     {
