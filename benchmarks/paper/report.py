@@ -285,11 +285,16 @@ def with_stored_runs(args, runs):
     if not more:
         return args, runs
     runs = runs + more
-    args = argparse.Namespace(**vars(args))
-    args.methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    args.schedules = [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)]
-    args.seeds = sorted({r["seed"] for r in runs})
-    return args, runs
+    return argparse.Namespace(**{**vars(args), **grid_of(runs)}), runs
+
+
+def grid_of(runs):
+    """The methods, schedules (in the grid's order) and seeds of `runs`."""
+    return {
+        "methods": [m for m in METHODS if any(r["method"] == m for r in runs)],
+        "schedules": [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)],
+        "seeds": sorted({r["seed"] for r in runs}),
+    }
 
 
 HEADER_KEYS = ("command", "date", "machine", "versions", "wall_s", "trained")
@@ -782,11 +787,7 @@ def rebuild(out):
             f"error: {out}/runs holds runs of {', '.join(unknown)}, not of this "
             "grid (benchmarks.efficient writes its own report)"
         )
-    found = {
-        "methods": [m for m in METHODS if any(r["method"] == m for r in runs)],
-        "schedules": [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)],
-        "seeds": sorted({r["seed"] for r in runs}),
-    }
+    found = grid_of(runs)
     found["total"] = len(found["methods"]) * len(found["schedules"]) * len(found["seeds"])
     head = {
         "command": _rerun_command(config, found, out),
