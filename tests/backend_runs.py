@@ -2,11 +2,10 @@
 parallel), shared by test_backends.py (TensorFlow, JAX) and
 test_backends_torch.py (PyTorch), so that pytest-xdist gives the two sets
 of runs to two workers; both compare with the TensorFlow run without jit,
-which is made once per test session and read by the other module (a lock
-file in the session's shared temporary folder: the other worker waits for it).
+which is made once per test session and read by the other module
+(tests/session_files.py).
 """
 
-import contextlib
 import importlib.util
 import os
 import subprocess
@@ -14,6 +13,8 @@ import sys
 
 import numpy as np
 from forced_devices import with_two_host_devices
+from other_backends import subprocess_env
+from session_files import made_once
 
 HERE = os.path.dirname(__file__)
 N = 32  # examples in tests/backend_check.py
@@ -26,51 +27,24 @@ def installed(backend):
     return importlib.util.find_spec(backend) is not None
 
 
-def shared_folder(tmp_path_factory):
-    """A folder every pytest-xdist worker of this session sees (the parent of
-    the workers' own temporary folders), or this process's one without xdist."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    folder = root / "backend_runs"
-    folder.mkdir(exist_ok=True)
-    return folder
-
-
-@contextlib.contextmanager
-def _locked(path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: each module makes its own run
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run(folder, backend, jit, parallel):
     """The arrays tests/backend_check.py saved for this setting, made in a
     process of its own the first time any module of the session asks."""
-    out = folder / f"{backend}_{jit}_{parallel}.npz"
-    with _locked(str(out) + ".lock"):
-        if not out.exists():
-            env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
-            tmp = folder / f"{backend}_{jit}_{parallel}.part.npz"
-            cmd = [sys.executable, os.path.join(HERE, "backend_check.py"), str(tmp)]
-            if jit:
-                cmd.append("--jit")
-            if backend == "torch" and jit:
-                cmd.append("--core-only")
-            if parallel:
-                cmd.append("--data-parallel")
-                env = with_two_host_devices(env)
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, f"{backend} jit={jit}:\n{proc.stderr[-4000:]}"
-            os.replace(tmp, out)
-    return dict(np.load(out))
+
+    def make(part):
+        env = subprocess_env(backend)
+        cmd = [sys.executable, os.path.join(HERE, "backend_check.py"), str(part)]
+        if jit:
+            cmd.append("--jit")
+        if backend == "torch" and jit:
+            cmd.append("--core-only")
+        if parallel:
+            cmd.append("--data-parallel")
+            env = with_two_host_devices(env)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{backend} jit={jit}:\n{proc.stderr[-4000:]}"
+
+    return dict(np.load(made_once(folder / f"{backend}_{jit}_{parallel}.npz", make)))
 
 
 def check_run(got, reference, backend, jit):

@@ -11,6 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 from forced_devices import with_two_host_devices  # noqa: E402
+from other_backends import subprocess_env  # noqa: E402
+from session_files import made_once_each  # noqa: E402
+from session_files import shared_folder  # noqa: E402
 
 NUM_LOGICAL_CPUS = 4
 
@@ -31,38 +34,46 @@ NOISE_SCALE_RUNS = [("tensorflow", False), ("jax", False), ("jax", True), ("torc
 """(backend, DataParallel over two forced host devices)"""
 
 
-def _run_noise_scale_check(backend, parallel, folder):
-    import json
+def _noise_scale_check(backend, parallel):
+    """`make(out)` for tests/session_files.py: tests/noise_scale_check.py in a
+    process of its own under KERAS_BACKEND=`backend`, its results in `out`."""
     import subprocess
     import sys
 
-    here = os.path.dirname(__file__)
-    out = os.path.join(folder, f"{backend}_{parallel}.json")
-    root = os.path.dirname(here)  # this checkout's keras_sam, not an installed one
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
-    cmd = [sys.executable, os.path.join(here, "noise_scale_check.py"), out]
-    if parallel:
-        cmd.append("--data-parallel")
-        env = with_two_host_devices(env)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{backend}:\n{proc.stderr[-4000:]}"
-    with open(out) as f:
-        return json.load(f)
+    def make(out):
+        env = subprocess_env(backend)
+        here = os.path.dirname(__file__)
+        cmd = [sys.executable, os.path.join(here, "noise_scale_check.py"), str(out)]
+        if parallel:
+            cmd.append("--data-parallel")
+            env = with_two_host_devices(env)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{backend}:\n{proc.stderr[-4000:]}"
+
+    return make
 
 
 @pytest.fixture(scope="session")
 def noise_scale_backends(tmp_path_factory):
     """`{(backend, parallel): results}` of tests/noise_scale_check.py for the
-    installed backends."""
+    installed backends, made once per session: with pytest-xdist, the workers
+    that ask at once share the runs out between them (tests/session_files.py)."""
     import importlib.util
+    import json
 
-    folder = str(tmp_path_factory.mktemp("noise_scale"))
-    return {
-        (backend, parallel): _run_noise_scale_check(backend, parallel, folder)
-        for backend, parallel in NOISE_SCALE_RUNS
-        if importlib.util.find_spec(backend) is not None
-    }
+    folder = shared_folder(tmp_path_factory, "noise_scale")
+    keys = [k for k in NOISE_SCALE_RUNS if importlib.util.find_spec(k[0]) is not None]
+    paths = made_once_each(
+        [
+            (folder / f"{backend}_{parallel}.json", _noise_scale_check(backend, parallel))
+            for backend, parallel in keys
+        ]
+    )
+    results = {}
+    for key, path in zip(keys, paths):
+        with open(path) as f:
+            results[key] = json.load(f)
+    return results
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def subprocess_env(backend):
+    """`os.environ` for a test's subprocess on Keras backend `backend`: no GPU,
+    and this checkout's keras_sam first on PYTHONPATH, before the caller's
+    path (where CI's oldest-Keras leg puts Keras 3.12), so the subprocess
+    tests this checkout whatever keras_sam is installed."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+
+
 def run_module_on(backend, module, timeout_s, select=None):
     """Runs `module` (a path from the repository root) with pytest under
     KERAS_BACKEND=`backend`; `select` is pytest's `-k` expression. Skips on
@@ -22,7 +31,7 @@ def run_module_on(backend, module, timeout_s, select=None):
         pytest.skip(f"{module} runs in this process on {backend}")
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
-    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
+    env = subprocess_env(backend)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", module]
     if select:
         cmd += ["-k", select]

@@ -13,7 +13,7 @@ from backend_runs import REFERENCE
 from backend_runs import check_run
 from backend_runs import installed
 from backend_runs import run
-from backend_runs import shared_folder
+from session_files import shared_folder
 
 # (backend, jit, data parallel over 2 forced host devices)
 RUNS = [
@@ -27,7 +27,7 @@ RUNS = [
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return shared_folder(tmp_path_factory)
+    return shared_folder(tmp_path_factory, "backend_runs")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 from backend_runs import REFERENCE
 from backend_runs import check_run
 from backend_runs import run
-from backend_runs import shared_folder
+from session_files import shared_folder
 
 pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
@@ -17,5 +17,5 @@ RUNS = [("torch", False, False), ("torch", True, False)]
 
 @pytest.mark.parametrize("backend, jit, parallel", RUNS, ids=["torch-jitFalse", "torch-jitTrue"])
 def test_backend_matches_oracles_and_tensorflow(tmp_path_factory, backend, jit, parallel):
-    folder = shared_folder(tmp_path_factory)
+    folder = shared_folder(tmp_path_factory, "backend_runs")
     check_run(run(folder, backend, jit, parallel), run(folder, *REFERENCE), backend, jit)

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from other_backends import subprocess_env
 from strategies import mirrored
 
 import keras_sam
@@ -393,8 +394,7 @@ def test_flat_lora_keeps_no_copy_of_the_frozen_weights(tmp_path):
         pytest.skip("jax is not installed")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "cost.json"
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    env = subprocess_env("jax")
     cmd = [sys.executable, os.path.join(root, "benchmarks", "fine_tuning_cost.py")]
     cmd += ["--sizes", "small", "--methods", "adamw_lora", "flat_lora"]
     cmd += ["--steps", "1", "--repeats", "1", "--json", str(out)]

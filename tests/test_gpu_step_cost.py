@@ -9,6 +9,7 @@ import sys
 
 import keras
 import pytest
+from other_backends import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +38,7 @@ def test_small_run_times_every_method_with_its_optimizer(tmp_path):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
     out = tmp_path / "gpu.json"
-    # This checkout first, then the caller's path (CI's oldest-Keras leg).
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    env = subprocess_env("jax")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_step_cost.py")]
     cmd += ["--small", "--cheaper", "--conditional", "--minimal", "--policies", "float32"]
     proc = subprocess.run(

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from forced_devices import with_two_host_devices
+from other_backends import subprocess_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def differences():
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
-    env = with_two_host_devices(dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES=""))
+    env = with_two_host_devices(subprocess_env("jax"))
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "jax_per_device_check.py")],
         env=env,

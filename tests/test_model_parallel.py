@@ -15,6 +15,7 @@ import sys
 
 import pytest
 from forced_devices import with_host_devices
+from other_backends import subprocess_env
 
 from keras_sam import _keras_compat
 
@@ -29,7 +30,7 @@ for needed in ("jax", "keras_hub"):
 
 @pytest.fixture(scope="module")
 def result():
-    env = with_host_devices(dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES=""), 8)
+    env = with_host_devices(subprocess_env("jax"), 8)
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "model_parallel_check.py")],
         env=env,

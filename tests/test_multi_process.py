@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from other_backends import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multi_process_worker.py")
@@ -38,11 +39,7 @@ def _free_port():
 
 
 def _env(backend):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND=backend)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    return env
+    return dict(subprocess_env(backend), TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _start(args, log_path, backend="jax"):

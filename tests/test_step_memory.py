@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from other_backends import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 0.02
@@ -26,8 +27,7 @@ def rows(tmp_path_factory):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
     out = tmp_path_factory.mktemp("memory") / "memory.json"
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    env = subprocess_env("jax")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "step_memory.py")]
     proc = subprocess.run(
         cmd + ["--sizes", "small", "--json", str(out)],
