@@ -103,4 +103,8 @@ def test_ci_marks_name_existing_test_modules():
     tests = set(os.listdir(os.path.join(ROOT, "tests")))
     assert conftest.TOOLING_MODULES <= tests
     assert conftest.CROSS_BACKEND_MODULES <= tests
+    assert set(conftest.SLOWEST_FIRST) <= tests
+    assert len(set(conftest.SLOWEST_FIRST)) == len(conftest.SLOWEST_FIRST)
     assert 'not tooling and not cross_backend"' in _read(".ci/run")
+    # CI hands modules out in SLOWEST_FIRST's order, not xdist's own.
+    assert _read(".ci/run").count("--dist loadfile --no-loadscope-reorder") == 2
