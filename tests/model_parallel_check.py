@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
+from tiny_gemma import gemma_causal_lm  # noqa: E402
 
 import keras_sam  # noqa: E402
 
@@ -31,22 +32,7 @@ def data():
 
 def gemma():
     # Sizes divisible by the mesh axes that the layout map shards them on.
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=8,
-        num_key_value_heads=8,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=2,
-    )
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(rank=2)
-    rng = np.random.default_rng(0)
-    for v in lm.weights:
-        if keras.backend.is_float_dtype(v.dtype):
-            v.assign(rng.normal(scale=0.2, size=v.shape).astype(v.dtype))
-    return lm
+    return gemma_causal_lm(VOCAB, lora=True, query_heads=8, key_value_heads=8, head_dim=2)
 
 
 CASES = {

@@ -2,6 +2,7 @@
 fixes its backend per process); shared by the `*_backends.py` test modules."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,20 @@ def subprocess_env(backend):
     tests this checkout whatever keras_sam is installed."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+
+
+def last_json_line(script, env, timeout_s=600):
+    """Runs tests/`script` with `env` and returns the JSON of the last line it
+    printed; fails with its stderr's tail if it exits with an error."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, f"{script}:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_module_on(backend, module, timeout_s, select=None):

@@ -25,34 +25,15 @@ if _keras_compat.keras_version() < (3, 15):
 keras_hub = pytest.importorskip(
     "keras_hub", reason="keras-hub is an extra: pip install keras_sam[hub]"
 )
+from tiny_gemma import gemma_causal_lm  # noqa: E402  (after the keras-hub skip)
+from tiny_gemma import numpy_weights  # noqa: E402
 
 VOCAB, LENGTH, BATCH = 64, 10, 4
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def numpy_weights(model, seed):
-    """Backends and runs draw different initial weights; use NumPy's."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        if keras.backend.is_float_dtype(v.dtype):
-            v.assign(rng.normal(scale=0.2, size=v.shape).astype(v.dtype))
-
-
 def causal_lm(lora, seed=0):
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    )
-    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    if lora:
-        backbone.enable_lora(rank=2)
-    numpy_weights(model, seed)  # LoRA's B too: a zero B would stop A's gradient
-    return model
+    return gemma_causal_lm(VOCAB, lora, seed)
 
 
 def classifier(lora, seed=0):

@@ -5,32 +5,18 @@ The checks run in a subprocess (tests/jax_per_device_check.py): the device
 count is fixed when JAX starts."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 from forced_devices import with_two_host_devices
+from other_backends import last_json_line
 from other_backends import subprocess_env
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def differences():
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
-    env = with_two_host_devices(subprocess_env("jax"))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "jax_per_device_check.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line("jax_per_device_check.py", with_two_host_devices(subprocess_env("jax")))
 
 
 @pytest.mark.parametrize("kind", ["sam", "gsam"])

@@ -8,18 +8,13 @@ refused with a clear error where it has more (tests/model_parallel_check.py).
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 from forced_devices import with_host_devices
+from other_backends import last_json_line
 from other_backends import subprocess_env
 
 from keras_sam import _keras_compat
-
-HERE = os.path.dirname(__file__)
 
 if _keras_compat.keras_version() < (3, 15):
     pytest.skip("keras-hub 0.32 needs Keras >= 3.15", allow_module_level=True)
@@ -30,16 +25,7 @@ for needed in ("jax", "keras_hub"):
 
 @pytest.fixture(scope="module")
 def result():
-    env = with_host_devices(subprocess_env("jax"), 8)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "model_parallel_check.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line("model_parallel_check.py", with_host_devices(subprocess_env("jax"), 8))
 
 
 @pytest.mark.parametrize(
