@@ -7,16 +7,13 @@ which is made once per test session and read by the other module
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 from forced_devices import with_two_host_devices
+from other_backends import run_script
 from other_backends import subprocess_env
 from session_files import made_once
 
-HERE = os.path.dirname(__file__)
 N = 32  # examples in tests/backend_check.py
 REFERENCE = ("tensorflow", False, False)
 """(backend, jit, data parallel over 2 forced host devices) that every run
@@ -33,16 +30,15 @@ def run(folder, backend, jit, parallel):
 
     def make(part):
         env = subprocess_env(backend)
-        cmd = [sys.executable, os.path.join(HERE, "backend_check.py"), str(part)]
+        args = [str(part)]
         if jit:
-            cmd.append("--jit")
+            args.append("--jit")
         if backend == "torch" and jit:
-            cmd.append("--core-only")
+            args.append("--core-only")
         if parallel:
-            cmd.append("--data-parallel")
+            args.append("--data-parallel")
             env = with_two_host_devices(env)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{backend} jit={jit}:\n{proc.stderr[-4000:]}"
+        run_script("backend_check.py", args, env)
 
     return dict(np.load(made_once(folder / f"{backend}_{jit}_{parallel}.npz", make)))
 

@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 from forced_devices import with_two_host_devices  # noqa: E402
+from other_backends import run_script  # noqa: E402
 from other_backends import subprocess_env  # noqa: E402
 from session_files import made_once_each  # noqa: E402
 from session_files import shared_folder  # noqa: E402
@@ -37,18 +38,14 @@ NOISE_SCALE_RUNS = [("tensorflow", False), ("jax", False), ("jax", True), ("torc
 def _noise_scale_check(backend, parallel):
     """`make(out)` for tests/session_files.py: tests/noise_scale_check.py in a
     process of its own under KERAS_BACKEND=`backend`, its results in `out`."""
-    import subprocess
-    import sys
 
     def make(out):
         env = subprocess_env(backend)
-        here = os.path.dirname(__file__)
-        cmd = [sys.executable, os.path.join(here, "noise_scale_check.py"), str(out)]
+        args = [str(out)]
         if parallel:
-            cmd.append("--data-parallel")
+            args.append("--data-parallel")
             env = with_two_host_devices(env)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{backend}:\n{proc.stderr[-4000:]}"
+        run_script("noise_scale_check.py", args, env)
 
     return make
 
@@ -62,18 +59,13 @@ def noise_scale_backends(tmp_path_factory):
     import json
 
     folder = shared_folder(tmp_path_factory, "noise_scale")
-    keys = [k for k in NOISE_SCALE_RUNS if importlib.util.find_spec(k[0]) is not None]
-    paths = made_once_each(
-        [
-            (folder / f"{backend}_{parallel}.json", _noise_scale_check(backend, parallel))
-            for backend, parallel in keys
-        ]
-    )
-    results = {}
-    for key, path in zip(keys, paths):
-        with open(path) as f:
-            results[key] = json.load(f)
-    return results
+    paths = {
+        (backend, parallel): folder / f"{backend}_{parallel}.json"
+        for backend, parallel in NOISE_SCALE_RUNS
+        if importlib.util.find_spec(backend) is not None
+    }
+    made_once_each([(path, _noise_scale_check(*key)) for key, path in paths.items()])
+    return {key: json.loads(path.read_text()) for key, path in paths.items()}
 
 
 # ---------------------------------------------------------------------------

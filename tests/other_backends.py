@@ -23,18 +23,23 @@ def subprocess_env(backend):
     return dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
 
 
-def last_json_line(script, env, timeout_s=600):
-    """Runs tests/`script` with `env` and returns the JSON of the last line it
-    printed; fails with its stderr's tail if it exits with an error."""
+def run_script(script, args, env, timeout_s=600):
+    """Runs tests/`script` with `args` and `env`; returns its standard output,
+    or fails with its stderr's tail if it exits with an error."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", script)],
+        [sys.executable, os.path.join(ROOT, "tests", script), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout_s,
     )
-    assert proc.returncode == 0, f"{script}:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"{script} {' '.join(args)}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def last_json_line(script, env, timeout_s=600):
+    """The JSON of the last line tests/`script` printed (`run_script`)."""
+    return json.loads(run_script(script, [], env, timeout_s).strip().splitlines()[-1])
 
 
 def run_module_on(backend, module, timeout_s, select=None):

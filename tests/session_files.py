@@ -63,7 +63,7 @@ def made_once(path, make):
 
 def made_once_each(jobs):
     """`made_once` for each `(path, make)` in `jobs`, making first the files no
-    other worker is making, then waiting for those; returns the paths."""
+    other worker is making, then waiting for those."""
     waiting = []
     for path, make in jobs:
         with _locked(path, wait=False) as mine:
@@ -73,4 +73,3 @@ def made_once_each(jobs):
                 waiting.append((path, make))
     for path, make in waiting:
         made_once(path, make)
-    return [path for path, _ in jobs]
