@@ -147,21 +147,28 @@ TF_EPOCH_ITERATOR_ATTRIBUTES = (
 class RunningFit:
     """What a callback needs from the `fit()` call that is running."""
 
-    def __init__(self, epoch_iterator, callback_list, class_weight, initial_epoch=0):
+    def __init__(
+        self, epoch_iterator, callback_list, class_weight, initial_epoch=0, validates=None
+    ):
         self.epoch_iterator = epoch_iterator
         self.callback_list = callback_list
         self.class_weight = class_weight
         self.initial_epoch = initial_epoch
+        self.validates = validates
+        """Whether every epoch ends with a validation pass (validation data or
+        split given, `validation_freq=1`)."""
 
 
 def running_fit(model):
-    """The epoch iterator, CallbackList, class_weight and initial_epoch of `model.fit()`.
+    """The epoch iterator, CallbackList, class_weight, initial_epoch and
+    validation of `model.fit()`.
 
     Call it from a callback hook (`on_train_begin`, `on_epoch_begin`): it walks
     up the Python stack to the frame of the `fit` method running on `model` and
-    reads its locals `epoch_iterator`, `callbacks`, `class_weight` and
+    reads its locals `epoch_iterator`, `callbacks`, `class_weight`,
     `initial_epoch` (the caller's: `BackupAndRestore` resumes through
-    `model._initial_epoch` later).
+    `model._initial_epoch` later), `validation_data` (set from
+    `validation_split` by then) and `validation_freq`.
 
     Raises:
         RuntimeError: when not called from inside `model.fit()`, or when this
@@ -185,8 +192,16 @@ def running_fit(model):
                         callback_list = None
                     _check_iterator_attributes(iterator)
                     initial_epoch = local.get("initial_epoch") or 0
+                    validates = (
+                        local.get("validation_data") is not None
+                        and local.get("validation_freq", 1) == 1
+                    )
                     return RunningFit(
-                        iterator, callback_list, local.get("class_weight"), int(initial_epoch)
+                        iterator,
+                        callback_list,
+                        local.get("class_weight"),
+                        int(initial_epoch),
+                        validates,
                     )
             frame = frame.f_back
     finally:
@@ -390,3 +405,26 @@ def random_seed_dtype():
     from keras.src.backend import random_seed_dtype as seed_dtype
 
     return seed_dtype()
+
+
+def compiled_metric_directions(model, element_spec=None):
+    """`{name: True if higher is better}` of `model`'s compiled metrics that
+    state a direction (Keras' private `_direction`, which its callbacks'
+    "auto" mode reads the same way; `keras.src.callbacks.MonitorCallback`).
+
+    Keras builds the compiled metrics with the first batch, after
+    `on_train_begin` on TensorFlow without a strategy; given the training
+    data's `element_spec`, they are built from it first, as `fit` does on
+    JAX and PyTorch (`Trainer._symbolic_build`)."""
+    from keras.src.trainers import compile_utils
+
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is not None and not compiled.built and element_spec is not None:
+        model._symbolic_build(data_batch=element_spec)
+    directions = {}
+    for metric in model.metrics:
+        if isinstance(metric, (compile_utils.CompileMetrics, compile_utils.MetricsList)):
+            for m in metric.metrics:
+                if hasattr(m, "_direction"):
+                    directions[m.name] = m._direction == "up"
+    return directions

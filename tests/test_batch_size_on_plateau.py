@@ -197,9 +197,9 @@ def test_val_loss_is_monitored_from_the_validation_data():
     assert history["batch_size"] == expected
 
 
-def test_a_missing_monitor_names_the_logged_keys():
+def test_a_missing_monitor_is_refused_before_training():
     model, scheduler, _ = build(monitor="val_loss")  # no validation data
-    with pytest.raises(ValueError, match="'val_loss'.*logged only"):
+    with pytest.raises(ValueError, match="'val_loss'.*validation_freq=1"):
         fit(model, scheduler)
 
 
@@ -246,3 +246,207 @@ def test_steps_per_epoch_follows_the_decisions():
     assert keras_sam.schedules.steps_per_epoch(N, policy, EPOCHS) == [
         N // b for b in history["batch_size"]
     ]
+
+
+# ------------------------------------------- mode: "auto", "min" and "max"
+def classification_dataset_fn(batch_size):
+    x, y = data()
+    return tf.data.Dataset.from_tensor_slices((x, (y > 0).astype("float32"))).batch(
+        batch_size, drop_remainder=True
+    )
+
+
+def margin(y_true, y_pred):
+    """A metric of our own: Keras cannot tell its direction."""
+    return keras.ops.mean((2 * y_true - 1) * (y_pred - 0.5), axis=-1)
+
+
+METRICS = lambda: [  # noqa: E731
+    "accuracy",
+    keras.metrics.AUC(name="auc"),
+    keras.metrics.MeanMetricWrapper(margin, name="margin"),
+]
+
+
+def classifier(monitor, mode, seed=0):
+    kwargs = dict(patience=1, min_delta=0.02, max_batch_size=64, monitor=monitor, mode=mode)
+    policy = BatchSizeOnPlateau(4, **kwargs)
+    scheduler = BatchSizeScheduler(policy, classification_dataset_fn)
+    keras.utils.set_random_seed(seed)
+    inner = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model = keras_sam.SAMModel(inner, rho=0.05)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss="binary_crossentropy",
+        metrics=METRICS(),
+    )
+    return model, scheduler, policy
+
+
+def keras_replay(history, monitor, mode):
+    """The epochs at whose end Keras' ReduceLROnPlateau, with the same
+    settings and a model compiled with the same metrics, cuts the rate."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0), loss="binary_crossentropy", metrics=METRICS()
+    )
+    x, y = data()
+    model.fit(x[:8], (y[:8] > 0).astype("float32"), epochs=1, verbose=0)  # builds the metrics
+    callback = keras.callbacks.ReduceLROnPlateau(
+        monitor=monitor, factor=0.5, patience=1, min_delta=0.02, mode=mode, min_lr=0.0
+    )
+    callback.set_model(model)
+    callback.on_train_begin()
+    cut, rate = [], 1.0
+    for epoch, value in enumerate(history[monitor]):
+        callback.on_epoch_end(epoch, {monitor: value})
+        now = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        if now != rate:
+            cut.append(epoch)
+            rate = now
+    return cut
+
+
+def grown_after(history):
+    """The epochs after which the batch grew (a cap reached stops growth: the
+    replay then cuts on, so compare up to the cap)."""
+    sizes = history["batch_size"] + [history["next_batch_size"][-1]]
+    return [e for e in range(len(sizes) - 1) if sizes[e + 1] != sizes[e]]
+
+
+def before_the_cap(cuts):
+    """Keras' cuts, cut off where the batch reached its cap (64: four growths)."""
+    return cuts[:4]
+
+
+CASES = [
+    ("val_accuracy", "auto", "max"),
+    ("val_auc", "auto", "max"),
+    ("loss", "auto", "min"),
+    ("val_margin", "max", "max"),
+]
+
+
+@pytest.mark.parametrize("monitor, mode, direction", CASES)
+def test_the_batch_grows_where_keras_cuts_the_rate_in_every_mode(monitor, mode, direction):
+    model, scheduler, policy = classifier(monitor, mode)
+    x, y = data()
+    history = model.fit(
+        classification_dataset_fn(4),
+        validation_data=(x[:64], (y[:64] > 0).astype("float32")),
+        epochs=EPOCHS,
+        callbacks=[scheduler],
+        verbose=0,
+    ).history
+    assert policy.direction == direction
+    cuts = keras_replay(history, monitor, mode)
+    assert grown_after(history) == before_the_cap(cuts)
+    assert 0 < len(cuts) < EPOCHS  # the rule both waited and acted
+
+
+@pytest.mark.parametrize("monitor, mode, direction", CASES[:1] + CASES[3:])
+def test_an_interrupted_run_resumes_with_the_best_value_of_its_mode(
+    tmp_path, monitor, mode, direction
+):
+    x, y = data()
+    validation = (x[:64], (y[:64] > 0).astype("float32"))
+
+    def run(*callbacks):
+        model, scheduler, policy = classifier(monitor, mode)
+        history = model.fit(
+            classification_dataset_fn(4),
+            validation_data=validation,
+            epochs=EPOCHS,
+            callbacks=[scheduler, *callbacks],
+            verbose=0,
+        ).history
+        return model, history
+
+    full_model, full = run()
+    backup = str(tmp_path / "backup")
+    with pytest.raises(Interrupt):
+        run(keras.callbacks.BackupAndRestore(backup), InterruptAt(4))
+    resumed, rest = run(keras.callbacks.BackupAndRestore(backup))
+    assert rest["batch_size"] == full["batch_size"][4:]
+    assert rest["next_batch_size"] == full["next_batch_size"][4:]
+    assert grown_after(full) == before_the_cap(keras_replay(full, monitor, mode))
+    for a, b in zip(resumed.get_weights(), full_model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_rising_accuracy_never_grows_the_batch_in_max_mode():
+    kwargs = dict(monitor="val_accuracy", patience=0, max_batch_size=64)
+    policy = BatchSizeOnPlateau(8, mode="max", **kwargs)
+    assert decisions(policy, [0.5, 0.6, 0.7, 0.8, 0.9], key="val_accuracy") == []
+    policy = BatchSizeOnPlateau(8, mode="min", **kwargs)
+    assert decisions(policy, [0.5, 0.6, 0.7], key="val_accuracy") == [1, 2]
+
+
+def test_a_metric_of_unknown_direction_is_refused_before_training():
+    model, scheduler, _ = classifier("val_margin", "auto")
+    x, y = data()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="mode='max'"):
+        model.fit(
+            classification_dataset_fn(4),
+            validation_data=(x[:64], (y[:64] > 0).astype("float32")),
+            epochs=2,
+            callbacks=[scheduler],
+            verbose=0,
+        )
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mode_is_saved_in_the_config_and_checked():
+    policy = BatchSizeOnPlateau(8, monitor="val_auc", mode="max", max_batch_size=64)
+    assert policy.get_config()["mode"] == "max"
+    assert BatchSizeOnPlateau(**policy.get_config()).get_config() == policy.get_config()
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        BatchSizeOnPlateau(8, mode="maximum", max_batch_size=64)
+
+
+# --------------------------------- a policy passed as a callback; val_* data
+@pytest.mark.parametrize(
+    "policy",
+    [
+        BatchSizeOnPlateau(4, max_batch_size=64),
+        keras_sam.callbacks.AdaptiveBatchSize(4, max_batch_size=64),
+    ],
+    ids=["plateau", "adaptive"],
+)
+def test_a_policy_passed_as_a_callback_names_the_scheduler(policy):
+    model, _, _ = build()
+    before = model.get_weights()
+    name = type(policy).__name__
+    with pytest.raises(TypeError) as raised:
+        model.fit(dataset_fn(4), epochs=1, callbacks=[policy], verbose=0)
+    assert f"keras_sam.callbacks.BatchSizeScheduler({name}(...), dataset_fn)" in str(raised.value)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["SAMModel", "keras.Model"])
+@pytest.mark.parametrize("validation", [None, "freq2"])
+def test_val_monitor_without_validation_each_epoch_is_refused_before_training(wrapped, validation):
+    policy = BatchSizeOnPlateau(4, monitor="val_loss", max_batch_size=64)
+    scheduler = BatchSizeScheduler(policy, dataset_fn)
+    model = mlp()
+    if wrapped:
+        model = keras_sam.SAMModel(model, rho=0.05)
+    model.compile(optimizer="sgd", loss="mse")
+    before = model.get_weights()
+    kwargs = {}
+    if validation == "freq2":
+        x, y = data()
+        kwargs = dict(validation_data=(x[:32], y[:32]), validation_freq=2)
+    with pytest.raises(ValueError, match="'val_loss'.*validation_freq=1"):
+        model.fit(dataset_fn(4), epochs=3, callbacks=[scheduler], verbose=0, **kwargs)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)

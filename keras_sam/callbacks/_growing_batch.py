@@ -38,8 +38,33 @@ class GrowingBatchSize:
     required_logs = ()
     """History keys the rule reads at every epoch's end."""
 
-    def check_model(self, model):
-        """Raises a ValueError, before training, when `model` cannot feed the rule."""
+    def check_model(self, model, element_spec=None, validates=None):
+        """Raises a ValueError, before training, when `model` cannot feed the
+        rule (`element_spec`: the training data's; `validates`: whether `fit`
+        was given validation data every epoch, None when unknown)."""
+
+    # ------------------------------------- not a callback: a clear TypeError
+    # Keras' CallbackList reads `async_safe` (JAX, PyTorch), then calls
+    # `set_model` and `set_params` on every callback before training.
+    @property
+    def async_safe(self):
+        raise TypeError(self._not_a_callback())
+
+    def set_model(self, model):
+        raise TypeError(self._not_a_callback())
+
+    def set_params(self, params):
+        raise TypeError(self._not_a_callback())
+
+    def _not_a_callback(self):
+        name = type(self).__name__
+        return (
+            f"{name} is a batch-size policy, not a callback: it decides the batch size "
+            "that a BatchSizeScheduler feeds to `fit`. Wrap it and pass the scheduler "
+            "first in `callbacks`:\n"
+            f"    scheduler = keras_sam.callbacks.BatchSizeScheduler({name}(...), dataset_fn)\n"
+            "    model.fit(dataset_fn(initial_batch_size), callbacks=[scheduler, ...])"
+        )
 
     def _grows(self, epoch, batch_size, logs):
         raise NotImplementedError

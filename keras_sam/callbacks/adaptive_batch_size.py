@@ -95,7 +95,7 @@ class AdaptiveBatchSize(GrowingBatchSize):
 
     required_logs = ("noise_scale",)
 
-    def check_model(self, model):
+    def check_model(self, model, element_spec=None, validates=None):
         if getattr(model, "noise_scale", False) is not True:
             raise ValueError(
                 "BatchSizeScheduler with an AdaptiveBatchSize decides from the gradient "

@@ -4,11 +4,12 @@ Doubling the batch halves the noise temperature `lr / B` of SGD as halving
 the rate does (Smith, Kindermans, Ying & Le 2018), and such a decay helps
 most when progress at the current temperature has stalled, which is when
 Keras users reach for `ReduceLROnPlateau`. This policy grows the batch then,
-with `ReduceLROnPlateau`'s exact waiting and cooldown rules (mode "min"): at
-an epoch's end, with `current` the monitored value,
+with `ReduceLROnPlateau`'s exact waiting and cooldown rules and its
+"auto" / "min" / "max" modes (`keras_sam.callbacks._monitor.MonitorRule`):
+at an epoch's end, with `current` the monitored value,
 
     in cooldown:                 cooldown -= 1; wait = 0
-    current < best - min_delta:  best = current; wait = 0
+    current improves on best:    best = current; wait = 0
     elif not in cooldown:        wait += 1
                                  if wait >= patience and batch < max_batch_size
                                  (and, when guarded, noise_scale >=
@@ -17,20 +18,19 @@ an epoch's end, with `current` the monitored value,
                                      cooldown = cooldown epochs; wait = 0
 """
 
-import math
-
 from keras_sam import _validation
 from keras_sam.callbacks._growing_batch import GrowingBatchSize
+from keras_sam.callbacks._monitor import MonitorRule
 
 
-class BatchSizeOnPlateau(GrowingBatchSize):
+class BatchSizeOnPlateau(GrowingBatchSize, MonitorRule):
     """A schedule for `BatchSizeScheduler` that grows the batch when a
     metric has stopped improving.
 
     Pass it as `BatchSizeScheduler`'s `schedule`. At every epoch's end it
-    applies `ReduceLROnPlateau`'s rule (mode "min", see the module
-    docstring) to `monitor`, any key of the epoch's logs (`"loss"`,
-    `"val_loss"`, a metric), and multiplies the batch size by `factor`
+    applies `ReduceLROnPlateau`'s rule (see the module docstring) to
+    `monitor`, any key of the epoch's logs (`"loss"`, `"val_loss"`,
+    `"val_accuracy"`, a metric), and multiplies the batch size by `factor`
     (never above `max_batch_size`) where `ReduceLROnPlateau` would multiply
     the rate by its factor. With `noise_scale_threshold` set, the batch
     grows only while the model's logged `noise_scale` is at least
@@ -51,7 +51,9 @@ class BatchSizeOnPlateau(GrowingBatchSize):
     Args:
         initial_batch_size: the global batch size of epoch 0, an int >= 1.
         factor: the growth factor, an int >= 2.
-        monitor: the logs key to watch (lower is better).
+        monitor: the logs key to watch. A `val_*` key needs validation data
+            in `fit` (`validation_data` or `validation_split`, every epoch),
+            checked before the first step.
         patience: epochs without improvement before the batch grows, an
             int >= 0 (`ReduceLROnPlateau`'s default: 10).
         min_delta: an improvement is a decrease by more than this, >= 0.
@@ -60,6 +62,12 @@ class BatchSizeOnPlateau(GrowingBatchSize):
         max_batch_size: the largest global batch size, an int >=
             `initial_batch_size`.
         noise_scale_threshold: None (default: no guard) or a float > 0.
+        mode: `"auto"` (default), `"min"` or `"max"`, as in
+            `ReduceLROnPlateau`: whether the monitored value should fall
+            (`loss`) or rise (`val_accuracy`, `val_auc`). `"auto"` decides
+            from the name and the compiled metric's direction, as Keras'
+            callbacks do, before the first step; a metric of your own needs
+            an explicit mode.
 
     Example:
 
@@ -68,7 +76,9 @@ class BatchSizeOnPlateau(GrowingBatchSize):
         32, monitor="val_loss", patience=3, max_batch_size=512
     )
     scheduler = keras_sam.callbacks.BatchSizeScheduler(policy, dataset_fn)
-    model.fit(dataset_fn(32), validation_data=val, epochs=100, callbacks=[scheduler])
+    history = model.fit(
+        dataset_fn(32), validation_data=val, epochs=100, callbacks=[scheduler]
+    )
     history.history["batch_size"]
     ```
     """
@@ -83,17 +93,15 @@ class BatchSizeOnPlateau(GrowingBatchSize):
         cooldown=0,
         max_batch_size=None,
         noise_scale_threshold=None,
+        mode="auto",
     ):
         if max_batch_size is None:
             raise _validation.error(
                 "max_batch_size", "an int >= initial_batch_size", max_batch_size
             )
-        super().__init__(initial_batch_size, max_batch_size, factor)
-        if not isinstance(monitor, str) or not monitor:
-            raise _validation.error("monitor", "a logs key such as 'loss' or 'val_loss'", monitor)
-        self.monitor = monitor
+        GrowingBatchSize.__init__(self, initial_batch_size, max_batch_size, factor)
+        MonitorRule.__init__(self, monitor, mode, min_delta)
         self.patience = _validation.integer("patience", patience, low=0)
-        self.min_delta = _validation.real("min_delta", min_delta, low=0)
         self.cooldown = _validation.integer("cooldown", cooldown, low=0)
         self.noise_scale_threshold = None
         if noise_scale_threshold is not None:
@@ -107,7 +115,15 @@ class BatchSizeOnPlateau(GrowingBatchSize):
         guard = ("noise_scale",) if self.noise_scale_threshold is not None else ()
         return (self.monitor,) + guard
 
-    def check_model(self, model):
+    def check_model(self, model, element_spec=None, validates=None):
+        if self.watches_validation and validates is False:
+            raise ValueError(
+                f"BatchSizeOnPlateau monitors {self.monitor!r}, a value of the validation "
+                "data, but this `fit` validates not at every epoch's end. Pass "
+                "`validation_data=` (or `validation_split=`) to `fit` with "
+                "`validation_freq=1`, or monitor 'loss'."
+            )
+        self.resolve_direction(model, element_spec)
         if (
             self.noise_scale_threshold is not None
             and getattr(model, "noise_scale", False) is not True
@@ -124,7 +140,7 @@ class BatchSizeOnPlateau(GrowingBatchSize):
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0
-        if current < self.best - self.min_delta:
+        if self.is_improvement(current, self.best):
             self.best = current
             self.wait = 0
             return False
@@ -142,21 +158,19 @@ class BatchSizeOnPlateau(GrowingBatchSize):
         return True
 
     def _state(self):
-        best = None if math.isinf(self.best) else self.best
-        return {"best": best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}
+        return {"best": self.best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}
 
     def _set_state(self, state):
         state = state or {"best": None, "wait": 0, "cooldown_counter": 0}
-        self.best = math.inf if state["best"] is None else float(state["best"])
+        self.best = None if state["best"] is None else float(state["best"])
         self.wait = int(state["wait"])
         self.cooldown_counter = int(state["cooldown_counter"])
 
     def get_config(self):
         return dict(
-            super().get_config(),
-            monitor=self.monitor,
+            GrowingBatchSize.get_config(self),
+            **MonitorRule.get_config(self),
             patience=self.patience,
-            min_delta=self.min_delta,
             cooldown=self.cooldown,
             noise_scale_threshold=self.noise_scale_threshold,
         )

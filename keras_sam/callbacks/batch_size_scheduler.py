@@ -323,7 +323,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         """The model logs the noise scale; the decisions saved by a
         BackupAndRestore are read; epoch-axis learning-rate schedules were
         built from `steps_per_epoch(epochs)`."""
-        self._adaptive.check_model(self.model)
+        spec = self._dataset(self._adaptive.initial_batch_size).element_spec
+        self._adaptive.check_model(self.model, spec, fit.validates)
         callbacks = list(getattr(fit.callback_list, "callbacks", None) or [])
         backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
         self._backup_dir = backups[0].backup_dir if backups else None
