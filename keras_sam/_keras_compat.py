@@ -64,10 +64,49 @@ def check_keras_version(feature):
         )
 
 
+def rate_optimizer(optimizer):
+    """The optimizer whose learning rate stands for `optimizer`'s (GSAM's
+    radius follows it): a LossScaleOptimizer's inner optimizer, and a
+    `keras.optimizers.MultiOptimizer`'s (Keras 3.15+) default optimizer,
+    the one of every variable its `OptimizerMap` does not map elsewhere.
+
+    Raises:
+        ValueError: for a MultiOptimizer built from a callable (it has no
+            default optimizer).
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if not is_multi_optimizer(optimizer):
+        return optimizer
+    default = getattr(optimizer._optimizer_map, "default_optimizer", None)
+    if default is None:
+        raise ValueError(
+            "This MultiOptimizer was built from a callable, so it has no default "
+            "optimizer whose learning rate keras_sam could follow. Build it from "
+            "`keras.optimizers.OptimizerMap(default_optimizer, {pattern: optimizer})`: "
+            "keras_sam reads the default optimizer's rate."
+        )
+    return default
+
+
+def is_multi_optimizer(optimizer):
+    """Whether `optimizer` is a `keras.optimizers.MultiOptimizer` (Keras 3.15+)."""
+    multi = getattr(keras.optimizers, "MultiOptimizer", None)
+    return multi is not None and isinstance(optimizer, multi)
+
+
+def sub_optimizers(optimizer):
+    """The optimizers that apply updates: a MultiOptimizer's (public
+    `optimizers`), or the optimizer itself (a LossScaleOptimizer's inner one)."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if is_multi_optimizer(optimizer):
+        return list(optimizer.optimizers)
+    return [optimizer]
+
+
 def learning_rate_schedule(optimizer):
-    """The optimizer's learning rate as given: a float, variable or schedule."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return inner._learning_rate
+    """The learning rate as given to `rate_optimizer(optimizer)`: a float,
+    variable or schedule."""
+    return rate_optimizer(optimizer)._learning_rate
 
 
 MOMENTUM_OPTIMIZERS = ("SGD(momentum > 0)", "Adam", "AdamW", "Adamax", "Nadam")
@@ -387,16 +426,10 @@ def data_sharding():
     return DataSharding(distribution)
 
 
-def epoch_learning_rate_schedule(optimizer):
-    """The `keras_sam.schedules` schedule that drives `optimizer`'s learning
-    rate (through a LossScaleOptimizer too), or None."""
-    from keras_sam.schedules import _EpochSchedule
-
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    schedule = getattr(optimizer, "_learning_rate", None)
-    if isinstance(schedule, _EpochSchedule) and schedule._steps is not None:
-        return schedule
-    return None
+def learning_rate_schedules(optimizer):
+    """The learning rates as given to the optimizers that apply updates
+    (`sub_optimizers`): floats, variables or schedules, one per optimizer."""
+    return [getattr(o, "_learning_rate", None) for o in sub_optimizers(optimizer)]
 
 
 def random_seed_dtype():
@@ -428,3 +461,9 @@ def compiled_metric_directions(model, element_spec=None):
                 if hasattr(m, "_direction"):
                     directions[m.name] = m._direction == "up"
     return directions
+
+
+def all_layers(model):
+    """Every layer inside `model`, nested ones included, in Keras' fixed order
+    (`Layer._flatten_layers`: Keras has no public recursive walk)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))

@@ -97,6 +97,8 @@ CROSS_BACKEND_MODULES = frozenset(
         "test_multi_process.py",
         "test_model_parallel.py",
         "test_jax_per_device.py",
+        "test_lora_resume_backends.py",
+        "test_multi_optimizer_backends.py",
     }
 )
 

@@ -34,6 +34,7 @@ from keras_sam import _keras_compat
 from keras_sam import _validation
 from keras_sam.batch_schedule import BatchSchedule
 from keras_sam.callbacks._growing_batch import GrowingBatchSize
+from keras_sam.schedules import _EpochSchedule
 
 _FEATURE = "BatchSizeScheduler"
 _SCHEDULE = (
@@ -337,29 +338,36 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             )
         if self._backup_dir is not None:
             self._adaptive.restore(self._backup_dir)
-        schedule = _keras_compat.epoch_learning_rate_schedule(self.model.optimizer)
-        if schedule is None:
-            return
-        initial = self._steps_for(self._adaptive.initial_batch_size)
-        horizon = max(epochs, len(schedule._steps))
-        allowed = ([initial] * horizon, self.steps_per_epoch(horizon))
-        if list(schedule._steps) not in [a[: len(schedule._steps)] for a in allowed]:
-            raise ValueError(
-                f"The learning-rate schedule {type(schedule).__name__} was built with "
-                f"`steps_per_epoch`={schedule.steps_per_epoch}, not with the steps of "
-                f"this scheduler. Build it with "
-                f"`steps_per_epoch=scheduler.steps_per_epoch({epochs})`: the scheduler "
-                "then updates it whenever the batch grows."
-            )
+        for schedule in self._epoch_schedules():
+            initial = self._steps_for(self._adaptive.initial_batch_size)
+            horizon = max(epochs, len(schedule._steps))
+            allowed = ([initial] * horizon, self.steps_per_epoch(horizon))
+            if list(schedule._steps) not in [a[: len(schedule._steps)] for a in allowed]:
+                raise ValueError(
+                    f"The learning-rate schedule {type(schedule).__name__} was built with "
+                    f"`steps_per_epoch`={schedule.steps_per_epoch}, not with the steps of "
+                    f"this scheduler. Build it with "
+                    f"`steps_per_epoch=scheduler.steps_per_epoch({epochs})`: the scheduler "
+                    "then updates it whenever the batch grows."
+                )
+
+    def _epoch_schedules(self):
+        """The epoch-axis learning-rate schedules (`keras_sam.schedules`, built
+        with `steps_per_epoch`) of the optimizers that apply updates: one, or
+        each of a MultiOptimizer's."""
+        return [
+            s
+            for s in _keras_compat.learning_rate_schedules(self.model.optimizer)
+            if isinstance(s, _EpochSchedule) and s._steps is not None
+        ]
 
     def _update_learning_rate_steps(self):
-        """Gives an epoch-axis learning-rate schedule the steps of the epochs
+        """Gives the epoch-axis learning-rate schedules the steps of the epochs
         decided so far (retracing the train function once if they changed)."""
-        schedule = _keras_compat.epoch_learning_rate_schedule(self.model.optimizer)
-        if schedule is None:
-            return
         epochs = _validation.as_int((self.params or {}).get("epochs")) or 1
-        if schedule._set_steps_per_epoch(self.steps_per_epoch(max(epochs, 1))):
+        steps = self.steps_per_epoch(max(epochs, 1))
+        changed = [schedule._set_steps_per_epoch(steps) for schedule in self._epoch_schedules()]
+        if any(changed):
             self.model.make_train_function(force=True)
 
     # --------------------------------------------------------------- helpers

@@ -25,6 +25,7 @@ from keras import tree
 from keras_sam import _validation
 from keras_sam import backend as sam_backend
 from keras_sam import rules
+from keras_sam.models import _lora_state
 from keras_sam.models import host_steps
 from keras_sam.models._batches import _batch_size
 from keras_sam.models._batches import _first_batch_size
@@ -91,6 +92,7 @@ class StepEngine(keras.Model):
                 "AESAMModel estimate it)."
             )
         self._noise_average = None
+        self._saved_lora = None  # LoRA variables read by load_own_variables
         self._host_steps = host_steps.StepClock()
         super().__init__(**kwargs)
         self.inner = model
@@ -183,6 +185,33 @@ class StepEngine(keras.Model):
         config.pop("dtype", None)
         return cls(model, _allow_unbuilt=True, **config)
 
+    # ------------------------------------------- saving (LoRA factors kept)
+    def save_own_variables(self, store):
+        """The wrapper's own variables, and the wrapped model's LoRA layers'
+        variables as they are (see `keras_sam.models._lora_state`)."""
+        if self._saved_lora:  # loaded, not yet put back: put back first
+            self._restore_lora()
+        super().save_own_variables(store)
+        _lora_state.save(self.inner, store)
+
+    def load_own_variables(self, store):
+        own, self._saved_lora = _lora_state.split(store)
+        super().load_own_variables(own)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`, with the LoRA factors put back."""
+        super().load_weights(filepath, *args, **kwargs)
+        self._restore_lora()
+
+    def _restore_lora(self):
+        """Puts back the LoRA variables read by the last load (which Keras
+        merged and zeroed); without any, warns about zeroed factors."""
+        saved, self._saved_lora = self._saved_lora, None
+        if saved:
+            _lora_state.restore(self.inner, saved)
+        else:
+            _lora_state.warn_if_reset(self.inner)
+
     # ------------------------------------------------------- batch splitting
     def num_splits(self, batch_size):
         """Sub-batches per replica for a per-replica batch of `batch_size`.
@@ -233,6 +262,7 @@ class StepEngine(keras.Model):
         from keras_sam._multi_worker import check_not_multi_worker
 
         check_not_multi_worker(self)  # MultiWorkerMirroredStrategy: clear error
+        self._restore_lora()  # after keras.models.load_model
         self._check_per_replica_perturbation()
         if self.noise_scale:
             self._check_mean_reduced_loss()

@@ -38,6 +38,13 @@ class GSAMModel(SAMModel):
     The range is read when `fit` starts, before the first step; a range that
     cannot be told is a `ValueError` there.
 
+    Under a `keras.optimizers.MultiOptimizer` (a rate for the backbone,
+    another for the head), the radius follows the rate of its
+    `OptimizerMap`'s default optimizer, the one of every variable the map
+    does not send elsewhere; the range above is that optimizer's. A
+    MultiOptimizer built from a callable has no default optimizer and is
+    refused when `fit` starts.
+
     Args:
         model: the `keras.Model` to train, built.
         rho: the radius at the largest learning rate (GSAM's rho_max).
@@ -103,7 +110,8 @@ class GSAMModel(SAMModel):
         if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
             top, bottom = _schedule_range(lr)
         else:
-            top, bottom = float(ops.convert_to_numpy(self.optimizer.learning_rate)), 0.0
+            rate = _keras_compat.rate_optimizer(self.optimizer).learning_rate
+            top, bottom = float(ops.convert_to_numpy(rate)), 0.0
         return top, bottom if self.lr_min is None else self.lr_min
 
     def _before_fit(self):
@@ -136,7 +144,8 @@ class GSAMModel(SAMModel):
                 )
             self._lr_range = self.learning_rate_range()
         lr_max, lr_min = self._lr_range
-        return rules.gsam_rho(self.optimizer.learning_rate, self.rho, self.rho_min, lr_max, lr_min)
+        rate = _keras_compat.rate_optimizer(self.optimizer).learning_rate
+        return rules.gsam_rho(rate, self.rho, self.rho_min, lr_max, lr_min)
 
     _descent_uses_clean_gradient = True
 
