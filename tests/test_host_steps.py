@@ -11,6 +11,8 @@ off, JAX DataParallel: tests/backend_check.py.)
 
 import os
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -108,6 +110,31 @@ def test_sam_every_one_and_data_driven_policies_build_one_function():
 
 
 # ---------------------------------------------------------- late phase
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_fit_that_ends_before_sam_start_epoch_warns_and_trains_plain(epochs):
+    data = make_data()
+    model = compiled(keras_sam.SAMModel(make_inner(), rho=0.1, sam_start_epoch=2))
+    expected = (
+        r"SAMModel\(sam_start_epoch=2\) takes its first SAM step in epoch 2 \(0-based\), "
+        rf"but this `fit\(epochs={epochs}\)` ends before it: every step of this fit is a "
+        "plain step"
+    )
+    with pytest.warns(UserWarning, match=expected):
+        history = fit(model, data, epochs)
+    assert history.history["sam_fraction"] == [0.0] * epochs
+    reference = compiled(make_inner())  # plain Keras, the same start
+    fit(reference, data, epochs)
+    assert_equal_states(state(model.inner, model.optimizer), state(reference, reference.optimizer))
+
+
+def test_a_fit_that_reaches_sam_start_epoch_does_not_warn():
+    model = compiled(keras_sam.SAMModel(make_inner(), rho=0.1, sam_start_epoch=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sam_start_epoch")
+        history = fit(model, make_data(), 3)
+    assert history.history["sam_fraction"] == [0.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("name", list(WRAPPERS))
 @pytest.mark.parametrize("every", [1, 2])
 def test_late_phase_is_plain_keras_then_the_wrapper_exactly(name, every):

@@ -301,10 +301,53 @@ def test_flat_lora_without_lora_layers_fails_before_training():
     inner = softmax_regression()
     before = [v.numpy().copy() for v in inner.variables]
     model = compile_sgd(keras_sam.FlatLoRAModel(inner))
-    with pytest.raises(ValueError, match="enable_lora"):
+    expected = (
+        "FlatLoRAModel perturbs the merged weights of Dense and EinsumDense layers with "
+        "LoRA enabled, and found no layer with LoRA enabled in"
+    )
+    with pytest.raises(ValueError, match=expected):
         model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
     for v, b in zip(inner.variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_flat_lora_with_lora_on_an_embedding_only_says_what_it_found():
+    inner = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(10, 4, name="tokens"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    inner.get_layer("tokens").enable_lora(2)
+    model = compile_sgd(keras_sam.FlatLoRAModel(inner))
+    x = np.random.default_rng(0).integers(0, 10, size=(8, 3))
+    expected = "found LoRA enabled only on Embedding 'tokens', which it does not perturb"
+    with pytest.raises(ValueError, match=expected):
+        model.fit(x, np.zeros(8, "int32"), batch_size=BATCH, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("cls", [keras_sam.RWPModel, keras_sam.FlatLoRAModel])
+def test_seed_none_follows_pythons_random_module_as_documented(cls):
+    """`seed=None` draws from Python's `random`, which set_random_seed seeds:
+    the same seeds in the same order after it, different ones without it."""
+    import random
+
+    def seeds():
+        return [cls(softmax_regression(lora_rank=2)).seed for _ in range(2)]
+
+    keras.utils.set_random_seed(5)
+    first = seeds()
+    keras.utils.set_random_seed(5)
+    assert seeds() == first  # the same order, the same seeds
+    assert first[0] != first[1]  # two wrappers, two seeds
+    inner = softmax_regression(lora_rank=2)  # Keras' initializers draw from `random` too
+    random.seed(5)
+    assert cls(inner).seed == random.Random(5).randint(0, 2**31 - 1)
+    assert "keras.utils.set_random_seed(s)` seeds that module too" in " ".join(
+        cls.__doc__.split()
+    )
 
 
 @pytest.mark.parametrize(

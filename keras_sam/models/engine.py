@@ -17,6 +17,7 @@ reference one): `current_rho`, `_perturbation` and `_descent` (the SAM step),
 """
 
 import inspect
+import warnings
 
 import keras
 from keras import ops
@@ -271,12 +272,13 @@ class StepEngine(keras.Model):
             if size is not None:
                 self.num_splits(size // self._replicas_for_splits())
         self._before_fit()
+        bound = inspect.signature(keras.Model.fit).bind(self, x, y, batch_size, *args, **kwargs)
+        arguments = bound.arguments
+        self._warn_if_no_sam_step(arguments.get("epochs", 1))
         if not self._steps_chosen_on_host():
             return super().fit(x, y, batch_size, *args, **kwargs)
         # The host's step clock runs as the last callback, after the user's
         # (BackupAndRestore restores the step count in its on_train_begin).
-        bound = inspect.signature(keras.Model.fit).bind(self, x, y, batch_size, *args, **kwargs)
-        arguments = bound.arguments
         callbacks = arguments.get("callbacks")
         clock = self._host_steps
         if isinstance(callbacks, keras.callbacks.CallbackList):
@@ -291,6 +293,20 @@ class StepEngine(keras.Model):
             clock.set_state(outer)
             if isinstance(callbacks, keras.callbacks.CallbackList):
                 callbacks.callbacks.remove(clock)
+
+    def _warn_if_no_sam_step(self, epochs):
+        """`sam_start_epoch` at or after the end of this `fit` (epochs `<=`
+        `sam_start_epoch`): every step is plain. A warning, not an error:
+        a later `fit(..., initial_epoch=...)` may continue into SAM."""
+        if self.sam_start_epoch and isinstance(epochs, int) and epochs <= self.sam_start_epoch:
+            warnings.warn(
+                f"{type(self).__name__}(sam_start_epoch={self.sam_start_epoch}) takes "
+                f"its first SAM step in epoch {self.sam_start_epoch} (0-based), but this "
+                f"`fit(epochs={epochs})` ends before it: every step of this fit is a plain "
+                "step. Pass more `epochs` (a later `fit(..., initial_epoch=...)` continues "
+                "into SAM) or a smaller `sam_start_epoch`.",
+                stacklevel=3,
+            )
 
     # ------------------------------------------- the kind of the next step
     _decides_from_data = False

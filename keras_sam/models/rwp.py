@@ -23,6 +23,7 @@ from keras import ops
 from keras_sam import _validation
 from keras_sam import backend as sam_backend
 from keras_sam import rules
+from keras_sam.models import _lora_state
 from keras_sam.models import _weight_noise
 from keras_sam.models.sam import SAM_ONLY_KEYWORDS
 from keras_sam.models.sam import SAMModel
@@ -147,8 +148,11 @@ class RWPModel(_RandomWeightPerturbation):
         clean_weight: `c` in `[0, 1)`, the clean gradient's share (m-RWP;
             the official default `lambda = 0.5` is `c = 0.5`). 0 (default):
             one gradient per step.
-        seed: int in `[0, 2**31)` for the noise; None: a random one, kept in
-            the config.
+        seed: int in `[0, 2**31)` for the noise; None: drawn from Python's
+            `random` module when the wrapper is made, and kept in the config.
+            `keras.utils.set_random_seed(s)` seeds that module too, so after
+            it wrappers made in the same order get the same seeds, run after
+            run: pass `seed` to give two wrappers different noise.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -206,13 +210,11 @@ def lora_layers(model):
     """The layers of `model` whose weight Flat-LoRA perturbs: Dense and
     EinsumDense layers with LoRA enabled (`layer.enable_lora(rank)`,
     `backbone.enable_lora(rank)` in KerasHub), in a fixed order."""
-    found = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and getattr(
-            layer, "lora_enabled", False
-        ):
-            found.append(layer)
-    return found
+    return [
+        layer
+        for layer in _lora_state.lora_layers(model)
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+    ]
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -268,8 +270,11 @@ class FlatLoRAModel(_RandomWeightPerturbation):
         rho: the noise radius, `>= 0` (the official default is 0.05), or a
             schedule of the step count (then `ramp_steps` multiplies it).
         ramp_steps: int `>= 1` or None, see above.
-        seed: int in `[0, 2**31)` for the noise; None: a random one, kept in
-            the config.
+        seed: int in `[0, 2**31)` for the noise; None: drawn from Python's
+            `random` module when the wrapper is made, and kept in the config.
+            `keras.utils.set_random_seed(s)` seeds that module too, so after
+            it wrappers made in the same order get the same seeds, run after
+            run: pass `seed` to give two wrappers different noise.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -310,12 +315,22 @@ class FlatLoRAModel(_RandomWeightPerturbation):
     def _lora_layers(self):
         layers = lora_layers(self.inner)
         if not layers:
+            others = [
+                f"{type(layer).__name__} {layer.name!r}"
+                for layer in _lora_state.lora_layers(self.inner)
+            ]
+            found = (
+                f"found LoRA enabled only on {', '.join(others)}, which it does not perturb"
+                if others
+                else "found no layer with LoRA enabled"
+            )
             raise ValueError(
-                "FlatLoRAModel found no layer with LoRA enabled in "
-                f"`model` ({self.inner.name}). Enable LoRA first, e.g. "
+                f"FlatLoRAModel perturbs the merged weights of Dense and EinsumDense "
+                f"layers with LoRA enabled, and {found} in `model` ({self.inner.name}). "
+                "Enable LoRA on such layers first, e.g. "
                 "`backbone.enable_lora(rank=8)` for a KerasHub model or "
                 "`layer.enable_lora(rank)` on Dense / EinsumDense layers; to "
-                "perturb all weights of a model without LoRA, use RWPModel."
+                "perturb all weights of a model, use RWPModel."
             )
         for layer in layers:
             if layer.quantization_mode is not None:
