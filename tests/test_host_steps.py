@@ -10,7 +10,6 @@ off, JAX DataParallel: tests/backend_check.py.)
 """
 
 import os
-
 import warnings
 
 import keras

@@ -345,9 +345,7 @@ def test_seed_none_follows_pythons_random_module_as_documented(cls):
     inner = softmax_regression(lora_rank=2)  # Keras' initializers draw from `random` too
     random.seed(5)
     assert cls(inner).seed == random.Random(5).randint(0, 2**31 - 1)
-    assert "keras.utils.set_random_seed(s)` seeds that module too" in " ".join(
-        cls.__doc__.split()
-    )
+    assert "keras.utils.set_random_seed(s)` seeds that module too" in " ".join(cls.__doc__.split())
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,7 @@ PREFIX = "lora"
 def lora_layers(model):
     """The layers of `model` with LoRA enabled, in a fixed order."""
     return [
-        layer
-        for layer in _keras_compat.all_layers(model)
-        if getattr(layer, "lora_enabled", False)
+        layer for layer in _keras_compat.all_layers(model) if getattr(layer, "lora_enabled", False)
     ]
 
 
@@ -89,11 +87,7 @@ def warn_if_reset(model):
     reset = [
         layer.name
         for layer in lora_layers(model)
-        if all(
-            not np.any(np.asarray(v))
-            for v in (_lora_a(layer), _lora_b(layer))
-            if v is not None
-        )
+        if all(not np.any(np.asarray(v)) for v in (_lora_a(layer), _lora_b(layer)) if v is not None)
     ]
     if reset:
         warnings.warn(
@@ -101,8 +95,8 @@ def warn_if_reset(model):
             "leaves them after loading a saved model (it merges s * A @ B into the "
             "kernel on save and zeroes A and B on load; keras_sam's wrappers save the "
             "factors too, but files written by keras_sam 0.4 or earlier and plain Keras "
-            "models lack them). With A = B = 0 neither factor gets a gradient, so the adapters will "
-            "not train. Give A fresh values first, as `enable_lora` does: "
+            "models lack them). With A = B = 0 neither factor gets a gradient, so the "
+            "adapters will not train. Give A fresh values first, as `enable_lora` does: "
             "`layer.lora_kernel_a.assign(keras.initializers.HeUniform()("
             "layer.lora_kernel_a.shape))` (`lora_embeddings_a` for an Embedding).",
             stacklevel=3,
