@@ -33,13 +33,15 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import benchmarks  # noqa: E402
+
+benchmarks.import_tensorflow_quietly()  # before Keras: no C++ start-up lines
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras_sam  # noqa: E402
 from benchmarks.architectures import small_convnet  # noqa: E402
 from keras_sam.callbacks import BatchSizeScheduler  # noqa: E402

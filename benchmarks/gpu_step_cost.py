@@ -33,10 +33,14 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import benchmarks  # noqa: E402
+
+benchmarks.import_tensorflow_quietly()  # before Keras: no C++ start-up lines
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.architectures import resnet18  # noqa: E402
 from keras_sam.models import GSAMModel  # noqa: E402
 from keras_sam.models import LookSAMModel  # noqa: E402

@@ -24,6 +24,7 @@ the noise scale estimate's cost from benchmarks/results/noise_scale_cost_cpu.jso
 (`python benchmarks/step_cost.py --noise-scale --json ...`).
 """
 
+import argparse
 import json
 import os
 import re
@@ -608,6 +609,9 @@ def fill(path):
 
 
 def main():
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    ).parse_args()  # no options; --help says what it does instead of doing it
     for path in targets():
         fill(path)
 

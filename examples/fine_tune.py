@@ -19,7 +19,9 @@ use). The backbone starts from random weights unless you pass
 import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _quiet import import_tensorflow_quietly  # examples/_quiet.py
+
+import_tensorflow_quietly()
 
 import keras
 import tensorflow as tf

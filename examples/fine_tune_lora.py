@@ -23,7 +23,9 @@ its own step), offline.
 import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _quiet import import_tensorflow_quietly  # examples/_quiet.py
+
+import_tensorflow_quietly()
 
 import keras
 import numpy as np

@@ -9,9 +9,10 @@ Prints test accuracy, worst-case sharpness and full gradient norm of each.
 """
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _quiet import import_tensorflow_quietly  # examples/_quiet.py
+
+import_tensorflow_quietly()
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -72,7 +73,11 @@ def main():
         model = keras_sam.GSAMModel(small_cnn(args.seed), rho=0.05, alpha=0.02)
         model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss, metrics=["accuracy"])
         history = model.fit(
-            dataset_fn(batch_size), epochs=args.epochs, callbacks=callbacks, verbose=2
+            dataset_fn(batch_size),
+            epochs=args.epochs,
+            callbacks=callbacks,
+            shuffle=False,  # dataset_fn shuffles (Keras warns about its default True)
+            verbose=2,
         )
         if callbacks:
             sizes = [int(b) for b in history.history["batch_size"]]

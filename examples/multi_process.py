@@ -31,7 +31,9 @@ import sys
 import time
 
 os.environ["KERAS_BACKEND"] = "jax"  # the supported multi-process backend
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _quiet import import_tensorflow_quietly  # examples/_quiet.py
+
+import_tensorflow_quietly()
 
 
 def parse_args():

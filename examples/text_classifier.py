@@ -13,9 +13,10 @@ by default, downloaded on first use) and is tokenized by
 """
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _quiet import import_tensorflow_quietly  # examples/_quiet.py
+
+import_tensorflow_quietly()
 
 import keras
 

@@ -10,9 +10,10 @@ MNIST-1D is generated on the spot (no download).
 """
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _quiet import import_tensorflow_quietly  # examples/_quiet.py
+
+import_tensorflow_quietly()
 
 import keras
 import keras_tuner

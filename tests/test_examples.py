@@ -1,4 +1,6 @@
-"""Smoke tests of the examples and the batch-switch benchmark, as subprocesses."""
+"""The examples and the benchmark scripts as a user runs them, as
+subprocesses: their output, and nothing on stderr (no TensorFlow C++
+start-up line, no warning) for `--help` and a short run."""
 
 import ast
 import os
@@ -6,11 +8,17 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=120):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _run(*args, timeout=120, progress=None):
+    """Runs `python *args` in the repository root as a user would (no
+    TF_CPP_MIN_LOG_LEVEL of ours); its stdout, once it exited 0 and wrote
+    nothing to stderr but, where `progress` (a regex) is given, its own
+    progress lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
@@ -23,7 +31,34 @@ def _run(*args, timeout=120):
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    other = [
+        line for line in proc.stderr.splitlines() if not (progress and re.fullmatch(progress, line))
+    ]
+    assert not other, f"python {' '.join(args)} wrote to stderr:\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+SCRIPTS = sorted(
+    [f"examples/{f}" for f in os.listdir(os.path.join(ROOT, "examples")) if f[0] != "_"]
+    + [
+        f"benchmarks/{f}"
+        for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+        if f.endswith(".py") and f[0] != "_" and f != "architectures.py"
+    ]
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_writes_nothing_to_stderr(script):
+    if script == "benchmarks/efficient.py":  # a module of the package
+        out = _run("-m", "benchmarks.efficient", "--help", timeout=240)
+    else:
+        out = _run(script, "--help", timeout=240)
+    assert "usage:" in out
+
+
+def test_the_paper_benchmark_help_writes_nothing_to_stderr():
+    assert "usage:" in _run("-m", "benchmarks.paper", "--help", timeout=240)
 
 
 def _snapshot(folder):
@@ -38,7 +73,9 @@ def _snapshot(folder):
 
 
 def test_increasing_batch_example():
-    out = _run("examples/increasing_batch.py", "--epochs", "5", "--num-samples", "600")
+    # 640: full batches only (a short last batch retraces the measures'
+    # functions, which TensorFlow warns about)
+    out = _run("examples/increasing_batch.py", "--epochs", "5", "--num-samples", "640")
     for name in ("constant", "+B", "+C"):
         assert re.search(rf"^\s*{re.escape(name)}\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+$", out, re.M), out
     match = re.search(r"^batch sizes per epoch \(\+B\): (\[.*\])$", out, re.M)
@@ -65,6 +102,7 @@ def test_batch_switch_benchmark(tmp_path):
         "8",
         "--out",
         str(tmp_path),
+        progress=r"(rep \d+/\d+ .* trace\(s\) at B2|wrote .*batch_switch\.md and \.json)",
     )
     assert re.search(r"^throughput ratio switch/fresh: [0-9.]+ ", out, re.M), out
     assert re.search(r"^switch cost: -?[0-9.]+ extra steps", out, re.M), out

@@ -69,7 +69,5 @@ Modules:
 - `cli`: the command line, the worker processes and their progress lines.
 """
 
-import os
-
-# Before TensorFlow is first imported (by any module of the package).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow is imported without its C++ start-up lines by `benchmarks`
+# (benchmarks/__init__.py), before any module of this package.
