@@ -293,7 +293,7 @@ def main(argv=None):
         "straddles 0)",
         "",
     ]
-    text = "\n".join(header) + table + "\n\n![sharpness and test error](lora_study.png)\n"
+    text = "\n".join(header) + "\n" + table + "\n\n![sharpness and test error](lora_study.png)\n"
     print("\n" + table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

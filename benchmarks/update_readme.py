@@ -368,6 +368,8 @@ def from_markdown(name, demote=0):
 
     def render():
         text = open(os.path.join(RESULTS, name)).read().strip()
+        # A table right after a list item would render as that item's text.
+        text = re.sub(r"^([^|\n].*)\n(\|)", r"\1\n\n\2", text, flags=re.M)
         if demote:
             text = re.sub(
                 r"^(#+) ", lambda m: "#" * (len(m.group(1)) + demote) + " ", text, flags=re.M

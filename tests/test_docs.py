@@ -108,3 +108,71 @@ def test_ci_marks_name_existing_test_modules():
     assert 'not tooling and not cross_backend"' in _read(".ci/run")
     # CI hands modules out in SLOWEST_FIRST's order, not xdist's own.
     assert _read(".ci/run").count("--dist loadfile --no-loadscope-reorder") == 2
+
+
+# ------------------------------------------------- the built site, as seen
+def _visible_text(html):
+    """The text a reader sees on a built page: no code blocks, no tags."""
+    html = re.sub(r"<(pre|code|script|style)\b.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"<[^>]+>", "\n", html)
+
+
+def test_the_built_pages_hold_no_raw_markdown_table(tmp_path):
+    pytest.importorskip("mkdocs")
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--site-dir", str(site)],
+        cwd=ROOT,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pages = list(site.rglob("*.html"))
+    assert len(pages) > len(_nav_pages())  # every page of the nav, and 404
+    for page in pages:
+        text = _visible_text(page.read_text(encoding="utf-8"))
+        raw = [line for line in text.splitlines() if re.match(r"\s*\|.*\|\s*$", line)]
+        assert not raw, f"{page.relative_to(site)}: table rows rendered as text: {raw[:2]}"
+
+
+def test_a_table_after_a_list_item_is_set_apart_when_blocks_are_filled():
+    text = update_readme.from_markdown(os.path.join("lora_study", "results.md"))()
+    assert re.search(r"^- verdict.*\n\n\| method \|", text, re.M)
+
+
+def test_every_install_line_works_from_a_clone():
+    """keras_sam is installed from its source tree (`pip install .`,
+    `".[extra]"`), not by a name pip would look up on an index."""
+    pages = ["README.md"] + [f"docs/{p}" for p in os.listdir(os.path.join(ROOT, "docs"))]
+    lines = [
+        (page, line)
+        for page in pages
+        if page.endswith(".md")
+        for line in _read(page).splitlines()
+        if "pip install" in line
+    ]
+    assert lines
+    for page, line in lines:
+        assert not re.search(r"pip install[^#]*\bkeras[_-]sam\b", line), f"{page}: {line}"
+
+
+def test_what_the_example_and_a_docs_build_write_is_ignored_by_git():
+    """`git status` stays clean after `mkdocs build` (site/) and
+    examples/fine_tune_lora.py (fine_tune_lora_out/, its default --out)."""
+    import subprocess
+
+    example = _read("examples/fine_tune_lora.py")
+    assert 'p.add_argument("--out", default="fine_tune_lora_out")' in example
+    assert "site_dir" not in _read("mkdocs.yml")  # MkDocs' default: site/
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    for path in ("site/index.html", "fine_tune_lora_out/fine_tuned.weights.h5"):
+        proc = subprocess.run(
+            ["git", "check-ignore", "-q", path], cwd=ROOT, capture_output=True, timeout=60
+        )
+        assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
