@@ -21,6 +21,7 @@ from strategies import mirrored
 
 import keras_sam
 from keras_sam import _keras_compat
+from keras_sam._keras_compat import fit_loop
 from keras_sam.callbacks.batch_size_scheduler import BatchSizeScheduler
 from keras_sam.callbacks.batch_size_scheduler import doubling_schedule
 from keras_sam.models import GSAMModel
@@ -368,9 +369,9 @@ def test_newer_untested_keras_warns_and_still_ramps(monkeypatch):
 
 def test_moved_internals_are_a_clear_error_before_training(monkeypatch):
     monkeypatch.setattr(
-        _keras_compat,
+        fit_loop,
         "EPOCH_ITERATOR_ATTRIBUTES",
-        _keras_compat.EPOCH_ITERATOR_ATTRIBUTES + ("_not_there",),
+        fit_loop.EPOCH_ITERATOR_ATTRIBUTES + ("_not_there",),
     )
     model = _counting_model()
     with pytest.raises(RuntimeError, match="_not_there"):
@@ -392,7 +393,7 @@ def test_pinned_keras_version_and_internals():
 
     class Probe(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            fit = _keras_compat.running_fit(self.model)
+            fit = fit_loop.running_fit(self.model)
             seen["iterator"] = fit.epoch_iterator
             seen["callbacks"] = fit.callback_list
             seen["class_weight"] = fit.class_weight
@@ -402,7 +403,7 @@ def test_pinned_keras_version_and_internals():
     model.fit(dataset_fn(4), epochs=1, verbose=0, shuffle=False, callbacks=[Probe(), progbar])
 
     iterator = seen["iterator"]
-    names = _keras_compat.EPOCH_ITERATOR_ATTRIBUTES + _keras_compat.TF_EPOCH_ITERATOR_ATTRIBUTES
+    names = fit_loop.EPOCH_ITERATOR_ATTRIBUTES + fit_loop.TF_EPOCH_ITERATOR_ATTRIBUTES
     missing = [name for name in names if not hasattr(iterator, name)]
     assert not missing, f"Keras {keras.__version__} moved {missing}"
     assert isinstance(

@@ -5,7 +5,7 @@ one seed): it has its own in `backend/tensorflow.py`."""
 
 import keras
 
-from keras_sam import _keras_compat
+from keras_sam._keras_compat import layers as layer_internals
 
 
 class _SeedValue(keras.random.SeedGenerator):
@@ -23,5 +23,5 @@ class _SeedValue(keras.random.SeedGenerator):
 def standard_normal(shape, seed, dtype="float32"):
     """Standard normal draws of `shape` from a seed pair `seed` (an int32
     tensor of shape (2,)); the same numbers wherever the step runs."""
-    value = keras.ops.cast(seed, _keras_compat.random_seed_dtype())
+    value = keras.ops.cast(seed, layer_internals.random_seed_dtype())
     return keras.random.normal(tuple(shape), dtype=dtype, seed=_SeedValue(value))

@@ -18,8 +18,8 @@ alike.
 
 import keras
 
-from keras_sam import _keras_compat
 from keras_sam import _validation
+from keras_sam._keras_compat import fit_loop
 
 MODES = ("auto", "min", "max")
 
@@ -63,7 +63,7 @@ class MonitorRule:
             if name == "loss":
                 self.direction = "min"
             elif model is not None:
-                up = _keras_compat.compiled_metric_directions(model, element_spec).get(name)
+                up = fit_loop.compiled_metric_directions(model, element_spec).get(name)
                 if up is not None:
                     self.direction = "max" if up else "min"
         if self.direction is None:

@@ -6,7 +6,7 @@ rebuilds the user's `tf.data` pipeline at the epochs where the scheduled batch
 size changes and hands it to the epoch loop of the running `fit()`, so that
 `History`, `EarlyStopping`, `ModelCheckpoint`, `BackupAndRestore`, `CSVLogger`
 and `TensorBoard` see one ordinary training run. The few private Keras
-attributes this needs are read and written in `keras_sam._keras_compat` only,
+attributes this needs are read and written in `keras_sam._keras_compat.fit_loop` only,
 behind a Keras version check.
 
 Public mechanisms against private ones, compared before choosing:
@@ -30,8 +30,10 @@ Public mechanisms against private ones, compared before choosing:
 
 import keras
 
-from keras_sam import _keras_compat
 from keras_sam import _validation
+from keras_sam._keras_compat import distribution as distribution_internals
+from keras_sam._keras_compat import fit_loop
+from keras_sam._keras_compat import optimizers as optimizer_internals
 from keras_sam.batch_schedule import BatchSchedule
 from keras_sam.callbacks._growing_batch import GrowingBatchSize
 from keras_sam.schedules import _EpochSchedule
@@ -195,9 +197,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self._datasets = {}  # batch size -> tf.data.Dataset
         self._relaxed_datasets = {}  # (batch size, relaxed) -> what fit draws
         self._steps = {}  # batch size -> cardinality
-        self._fit = None  # _keras_compat.RunningFit of the running fit()
+        self._fit = None  # fit_loop.RunningFit of the running fit()
         self._current = None  # batch size the epoch iterator draws now
-        self._sharding = None  # _keras_compat.DataSharding (keras.distribution)
+        self._sharding = None  # distribution_internals.DataSharding (keras.distribution)
 
     # ---------------------------------------------------------------- public
     def batch_size_at(self, epoch):
@@ -238,9 +240,9 @@ class BatchSizeScheduler(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- callbacks
     def on_train_begin(self, logs=None):
-        fit = _keras_compat.running_fit(self.model)
+        fit = fit_loop.running_fit(self.model)
         iterator = fit.epoch_iterator
-        fixed = _keras_compat.epoch_iterator_fixed_steps(iterator)
+        fixed = fit_loop.epoch_iterator_fixed_steps(iterator)
         if fixed:
             raise ValueError(
                 f"{_FEATURE} sets each epoch's steps from the dataset's "
@@ -290,7 +292,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         if batch_size == self._current:
             return
         dataset = self._training_dataset(batch_size)
-        steps = _keras_compat.set_epoch_iterator_dataset(
+        steps = fit_loop.set_epoch_iterator_dataset(
             self._fit.epoch_iterator,
             dataset,
             self._fit.class_weight,
@@ -298,7 +300,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         )
         self._current = batch_size
         if self._fit.callback_list is not None:
-            _keras_compat.set_progress_steps(self._fit.callback_list, steps)
+            fit_loop.set_progress_steps(self._fit.callback_list, steps)
         elif self.params is not None:
             self.params["steps"] = steps
         if self._adaptive is not None:
@@ -357,7 +359,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         each of a MultiOptimizer's."""
         return [
             s
-            for s in _keras_compat.learning_rate_schedules(self.model.optimizer)
+            for s in optimizer_internals.learning_rate_schedules(self.model.optimizer)
             if isinstance(s, _EpochSchedule) and s._steps is not None
         ]
 
@@ -382,7 +384,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
 
     def _check_distribution(self):
         """The active keras.distribution (None: none), checked for use."""
-        sharding = _keras_compat.data_sharding()
+        sharding = distribution_internals.data_sharding()
         if sharding is None:
             return None
         if sharding.multi_process and not sharding.auto_shard:
@@ -474,7 +476,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             f" and {allowed[1]} at initial_epoch={initial_epoch}" if len(allowed) > 1 else ""
         )
         names = " or ".join(f"`dataset_fn({b})`" for b in allowed)
-        adapter = _keras_compat.epoch_iterator_data_adapter(iterator)
+        adapter = fit_loop.epoch_iterator_data_adapter(iterator)
         given = getattr(adapter, "batch_size", None)
         if self._per_process():
             # fit's adapter holds this process's slice, of unknown cardinality
@@ -493,7 +495,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"The data passed to `fit()` has batch size {given}, but "
                 f"`schedule` gives {allowed[0]} {where}. Pass {names} to `fit()`."
             )
-        steps = _keras_compat.epoch_iterator_num_batches(iterator)
+        steps = fit_loop.epoch_iterator_num_batches(iterator)
         matching = [b for b in allowed if self._steps_for(b) == steps and given in (None, b)]
         if not matching:
             raise ValueError(

@@ -21,16 +21,15 @@ import warnings
 
 import numpy as np
 
-from keras_sam import _keras_compat
+from keras_sam._keras_compat import layers as layer_internals
 
 PREFIX = "lora"
 
 
 def lora_layers(model):
     """The layers of `model` with LoRA enabled, in a fixed order."""
-    return [
-        layer for layer in _keras_compat.all_layers(model) if getattr(layer, "lora_enabled", False)
-    ]
+    layers = layer_internals.all_layers(model)
+    return [layer for layer in layers if getattr(layer, "lora_enabled", False)]
 
 
 def save(model, store):

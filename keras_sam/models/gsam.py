@@ -5,9 +5,9 @@ the optimizer actually uses (`keras_sam.rules.gsam_rho`)."""
 import keras
 from keras import ops
 
-from keras_sam import _keras_compat
 from keras_sam import _validation
 from keras_sam import rules
+from keras_sam._keras_compat import optimizers as optimizer_internals
 from keras_sam.models.sam import SAMModel
 
 
@@ -106,11 +106,11 @@ class GSAMModel(SAMModel):
         """
         if self.lr_max is not None:
             return self.lr_max, self.lr_min
-        lr = _keras_compat.learning_rate_schedule(self.optimizer)
+        lr = optimizer_internals.learning_rate_schedule(self.optimizer)
         if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
             top, bottom = _schedule_range(lr)
         else:
-            rate = _keras_compat.rate_optimizer(self.optimizer).learning_rate
+            rate = optimizer_internals.rate_optimizer(self.optimizer).learning_rate
             top, bottom = float(ops.convert_to_numpy(rate)), 0.0
         return top, bottom if self.lr_min is None else self.lr_min
 
@@ -133,7 +133,7 @@ class GSAMModel(SAMModel):
         if self.rho_min is None:
             return self.rho
         if self._lr_range is None:  # a step outside `fit` (train_on_batch)
-            lr = _keras_compat.learning_rate_schedule(self.optimizer)
+            lr = optimizer_internals.learning_rate_schedule(self.optimizer)
             if self.lr_max is None and not isinstance(
                 lr, keras.optimizers.schedules.LearningRateSchedule
             ):
@@ -144,7 +144,7 @@ class GSAMModel(SAMModel):
                 )
             self._lr_range = self.learning_rate_range()
         lr_max, lr_min = self._lr_range
-        rate = _keras_compat.rate_optimizer(self.optimizer).learning_rate
+        rate = optimizer_internals.rate_optimizer(self.optimizer).learning_rate
         return rules.gsam_rho(rate, self.rho, self.rho_min, lr_max, lr_min)
 
     _descent_uses_clean_gradient = True

@@ -10,12 +10,46 @@ would apply a plain gradient.
 import keras
 from keras import ops
 
-from keras_sam import _keras_compat
 from keras_sam import backend as sam_backend
 from keras_sam import rules
+from keras_sam._keras_compat import optimizers as optimizer_internals
 from keras_sam.models.sam import SAM_ONLY_KEYWORDS
 from keras_sam.models.sam import SAMModel
 from keras_sam.models.sam import _refuse_sam_keywords
+
+MOMENTUM_OPTIMIZERS = ("SGD(momentum > 0)", "Adam", "AdamW", "Adamax", "Nadam")
+"""Optimizers whose first-moment buffer `MSAMModel` can perturb along."""
+
+
+def first_moment_sign(optimizer):
+    """`(inner optimizer, sign)`: `sign * buffer` points along the gradient.
+
+    Keras' SGD keeps `m = momentum * m - lr * g` (a descent direction, sign
+    -1); Adam, AdamW, Adamax and Nadam keep `m = beta_1 * m + (1 - beta_1) g`
+    (sign +1). A LossScaleOptimizer is looked through.
+
+    Raises:
+        ValueError: for SGD with `momentum=0` (it keeps no buffer) or an
+            optimizer not in `MOMENTUM_OPTIMIZERS`.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    optimizers = keras.optimizers
+    if isinstance(inner, optimizers.SGD):
+        if not inner.momentum:
+            raise ValueError(
+                "MSAMModel perturbs along the optimizer's momentum, and "
+                f"SGD(momentum={inner.momentum}) keeps none: pass an SGD with "
+                "`momentum` > 0 (e.g. keras.optimizers.SGD(0.1, momentum=0.9)) "
+                "or Adam / AdamW."
+            )
+        return inner, -1.0
+    if isinstance(inner, (optimizers.Adam, optimizers.Adamax, optimizers.Nadam)):
+        return inner, 1.0  # AdamW is an Adam
+    raise ValueError(
+        f"MSAMModel perturbs along the optimizer's first moment; "
+        f"{type(inner).__name__} is not supported. Use one of "
+        f"{', '.join(MOMENTUM_OPTIMIZERS)}."
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -89,12 +123,14 @@ class MSAMModel(SAMModel):
 
     def _before_fit(self):
         if self.optimizer is not None:
-            _keras_compat.first_moment_sign(self.optimizer)  # a clear error now
+            first_moment_sign(self.optimizer)  # a clear error now
 
     def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
         if not self.optimizer.built:  # as `apply` would, on its first call
             self.optimizer.build(self.trainable_variables)
-        moments, sign = _keras_compat.first_moments(self.optimizer, self.trainable_variables)
+        optimizer, sign = first_moment_sign(self.optimizer)
+        variables = self.trainable_variables
+        moments = optimizer_internals.momentum_buffers(optimizer, variables, adam=sign > 0)
         e = rules.msam_perturbation([sign * m.value for m in moments], self.rho)
         (_, (loss, y_pred, new_state, new_metrics)), grads = sam_backend.value_and_grad(
             self._loss_and_state
