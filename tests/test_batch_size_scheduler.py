@@ -209,7 +209,7 @@ def test_batch_size_at_and_steps_per_epoch():
     ]
     assert scheduler.steps_per_epoch(EPOCHS) == RAMP_STEPS
     assert scheduler.get_config() == {"schedule": RAMP, "relax_batch_shape": None}
-    assert sorted(scheduler._datasets) == [4, 8, 16]  # one per batch size
+    assert sorted(scheduler._cache._datasets) == [4, 8, 16]  # one per batch size
 
     by_callable = BatchSizeScheduler(lambda e: 8 if e % 2 else 4, dataset_fn)
     assert by_callable.steps_per_epoch(4) == [16, 8, 16, 8]

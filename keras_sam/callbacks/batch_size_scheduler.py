@@ -31,10 +31,10 @@ Public mechanisms against private ones, compared before choosing:
 import keras
 
 from keras_sam import _validation
-from keras_sam._keras_compat import distribution as distribution_internals
 from keras_sam._keras_compat import fit_loop
 from keras_sam._keras_compat import optimizers as optimizer_internals
 from keras_sam.batch_schedule import BatchSchedule
+from keras_sam.callbacks import _datasets
 from keras_sam.callbacks._growing_batch import GrowingBatchSize
 from keras_sam.schedules import _EpochSchedule
 
@@ -72,106 +72,53 @@ def doubling_schedule(initial=16, stages=5, epochs_per_stage=40):
 class BatchSizeScheduler(keras.callbacks.Callback):
     """Changes the global batch size between epochs of one `fit()` call.
 
-    At each epoch whose scheduled batch size differs from the current one,
-    the training pipeline is rebuilt by `dataset_fn(batch_size)` in
-    `on_epoch_begin` and the running `fit()` draws that epoch from it. Every
-    epoch then runs exactly the number of batches of its dataset (its
-    cardinality), `optimizer.iterations` counts every step, the progress bar
-    and `self.params["steps"]` of all callbacks show the epoch's step count,
-    and `logs["batch_size"]` (hence `History`, `CSVLogger`, `TensorBoard`)
-    records the batch size of each epoch. Datasets are built once per batch
-    size and reused. By default (`relax_batch_shape=None`) the scheduler
-    hides the batch dimension of the datasets' element spec, so TensorFlow
-    traces the train function ONCE for all batch sizes and a switch costs
-    no retrace (XLA and JAX still compile once per distinct batch size).
-    Models with a fixed `sub_batch_size` keep static shapes, and are traced
-    once per distinct batch size.
+    At each epoch whose batch size differs from the last, `fit` draws the
+    epoch from `dataset_fn(batch_size)` (built once per size): every epoch
+    runs exactly its dataset's number of batches, `optimizer.iterations` and
+    the progress bar count them, and `logs["batch_size"]` records the size.
+    By default the batch dimension is hidden from the train function, so
+    TensorFlow traces it once for every batch size (`relax_batch_shape`;
+    a model with a fixed `sub_batch_size` keeps static shapes).
 
-    Use it this way:
-
-    - pass `dataset_fn(batch_size at epoch 0)` as `fit`'s data (checked in
-      `on_train_begin`), and no `steps_per_epoch`; a run continued by hand
-      (`fit(..., initial_epoch=k)` with the same scheduler) may pass
-      `dataset_fn(batch_size at epoch k)` instead, and continues exactly as
-      one uninterrupted run;
-    - put the scheduler FIRST in `callbacks`: callbacks listed before it see
-      the previous epoch's `params["steps"]` in their `on_epoch_begin` and
-      no `batch_size` in their `on_epoch_end` logs (`History` and the
-      progress bar that `fit` adds itself come last anyway);
-    - the batch size is global: under `tf.distribute.MirroredStrategy` each
-      replica gets `batch_size / num_replicas`, which must be an int;
-    - across processes (JAX backend, multi-process `keras.distribution`),
-      every process passes the same `dataset_fn` and `dataset_fn(schedule[0])`
-      to `fit`, batched with the GLOBAL size and `drop_remainder=True`; each
-      epoch draws this process's slice of every batch (the split `fit`
-      itself makes), with the epoch's exact step count in every process.
-      Every batch size must divide by the number of devices, and
-      `relax_batch_shape` must not be True (the split needs the static
-      batch size);
-    - resuming with `keras.callbacks.BackupAndRestore` (epoch-level saves)
-      continues with the batch size of the resumed epoch.
-
-    A `keras_sam.SAMModel` / `GSAMModel` is asked (`model.num_splits`) whether
-    its `num_batch_splits` / `sub_batch_size` divides every scheduled
-    per-replica batch size before the first step. Validation data are not
-    touched (their own batch size is kept).
-
-    This callback relies on Keras internals (see `keras_sam._keras_compat`,
-    tested with the Keras versions in `TESTED_KERAS_VERSIONS`, TensorFlow
-    backend); an untested Keras version raises a clear error in
-    `on_train_begin`.
+    Pass `dataset_fn(batch size of epoch 0)` to `fit` (or of epoch `k` with
+    `initial_epoch=k`), no `steps_per_epoch`, and put the scheduler FIRST in
+    `callbacks`. The batch size is global: replicas (`MirroredStrategy`) and
+    processes (multi-process `keras.distribution`, batched with
+    `drop_remainder=True`) each get an equal share. `BackupAndRestore`
+    resumes at the resumed epoch's batch size. Every check (the datasets, the
+    replicas, the model's sub-batches, the data passed to `fit`) runs before
+    the first step. The running `fit`'s data is swapped through Keras
+    internals (`keras_sam._keras_compat.fit_loop`); an untested Keras is
+    refused or warned about in `on_train_begin`. The batch-size guide says
+    more (docs/batch-ramp.md).
 
     Args:
-        schedule: the global batch size per epoch. Either a dict
-            `{epoch: batch_size}` with 0-based int epochs, which must contain
-            0; each size holds until the next key (see `doubling_schedule`).
-            Or a callable `epoch -> batch_size` (0-based epoch). Or a policy
-            that decides as training goes: a
-            `keras_sam.callbacks.AdaptiveBatchSize` (the batch grows at an
-            epoch's end when the model's logged `noise_scale` says so) or a
-            `keras_sam.callbacks.BatchSizeOnPlateau` (when a monitored
-            metric has stalled); each epoch's logs then also get
-            `next_batch_size` (the decision).
-        dataset_fn: a callable `batch_size -> tf.data.Dataset` returning the
-            user's BATCHED pipeline (shuffle, augmentation, `batch`,
-            `prefetch`) with a known, finite cardinality: no `repeat()` and
-            no `filter()` (or end it with
-            `dataset.apply(tf.data.experimental.assert_cardinality(n))`).
-        relax_batch_shape: None (automatic: True unless the model has a
-            `sub_batch_size`), True or False; see above.
+        schedule: the global batch size per epoch: a dict `{epoch:
+            batch_size}` with key 0 (see `doubling_schedule`), a callable
+            `epoch -> batch_size`, or a policy deciding as training goes
+            (`AdaptiveBatchSize`, `BatchSizeOnPlateau`; the logs then also
+            get `next_batch_size`).
+        dataset_fn: `batch_size -> tf.data.Dataset`, the user's BATCHED
+            pipeline with a known, finite cardinality (no `repeat()`, no
+            `filter()` without `assert_cardinality`).
+        relax_batch_shape: None (True unless the model has a
+            `sub_batch_size`), True or False.
 
     Raises:
-        ValueError: for an invalid `schedule` or `dataset_fn` (in the
-            constructor where possible, else in `on_train_begin`, before
-            any training step), a dataset that is not batched by the
-            requested size or has an unknown or infinite cardinality, a batch
-            size not divisible by the number of replicas, or a `fit` dataset
-            whose batch size is not the one scheduled for epoch 0.
+        ValueError: for an invalid `schedule`, `dataset_fn` or dataset, a
+            batch size the replicas, devices or sub-batches do not divide,
+            or `fit` data not batched as scheduled; before any step.
 
     Example:
 
     ```python
-    def dataset_fn(batch_size):
-        return (
-            tf.data.Dataset.from_tensor_slices((x_train, y_train))
-            .shuffle(50_000)
-            .batch(batch_size, drop_remainder=True)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-
-    schedule = doubling_schedule(16, stages=5, epochs_per_stage=40)
-    scheduler = BatchSizeScheduler(schedule, dataset_fn)
-
-    # An epoch-aware learning rate needs each epoch's number of steps:
+    scheduler = BatchSizeScheduler(doubling_schedule(16, 5, 40), dataset_fn)
     lr = keras_sam.schedules.CosineAnnealing(
         0.1, 0.001, epochs=200, steps_per_epoch=scheduler.steps_per_epoch(200)
     )
-    model = keras_sam.GSAMModel(inner, rho=0.05, alpha=0.02)
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=...)
-    history = model.fit(
-        dataset_fn(schedule[0]), epochs=200, callbacks=[scheduler]
-    )
-    history.history["batch_size"]   # [16] * 40 + [32] * 40 + ... + [256] * 40
+    history = model.fit(dataset_fn(16), epochs=200, callbacks=[scheduler])
+    history.history["batch_size"]  # [16] * 40 + [32] * 40 + ... + [256] * 40
     ```
     """
 
@@ -194,9 +141,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         self._backup_dir = None  # BackupAndRestore's folder (adaptive decisions)
         self._first_epoch = True  # the first epoch of the running fit() is next
         self.dataset_fn = dataset_fn
-        self._datasets = {}  # batch size -> tf.data.Dataset
-        self._relaxed_datasets = {}  # (batch size, relaxed) -> what fit draws
-        self._steps = {}  # batch size -> cardinality
+        self._cache = _datasets.DatasetCache(dataset_fn)
         self._fit = None  # fit_loop.RunningFit of the running fit()
         self._current = None  # batch size the epoch iterator draws now
         self._sharding = None  # distribution_internals.DataSharding (keras.distribution)
@@ -226,7 +171,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             A list of `epochs` ints.
         """
         epochs = _validation.integer("epochs", epochs, low=1)
-        return [self._steps_for(self.batch_size_at(e)) for e in range(epochs)]
+        return [self._cache.steps(self.batch_size_at(e)) for e in range(epochs)]
 
     def get_config(self):
         """The schedule (None when it is a callable; a policy's name and
@@ -249,7 +194,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"cardinality; do not pass `steps_per_epoch` ({fixed}) to "
                 "`fit()` (nor set keras.config.max_steps_per_epoch)."
             )
-        self._sharding = self._check_distribution()
+        self._sharding = _datasets.check_distribution(self.relax_batch_shape)
         epochs = self.params.get("epochs") if self.params else None
         epochs = _validation.as_int(epochs)
         if epochs is None or epochs <= 0:
@@ -263,11 +208,11 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             sizes.setdefault(self.batch_size_at(epoch), f"epoch {epoch}")
         replicas = self._num_replicas()
         for batch_size, where in sizes.items():
-            self._check_batch_size(batch_size, where, replicas)
+            _datasets.check_batch_size(batch_size, where, replicas, self._sharding, self.model)
         for batch_size in sizes:
-            self._steps_for(batch_size)  # builds and checks the dataset
+            self._cache.steps(batch_size)  # builds and checks the dataset
             if self._per_process():
-                _check_full_batches(self._dataset(batch_size), batch_size)
+                _datasets.check_full_batches(self._cache.dataset(batch_size), batch_size)
         given = self._check_fit_data(iterator, fit.initial_epoch)
         self._fit = fit
         # With relaxed shapes even the first epoch draws from our dataset, so
@@ -291,7 +236,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         batch_size = self.batch_size_at(epoch)
         if batch_size == self._current:
             return
-        dataset = self._training_dataset(batch_size)
+        dataset = self._cache.drawn(batch_size, self._relaxed(), self._sharding)
         steps = fit_loop.set_epoch_iterator_dataset(
             self._fit.epoch_iterator,
             dataset,
@@ -326,7 +271,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         """The model logs the noise scale; the decisions saved by a
         BackupAndRestore are read; epoch-axis learning-rate schedules were
         built from `steps_per_epoch(epochs)`."""
-        spec = self._dataset(self._adaptive.initial_batch_size).element_spec
+        spec = self._cache.dataset(self._adaptive.initial_batch_size).element_spec
         self._adaptive.check_model(self.model, spec, fit.validates)
         callbacks = list(getattr(fit.callback_list, "callbacks", None) or [])
         backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
@@ -341,7 +286,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         if self._backup_dir is not None:
             self._adaptive.restore(self._backup_dir)
         for schedule in self._epoch_schedules():
-            initial = self._steps_for(self._adaptive.initial_batch_size)
+            initial = self._cache.steps(self._adaptive.initial_batch_size)
             horizon = max(epochs, len(schedule._steps))
             allowed = ([initial] * horizon, self.steps_per_epoch(horizon))
             if list(schedule._steps) not in [a[: len(schedule._steps)] for a in allowed]:
@@ -382,89 +327,14 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         (multi-process `keras.distribution`, JAX)."""
         return self._sharding is not None and self._sharding.per_process
 
-    def _check_distribution(self):
-        """The active keras.distribution (None: none), checked for use."""
-        sharding = distribution_internals.data_sharding()
-        if sharding is None:
-            return None
-        if sharding.multi_process and not sharding.auto_shard:
-            raise ValueError(
-                f"{_FEATURE} needs `auto_shard_dataset=True` on the "
-                f"multi-process keras.distribution ({sharding.num_processes} "
-                "processes): every process passes the same full pipeline, "
-                "batched with the GLOBAL batch size, and Keras gives each "
-                "process its slice of every batch."
-            )
-        if sharding.per_process and self.relax_batch_shape:
-            raise ValueError(
-                "`relax_batch_shape=True` cannot be used across processes: "
-                "keras.distribution reads the global batch size from the "
-                "dataset to split it between the processes. Leave it None."
-            )
-        return sharding
-
-    def _check_batch_size(self, batch_size, where, replicas):
-        devices = self._sharding.num_replicas if self._sharding else 1
-        if batch_size % devices:
-            raise ValueError(
-                f"`schedule`: the batch size {batch_size} ({where}) is "
-                "not divisible by the number of devices the keras.distribution "
-                f"splits each batch over ({devices}, across "
-                f"{self._sharding.num_processes} process(es)); the batch size "
-                f"is global. Use multiples of {devices}."
-            )
-        if batch_size % replicas:
-            raise ValueError(
-                f"`schedule`: the batch size {batch_size} ({where}) is "
-                f"not divisible by the number of replicas ({replicas}); the "
-                "batch size is global and each replica gets an equal share. "
-                f"Use multiples of {replicas}."
-            )
-        num_splits = getattr(self.model, "num_splits", None)
-        if callable(num_splits):
-            try:
-                num_splits(batch_size // replicas)
-            except ValueError as e:
-                raise ValueError(
-                    f"`schedule`: the batch size {batch_size} ({where}, "
-                    f"{batch_size // replicas} per replica) does not suit the "
-                    f"model: {e}"
-                ) from e
-
-    def _dataset(self, batch_size):
-        if batch_size not in self._datasets:
-            dataset = self.dataset_fn(batch_size)
-            self._steps[batch_size] = _check_dataset(dataset, batch_size)
-            self._datasets[batch_size] = dataset
-        return self._datasets[batch_size]
-
-    def _training_dataset(self, batch_size):
-        """The dataset an epoch draws from: `dataset_fn`'s, shape-relaxed, or
-        this process's share of it (multi-process keras.distribution)."""
-        if self._per_process():
-            key = (batch_size, "process")
-            if key not in self._relaxed_datasets:
-                self._relaxed_datasets[key] = self._sharding.process_dataset(
-                    self._dataset(batch_size), self._steps[batch_size]
-                )
-            return self._relaxed_datasets[key]
-        key = (batch_size, self._relaxed())
-        if key not in self._relaxed_datasets:
-            dataset = self._dataset(batch_size)
-            self._relaxed_datasets[key] = _hide_batch_dim(dataset) if key[1] else dataset
-        return self._relaxed_datasets[key]
-
     def _relaxed(self):
+        """Whether epochs draw the pipelines with their batch dimension hidden."""
         if self._per_process():
             return False  # the processes' split needs the static batch size
         if self.relax_batch_shape is not None:
             return self.relax_batch_shape
         # A fixed sub-batch size needs the batch size at trace time.
         return not getattr(self.model, "sub_batch_size", None)
-
-    def _steps_for(self, batch_size):
-        self._dataset(batch_size)
-        return self._steps[batch_size]
 
     def _check_fit_data(self, iterator, initial_epoch):
         """The batch size of the data passed to `fit()`: the schedule's at
@@ -480,7 +350,8 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         given = getattr(adapter, "batch_size", None)
         if self._per_process():
             # fit's adapter holds this process's slice, of unknown cardinality
-            locals_ = {_leading_dim(self._training_dataset(b)): b for b in allowed}
+            drawn = {b: self._cache.drawn(b, False, self._sharding) for b in allowed}
+            locals_ = {_datasets.leading_dim(d): b for b, d in drawn.items()}
             if given is not None and given not in locals_:
                 raise ValueError(
                     f"The data passed to `fit()` gives this process batches "
@@ -496,96 +367,11 @@ class BatchSizeScheduler(keras.callbacks.Callback):
                 f"`schedule` gives {allowed[0]} {where}. Pass {names} to `fit()`."
             )
         steps = fit_loop.epoch_iterator_num_batches(iterator)
-        matching = [b for b in allowed if self._steps_for(b) == steps and given in (None, b)]
+        matching = [b for b in allowed if self._cache.steps(b) == steps and given in (None, b)]
         if not matching:
             raise ValueError(
                 f"The data passed to `fit()` has {steps} batches per epoch, but "
-                + " and ".join(f"`dataset_fn({b})` has {self._steps_for(b)}" for b in allowed)
+                + " and ".join(f"`dataset_fn({b})` has {self._cache.steps(b)}" for b in allowed)
                 + f". Pass {names} to `fit()`."
             )
         return matching[0] if given is None else given
-
-
-def _leading_dim(dataset):
-    import tensorflow as tf
-
-    return tf.nest.flatten(dataset.element_spec)[0].shape[0]
-
-
-def _check_full_batches(dataset, batch_size):
-    """Across processes every batch must be full: each process draws a slice
-    of every global batch, and a short last batch would leave the processes
-    with different step counts."""
-    import tensorflow as tf
-
-    for spec in tf.nest.flatten(dataset.element_spec):
-        shape = getattr(spec, "shape", None)
-        if shape is None or shape.rank is None or shape.rank == 0 or (shape[0] != batch_size):
-            raise ValueError(
-                f"Across processes (keras.distribution), `dataset_fn` must "
-                f"batch with `drop_remainder=True`: dataset_fn({batch_size}) "
-                f"yields elements of shape {shape}, not a static batch of "
-                f"{batch_size}. Keras reads the global batch size from the "
-                "dataset and splits every batch between the processes; a "
-                "short last batch would leave them with different step counts."
-            )
-
-
-def _hide_batch_dim(dataset):
-    """The same dataset with the batch dimension of its element spec unknown,
-    so one traced train function serves every batch size."""
-    import tensorflow as tf
-
-    def hide(*element):
-        element = element[0] if len(element) == 1 else element
-        return tf.nest.map_structure(
-            lambda t: tf.compat.v1.placeholder_with_default(t, [None] + t.shape[1:]),
-            element,
-        )
-
-    return dataset.map(hide)
-
-
-def _check_dataset(dataset, batch_size):
-    """Checks `dataset_fn`'s output; returns its cardinality."""
-    import tensorflow as tf
-
-    if not isinstance(dataset, tf.data.Dataset):
-        raise ValueError(
-            "`dataset_fn` must return a batched tf.data.Dataset; "
-            f"dataset_fn({batch_size}) returned {type(dataset).__name__}."
-        )
-    specs = tf.nest.flatten(dataset.element_spec)
-    for spec in specs:
-        shape = getattr(spec, "shape", None)
-        if shape is None or shape.rank is None:
-            continue
-        leading = shape[0] if shape.rank else "scalar"
-        if leading not in (None, batch_size):
-            raise ValueError(
-                f"`dataset_fn` must return a dataset batched by `batch_size`: "
-                f"dataset_fn({batch_size}) yields elements of shape {shape} "
-                f"(element_spec {dataset.element_spec}). Call "
-                "`.batch(batch_size)` inside `dataset_fn`."
-            )
-    cardinality = int(dataset.cardinality())
-    if cardinality == tf.data.INFINITE_CARDINALITY:
-        raise ValueError(
-            f"`dataset_fn({batch_size})` returned an infinite dataset; "
-            f"{_FEATURE} needs each epoch's number of batches. Remove "
-            "`repeat()` from `dataset_fn` (fit() runs it once per epoch)."
-        )
-    if cardinality < 0:
-        raise ValueError(
-            f"`dataset_fn({batch_size})` returned a dataset of unknown "
-            f"cardinality; {_FEATURE} needs each epoch's number of batches. "
-            "Avoid `filter()`, `repeat()` and generators in `dataset_fn`, or "
-            "state the count: "
-            "`dataset.apply(tf.data.experimental.assert_cardinality(n))`."
-        )
-    if cardinality == 0:
-        raise ValueError(
-            f"`dataset_fn({batch_size})` returned an empty dataset (no full "
-            "batch: too few examples for this batch size?)."
-        )
-    return cardinality
