@@ -928,9 +928,8 @@ def main(argv=None):
     grid = [(model, m, s) for s in args.seeds for model in args.models for m in args.methods]
 
     def path_of(model, method, seed):
-        return os.path.join(
-            runs_dir, model, paper_run.run_name(method, args.schedule, seed) + ".json"
-        )
+        name = paper_run.run_name(method, args.schedule, seed)
+        return paper_run.named_run_path(os.path.join(runs_dir, model), name)
 
     for model in args.models:
         os.makedirs(os.path.join(runs_dir, model), exist_ok=True)
@@ -950,7 +949,7 @@ def main(argv=None):
             record = train_one(per_model[model], data, method, seed)
             record["run_time_s"] = time.perf_counter() - t0
             record["load_average"] = os.getloadavg()[0]  # 1 min, at the end of the run
-            paper_run.write_atomic(path_of(model, method, seed), json.dumps(record, indent=1))
+            paper_run.store_run(path_of(model, method, seed), record)
             stats["trained"] += 1
             f = record["final"]
             c = verdicts.convergence_of(record["epochs"])

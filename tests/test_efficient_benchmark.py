@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from benchmarks import efficient
+from benchmarks.paper import run as paper_run
 
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
@@ -69,8 +70,7 @@ def _runs(out):
     runs = {}
     for root, _, names in os.walk(os.path.join(out, "runs")):
         for name in names:
-            with open(os.path.join(root, name)) as f:
-                record = json.load(f)
+            record = paper_run.read_run(os.path.join(root, name))
             runs.setdefault(record["config"]["model"], {}).setdefault(record["method"], {})[
                 record["seed"]
             ] = record["final"]
@@ -97,7 +97,7 @@ def test_files_and_tables_match_the_stored_runs(tiny_out):
         assert os.path.getsize(os.path.join(tiny_out, name)) > 0, name
     for model in MODELS:
         assert sorted(os.listdir(os.path.join(tiny_out, "runs", model))) == sorted(
-            f"{m}_C_seed{s}.json" for m in METHODS for s in SEEDS
+            f"{m}_C_seed{s}.json.xz" for m in METHODS for s in SEEDS
         )
     assert not [f for root, _, files in os.walk(tiny_out) for f in files if ".tmp" in f]
     text = open(os.path.join(tiny_out, "results.md")).read()
@@ -141,8 +141,8 @@ def test_files_and_tables_match_the_stored_runs(tiny_out):
                     )
             converged = sum(
                 efficient.verdicts.convergence_of(
-                    json.load(
-                        open(os.path.join(tiny_out, "runs", model, f"{method}_C_seed{s}.json"))
+                    paper_run.read_run(
+                        os.path.join(tiny_out, "runs", model, f"{method}_C_seed{s}.json.xz")
                     )["epochs"]
                 )["converged"]
                 for s in SEEDS
@@ -197,11 +197,11 @@ def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, 
     assert efficient.main(TINY + ["--out", tiny_out]) == {"trained": 0, "skipped": 12}
     out = str(tmp_path / "copy")
     shutil.copytree(tiny_out, out)
-    os.remove(os.path.join(out, "runs", "mnist1d_mlp", "sam_every2_C_seed1.json"))
+    os.remove(os.path.join(out, "runs", "mnist1d_mlp", "sam_every2_C_seed1.json.xz"))
 
     def stored():
         return {
-            os.path.join(root, n): open(os.path.join(root, n)).read()
+            os.path.join(root, n): open(os.path.join(root, n), "rb").read()
             for root, _, names in os.walk(os.path.join(out, "runs"))
             for n in names
         }
@@ -384,8 +384,7 @@ def test_late_phase_sam_with_the_batch_ramp(tmp_path):
     tiny += ["--schedule", "BC", "--initial-batch", "4", "--extend-until-converged", "0"]
     assert efficient.main(tiny + ["--out", out]) == {"trained": 3, "skipped": 0}
     assert efficient.sam_start_epoch(0.5, 4) == 2 and efficient.sam_start_epoch(0.1, 5) == 4
-    with open(os.path.join(out, "runs", "mnist1d_cnn", "late50_BC_seed0.json")) as f:
-        record = json.load(f)
+    record = paper_run.read_run(os.path.join(out, "runs", "mnist1d_cnn", "late50_BC_seed0.json.xz"))
     epochs = record["epochs"]
     assert [e["sam_fraction"] for e in epochs] == [0.0, 0.0, 0.0, 1.0, 1.0]
     steps = [e["steps"] for e in epochs]

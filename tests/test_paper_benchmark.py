@@ -73,7 +73,7 @@ def test_tiny_grid_files_and_table(tiny_root, tiny_out):
     for name in ("summary.md", "summary.json"):
         assert os.path.getsize(os.path.join(tiny_root, name)) > 0, name
     for method, schedule in TINY_ROWS:
-        assert os.path.exists(os.path.join(tiny_out, "runs", f"{method}_{schedule}_seed0.json"))
+        assert os.path.exists(os.path.join(tiny_out, "runs", f"{method}_{schedule}_seed0.json.xz"))
     rows = _table_rows(tiny_out)
     assert _row_keys(rows) == TINY_ROWS
     text = open(os.path.join(tiny_out, "results.md")).read()
@@ -141,10 +141,11 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
     root = str(tmp_path / "resume")
     shutil.copytree(tiny_root, root)
     out = os.path.join(root, MODEL)
-    victim = os.path.join(out, "runs", "sam_B_seed0.json")
+    victim = os.path.join(out, "runs", "sam_B_seed0.json.xz")
     os.remove(victim)
     good = {
-        n: open(os.path.join(out, "runs", n)).read() for n in os.listdir(os.path.join(out, "runs"))
+        n: open(os.path.join(out, "runs", n), "rb").read()
+        for n in os.listdir(os.path.join(out, "runs"))
     }
 
     class Crash(keras.callbacks.Callback):
@@ -164,7 +165,7 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
         paper.main(["--tiny", "--out", root])
     assert not os.path.exists(victim)
     for n, text in good.items():  # finished runs untouched
-        assert open(os.path.join(out, "runs", n)).read() == text
+        assert open(os.path.join(out, "runs", n), "rb").read() == text
     rows = _table_rows(out)  # the table shows the completed runs only
     assert _row_keys(rows) == TINY_ROWS
     assert [r.split("|")[3].strip() for r in rows] == ["1", "1", "0", "1"]
@@ -234,8 +235,7 @@ def test_sharpness_every_measures_during_training(tmp_path):
     )
     out = os.path.join(out, MODEL)
     assert stats == {"trained": 1, "skipped": 0}
-    with open(os.path.join(out, "runs", "sam_B_seed0.json")) as f:
-        run = json.load(f)
+    run = paper_run.read_run(os.path.join(out, "runs", "sam_B_seed0.json.xz"))
     keys = ("worst_case_sharpness", "full_gradient_norm")
     epochs = run["epochs"]
     for e in (1, 3):  # epochs 2 and 4: measured during training
@@ -410,8 +410,8 @@ def test_runs_side_by_side_equal_runs_one_at_a_time(tmp_path, capsys):
     assert paper.main([*common, "--jobs", "2", "--out", two])["trained"] == 4
     assert "2 at a time (1 thread(s) each)" in capsys.readouterr().err
     assert _finals(one) == _finals(two)
-    with open(os.path.join(two, MODEL, "runs", "sam_B_seed0.json")) as f:
-        assert json.load(f)["intra_op_threads"] == 1
+    run = paper_run.read_run(os.path.join(two, MODEL, "runs", "sam_B_seed0.json.xz"))
+    assert run["intra_op_threads"] == 1
     # The comparison report says so, with the wall-time ratio of the two.
     from benchmarks.paper import compare as paper_compare
 
@@ -523,13 +523,13 @@ def _copy_with_seeds(tiny_out, dest, seeds, scale):
     the sharpness of B multiplied by `scale(seed)` (no training)."""
     os.makedirs(os.path.join(dest, "runs"))
     for name in os.listdir(os.path.join(tiny_out, "runs")):
-        record = json.load(open(os.path.join(tiny_out, "runs", name)))
+        record = paper_run.read_run(os.path.join(tiny_out, "runs", name))
         for seed in seeds:
             r = json.loads(json.dumps(record))
             r["seed"], r["name"] = seed, paper_run.run_name(r["method"], r["schedule"], seed)
             if r["schedule"] == "B":
                 r["final"]["worst_case_sharpness"] *= scale(seed)
-            paper_run.store_run(os.path.join(dest, "runs", r["name"] + ".json"), r)
+            paper_run.store_run(os.path.join(dest, "runs", r["name"] + paper_run.RUN_SUFFIX), r)
 
 
 def test_report_of_several_seeds_gives_intervals_and_verdicts(tiny_out, tmp_path):
@@ -539,9 +539,9 @@ def test_report_of_several_seeds_gives_intervals_and_verdicts(tiny_out, tmp_path
     # SAM's B is 0.5-0.6x SGD's B on every seed: "SAM flatter than SGD" on B.
     _copy_with_seeds(tiny_out, out, [0, 1, 2], lambda seed: 1.0)
     for seed, factor in zip([0, 1, 2], [0.5, 0.55, 0.6]):
-        path = os.path.join(out, "runs", f"sam_B_seed{seed}.json")
-        r = json.load(open(path))
-        sgd = json.load(open(os.path.join(out, "runs", f"sgd_B_seed{seed}.json")))
+        path = os.path.join(out, "runs", f"sam_B_seed{seed}.json.xz")
+        r = paper_run.read_run(path)
+        sgd = paper_run.read_run(os.path.join(out, "runs", f"sgd_B_seed{seed}.json.xz"))
         r["final"]["worst_case_sharpness"] = factor * sgd["final"]["worst_case_sharpness"]
         paper_run.store_run(path, r)
     assert paper_report.main(["--out", out]) == 12
@@ -572,7 +572,7 @@ def test_summary_covers_every_model_folder_of_the_grid(tiny_root, tiny_out, tmp_
     _copy_with_seeds(tiny_out, other, [0], lambda seed: 1.0)
     for name in os.listdir(os.path.join(other, "runs")):
         path = os.path.join(other, "runs", name)
-        r = json.load(open(path))
+        r = paper_run.read_run(path)
         r["config"]["model"] = "mnist1d_mlp"
         paper_run.store_run(path, r)
     paper_report.main(["--out", other])  # one model folder ...
@@ -632,8 +632,8 @@ def test_runs_that_miss_the_criterion_are_named_and_left_out_in_a_second_view(ti
 
     out = str(tmp_path / "grid" / MODEL)
     _copy_with_seeds(tiny_out, out, [0, 1, 2], lambda seed: 1.0)
-    path = os.path.join(out, "runs", "sam_B_seed1.json")
-    r = json.load(open(path))
+    path = os.path.join(out, "runs", "sam_B_seed1.json.xz")
+    r = paper_run.read_run(path)
     r["epochs"][-1]["train_loss"] = 10 * r["epochs"][-2]["train_loss"]  # a last-epoch spike
     paper_run.store_run(path, r)
     paper_report.main(["--out", out])
@@ -691,7 +691,7 @@ def test_cifar_resnet18_gsam_run_with_mock_data(tmp_path):
         )
     paper_data._DATA_CACHE.clear()
     assert stats == {"trained": 1, "skipped": 0}
-    run = json.load(open(os.path.join(out, "resnet18", "runs", "gsam_constant_seed0.json")))
+    run = paper_run.read_run(os.path.join(out, "resnet18", "runs", "gsam_constant_seed0.json.xz"))
     assert run["steps_per_epoch"] == [2] and run["epochs"][0]["iterations"] == 2
     assert run["config"]["model"] == "resnet18" and run["config"]["epochs"] == 1
     final = run["final"]
@@ -760,7 +760,7 @@ def test_a_run_trains_on_past_its_epochs_only_while_its_loss_moves(tmp_path):
 
 def test_stored_run_of_another_extension_rule_counts_only_if_never_extended(tiny_out, tmp_path):
     path = str(tmp_path / "run.json")
-    record = json.load(open(os.path.join(tiny_out, "runs", "sgd_B_seed0.json")))
+    record = paper_run.read_run(os.path.join(tiny_out, "runs", "sgd_B_seed0.json.xz"))
     del record["config"]["extend_until_converged"]  # stored before the rule
     config = dict(paper_run.normalized_config(record["config"]), extend_until_converged=0.2)
     record["epochs"][-1]["train_loss"] = record["epochs"][-2]["train_loss"]  # converged

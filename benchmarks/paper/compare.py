@@ -32,7 +32,8 @@ def _records(folder, stored):
     (reports written before they were split)."""
     records = []
     for entry in stored["runs"]:
-        record = run_lib.read_run(os.path.join(folder, "runs", entry["name"] + ".json"))
+        path = run_lib.named_run_path(os.path.join(folder, "runs"), entry["name"])
+        record = run_lib.read_run(path)
         if record is None and "epochs" in entry:
             record = entry
         if record is None:

@@ -6,6 +6,7 @@ interrupted or failed run never replaces or corrupts a stored one.
 """
 
 import json
+import lzma
 import os
 import time
 
@@ -420,24 +421,46 @@ def write_atomic(path, text_or_bytes):
         raise
 
 
+RUN_SUFFIX = ".json.xz"
+"""A run's file: its record as compact JSON, xz-compressed (a tenth of the
+indented JSON's size; `xz -dc name.json.xz` shows it). Files ending in
+`.json` (written before) are read too."""
+
+
 def run_path(runs_dir, method, schedule, seed):
-    return os.path.join(runs_dir, run_name(method, schedule, seed) + ".json")
+    return named_run_path(runs_dir, run_name(method, schedule, seed))
+
+
+def named_run_path(runs_dir, name):
+    """The file of run `name` in `runs_dir`: `name.json.xz`, or an existing
+    `name.json` written before runs were compressed."""
+    legacy = os.path.join(runs_dir, name + ".json")
+    path = os.path.join(runs_dir, name + RUN_SUFFIX)
+    return legacy if os.path.exists(legacy) and not os.path.exists(path) else path
 
 
 def store_run(path, record):
     """Stores a finished run (serialized first, so a record that cannot be
-    written leaves no file)."""
-    write_atomic(path, json.dumps(record, indent=1))
+    written leaves no file): xz-compressed for a `.xz` path."""
+    if path.endswith(".xz"):
+        text = json.dumps(record, separators=(",", ":"))
+        write_atomic(path, lzma.compress(text.encode(), preset=9))
+    else:
+        write_atomic(path, json.dumps(record, indent=1))
 
 
 def read_run(path):
-    """The record at `path`, or None if missing or unreadable."""
+    """The record at `path` (`.json` or `.json.xz`), or None if missing or
+    unreadable."""
     if not os.path.exists(path):
         return None
     try:
+        if path.endswith(".xz"):
+            with lzma.open(path, "rt") as f:
+                return json.load(f)
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, lzma.LZMAError, EOFError):
         return None  # a corrupt file: rerun (written atomically, so rare)
 
 
@@ -493,7 +516,7 @@ def stored_runs(runs_dir):
         return []
     records = []
     for name in sorted(os.listdir(runs_dir)):
-        if name.endswith(".json"):
+        if name.endswith((".json", RUN_SUFFIX)):
             record = read_run(os.path.join(runs_dir, name))
             if isinstance(record, dict) and "config" in record and "final" in record:
                 record["config"] = normalized_config(record["config"])
