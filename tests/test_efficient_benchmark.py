@@ -11,6 +11,11 @@ import sys
 import pytest
 
 from benchmarks import efficient
+from benchmarks.efficient import cli as efficient_cli
+from benchmarks.efficient import grid as efficient_grid
+from benchmarks.efficient import methods as efficient_methods
+from benchmarks.efficient import stats as efficient_stats
+from benchmarks.efficient import training as efficient_training
 from benchmarks.paper import run as paper_run
 
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
@@ -29,7 +34,7 @@ step_cost = _load("step_cost")
 update_readme = _load("update_readme")
 
 METHODS = ["sgd", "sam", "sam_every2"]
-MODELS = list(efficient.ARCHITECTURES)
+MODELS = list(efficient_methods.ARCHITECTURES)
 SEEDS = [0, 1]
 TINY = [
     "--epochs",
@@ -105,7 +110,7 @@ def test_files_and_tables_match_the_stored_runs(tiny_out):
         assert word in text
 
     tables, runs = _tables(tiny_out), _runs(tiny_out)
-    labels = [efficient.METHODS[m] for m in METHODS]
+    labels = [efficient_methods.METHODS[m] for m in METHODS]
     for model in MODELS:
         table, runs_m = tables[model], runs[model]
         assert [row["method"] for row in table] == labels
@@ -140,7 +145,7 @@ def test_files_and_tables_match_the_stored_runs(tiny_out):
                         f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                     )
             converged = sum(
-                efficient.verdicts.convergence_of(
+                efficient_stats.verdicts.convergence_of(
                     paper_run.read_run(
                         os.path.join(tiny_out, "runs", model, f"{method}_C_seed{s}.json.xz")
                     )["epochs"]
@@ -157,27 +162,27 @@ def test_files_and_tables_match_the_stored_runs(tiny_out):
     assert list(verdict_table) == ["SAM every 2"]
     words = [tables[m][2]["verdict"].split(" (")[0] for m in MODELS]
     assert [verdict_table["SAM every 2"][m] for m in MODELS] == words
-    assert verdict_table["SAM every 2"]["both"] == f"**{efficient.overall(words)}**"
+    assert verdict_table["SAM every 2"]["both"] == f"**{efficient_stats.overall(words)}**"
     runs_md = open(os.path.join(tiny_out, "runs.md")).read()
     assert runs_md.count("| mnist1d_") == len(MODELS) * len(METHODS) * len(SEEDS)
 
 
 def test_fraction_kept_interval_and_verdict_rules():
-    assert efficient.fraction_kept(0.04, 0.03, 0.031) == pytest.approx(0.9)
-    assert efficient.fraction_kept(0.04, 0.04, 0.03) is None
+    assert efficient_stats.fraction_kept(0.04, 0.03, 0.031) == pytest.approx(0.9)
+    assert efficient_stats.fraction_kept(0.04, 0.04, 0.03) is None
     values = [0.95, 0.91, 1.02, 0.97, 0.93]
-    mean, (lo, hi) = efficient.mean_ci(values)
+    mean, (lo, hi) = efficient_stats.mean_ci(values)
     ref_mean, (ref_lo, ref_hi) = _t_interval(values)
     assert (mean, lo, hi) == pytest.approx((ref_mean, ref_lo, ref_hi), abs=1e-4)
-    assert efficient.mean_ci([0.5]) == (0.5, None)
-    assert efficient.mean_ci([]) == (None, None)
+    assert efficient_stats.mean_ci([0.5]) == (0.5, None)
+    assert efficient_stats.mean_ci([]) == (None, None)
 
     def verdict(cost, kept, error_sgd=(-0.01, 0.005), error_sam=(-0.01, 0.005), **kw):
-        return efficient.verdict(cost, kept, error_sgd, error_sam, **kw)[0]
+        return efficient_stats.verdict(cost, kept, error_sgd, error_sam, **kw)[0]
 
     above = (0.001, 0.02)
     assert verdict(1.2, (0.92, 1.1)) == "yes"
-    assert efficient.verdict(1.26, (0.92, 1.1), above, above) == ("no", "cost 1.26x > 1.25x")
+    assert efficient_stats.verdict(1.26, (0.92, 1.1), above, above) == ("no", "cost 1.26x > 1.25x")
     assert verdict(1.2, (0.5, 0.85)) == "no"
     # Costs accuracy only when the test error is above both SGD's and SAM's.
     assert verdict(1.2, (0.92, 1.1), above, above) == "no"
@@ -187,10 +192,10 @@ def test_fraction_kept_interval_and_verdict_rules():
     assert verdict(1.2, (0.92, 1.1), all_converged=False) == "not settled"
     assert verdict(1.2, None, None, None) == "not settled"
     assert verdict(None, (0.92, 1.1)) == "not settled"
-    assert efficient.overall(["yes", "yes"]) == "yes"
-    assert efficient.overall(["yes", "not settled"]) == "not settled"
-    assert efficient.overall(["yes", "no"]) == "no"
-    assert efficient.overall([]) == "not settled"
+    assert efficient_stats.overall(["yes", "yes"]) == "yes"
+    assert efficient_stats.overall(["yes", "not settled"]) == "not settled"
+    assert efficient_stats.overall(["yes", "no"]) == "no"
+    assert efficient_stats.overall([]) == "not settled"
 
 
 def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, monkeypatch):
@@ -211,7 +216,7 @@ def test_rerun_skips_and_a_failed_run_keeps_the_stored_ones(tiny_out, tmp_path, 
     def crash(args, data, method, seed):
         raise KeyboardInterrupt(f"simulated failure in {method} seed {seed}")
 
-    monkeypatch.setattr(efficient, "train_one", crash)
+    monkeypatch.setattr(efficient_grid, "train_one", crash)
     with pytest.raises(KeyboardInterrupt):
         efficient.main(TINY + ["--out", out])
     assert stored() == good
@@ -234,7 +239,7 @@ def test_bad_arguments_are_refused_before_training(capsys):
         (["--extend-until-converged", "-1"], "fraction"),
     ):
         with pytest.raises(SystemExit):
-            efficient.parse_args(argv)
+            efficient_cli.parse_args(argv)
         assert word in capsys.readouterr().err
 
 
@@ -290,14 +295,14 @@ def test_one_gradient_methods_and_the_looksam_alphas_run_with_their_optimizers(t
     assert runs["looksam5_alpha0.3"][0]["sam_fraction"] == pytest.approx(1 / 5)
     # Momentum methods: SGD momentum 0.9 at a tenth of the paper's rate.
     for method in ("sgdm", "msam"):
-        optimizer = efficient.optimizer_of(method)(0.1)
+        optimizer = efficient_methods.optimizer_of(method)(0.1)
         assert optimizer.momentum == 0.9
         assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(0.01)
         schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
-        scaled = efficient.optimizer_of(method)(schedule)._learning_rate
+        scaled = efficient_methods.optimizer_of(method)(schedule)._learning_rate
         for step in (0, 7, 30):
             assert float(scaled(step)) == pytest.approx(0.1 * float(schedule(step)))
-    assert efficient.optimizer_of("sam") is efficient.paper_run.plain_sgd
+    assert efficient_methods.optimizer_of("sam") is paper_run.plain_sgd
 
 
 def test_step_cost_fit_calls_in_fresh_processes(tmp_path, monkeypatch):
@@ -383,7 +388,10 @@ def test_late_phase_sam_with_the_batch_ramp(tmp_path):
     tiny = [a if a != "2" else "5" for a in tiny]  # 5 epochs: one per stage
     tiny += ["--schedule", "BC", "--initial-batch", "4", "--extend-until-converged", "0"]
     assert efficient.main(tiny + ["--out", out]) == {"trained": 3, "skipped": 0}
-    assert efficient.sam_start_epoch(0.5, 4) == 2 and efficient.sam_start_epoch(0.1, 5) == 4
+    assert (
+        efficient_methods.sam_start_epoch(0.5, 4) == 2
+        and efficient_methods.sam_start_epoch(0.1, 5) == 4
+    )
     record = paper_run.read_run(os.path.join(out, "runs", "mnist1d_cnn", "late50_BC_seed0.json.xz"))
     epochs = record["epochs"]
     assert [e["sam_fraction"] for e in epochs] == [0.0, 0.0, 0.0, 1.0, 1.0]
@@ -394,7 +402,7 @@ def test_late_phase_sam_with_the_batch_ramp(tmp_path):
 
 
 def test_cost_weights_each_phase_median_by_its_steps():
-    timer = efficient.StepTimer()
+    timer = efficient_training.StepTimer()
     # Two phases: plain epochs of 10 steps at 1 ms, SAM epochs of 5 at 2 ms;
     # the first epoch of each phase traces (slow) and is left out.
     spans = [0.1, 0.010, 0.010, 0.5, 0.010, 0.010]

@@ -45,12 +45,13 @@ SCRIPTS = sorted(
         for f in os.listdir(os.path.join(ROOT, "benchmarks"))
         if f.endswith(".py") and f[0] != "_" and f != "architectures.py"
     ]
+    + ["benchmarks/efficient"]
 )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_writes_nothing_to_stderr(script):
-    if script == "benchmarks/efficient.py":  # a module of the package
+    if script == "benchmarks/efficient":  # a package
         out = _run("-m", "benchmarks.efficient", "--help", timeout=240)
     else:
         out = _run(script, "--help", timeout=240)

@@ -1,0 +1,5 @@
+"""`python -m benchmarks.efficient`."""
+
+from benchmarks.efficient.grid import main
+
+main()
