@@ -122,7 +122,11 @@ SLOWEST_FIRST = (
     "test_efficient_benchmark.py",  # 147
     "test_fine_tuning_backends.py",  # 136
     "test_examples_fine_tune.py",  # 115
-    "test_fine_tuning.py",  # 110
+    "test_fine_tuning.py",  # 110, with the LoRA example's runs
+    "test_lora_resume.py",  # about 95 (measured alone, 2 cores)
+    "test_examples.py",  # about 90: --help of every script
+    "test_lora_resume_backends.py",  # about 75
+    "test_multi_optimizer_backends.py",  # about 50
     "test_noise_scale.py",  # 98, with the noise-scale runs
     "test_host_steps.py",  # 71
     "test_gpu_step_cost.py",  # 70
