@@ -113,9 +113,15 @@ class _EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             # Past `epochs` the rate is constant, so later entries never matter.
             self._steps = steps[: self.epochs] if self.epochs else steps
 
-    def _set_steps_per_epoch(self, steps):
-        """Replaces the steps of each epoch (`BatchSizeScheduler` does, when an
-        adaptive batch grows); returns whether they changed."""
+    @property
+    def epoch_steps(self):
+        """The steps of each epoch the schedule maps step counts with (the
+        last one repeats after them), or None without `steps_per_epoch`."""
+        return None if self._steps is None else list(self._steps)
+
+    def set_epoch_steps(self, steps):
+        """Replaces the steps of each epoch (`BatchSizeScheduler` does, when a
+        policy grows the batch); returns whether they changed."""
         config, steps = _check_steps(steps)
         steps = steps[: self.epochs] if self.epochs else steps
         if self._steps == steps:

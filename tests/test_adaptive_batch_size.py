@@ -238,4 +238,4 @@ def test_a_rate_built_for_a_longer_horizon_is_accepted():
     )
     model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
     history = model.fit(dataset_fn(4), epochs=EPOCHS, callbacks=[scheduler], verbose=0)
-    assert lr._steps[:EPOCHS] == [N // b for b in history.history["batch_size"]]
+    assert lr.epoch_steps[:EPOCHS] == [N // b for b in history.history["batch_size"]]

@@ -245,4 +245,4 @@ def test_epoch_rate_schedules_of_every_sub_optimizer_follow_the_batch_sizes():
     taken = [N // b for b in history["batch_size"]]
     assert history["batch_size"] == [4, 4, 8, 16, 16, 16]
     for rate in rates:
-        assert rate._steps == taken
+        assert rate.epoch_steps == taken

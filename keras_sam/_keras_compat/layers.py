@@ -13,3 +13,10 @@ def all_layers(model):
     """Every layer inside `model`, nested ones included, in Keras' fixed order
     (`Layer._flatten_layers`: Keras has no public recursive walk)."""
     return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def raw_kernel(layer):
+    """The kernel variable of a Dense or EinsumDense layer as stored (its
+    `kernel` property returns `W + s A B` when LoRA is enabled): Keras'
+    private `_kernel`."""
+    return layer._kernel

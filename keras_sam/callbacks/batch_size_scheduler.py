@@ -287,9 +287,10 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._adaptive.restore(self._backup_dir)
         for schedule in self._epoch_schedules():
             initial = self._cache.steps(self._adaptive.initial_batch_size)
-            horizon = max(epochs, len(schedule._steps))
+            steps = schedule.epoch_steps
+            horizon = max(epochs, len(steps))
             allowed = ([initial] * horizon, self.steps_per_epoch(horizon))
-            if list(schedule._steps) not in [a[: len(schedule._steps)] for a in allowed]:
+            if steps not in [a[: len(steps)] for a in allowed]:
                 raise ValueError(
                     f"The learning-rate schedule {type(schedule).__name__} was built with "
                     f"`steps_per_epoch`={schedule.steps_per_epoch}, not with the steps of "
@@ -305,7 +306,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         return [
             s
             for s in optimizer_internals.learning_rate_schedules(self.model.optimizer)
-            if isinstance(s, _EpochSchedule) and s._steps is not None
+            if isinstance(s, _EpochSchedule) and s.epoch_steps is not None
         ]
 
     def _update_learning_rate_steps(self):
@@ -313,7 +314,7 @@ class BatchSizeScheduler(keras.callbacks.Callback):
         decided so far (retracing the train function once if they changed)."""
         epochs = _validation.as_int((self.params or {}).get("epochs")) or 1
         steps = self.steps_per_epoch(max(epochs, 1))
-        changed = [schedule._set_steps_per_epoch(steps) for schedule in self._epoch_schedules()]
+        changed = [schedule.set_epoch_steps(steps) for schedule in self._epoch_schedules()]
         if any(changed):
             self.model.make_train_function(force=True)
 

@@ -23,6 +23,7 @@ from keras import ops
 from keras_sam import _validation
 from keras_sam import backend as sam_backend
 from keras_sam import rules
+from keras_sam._keras_compat import layers as layer_internals
 from keras_sam.models import _lora_state
 from keras_sam.models import _weight_noise
 from keras_sam.models.sam import SAM_ONLY_KEYWORDS
@@ -341,7 +342,7 @@ class FlatLoRAModel(_RandomWeightPerturbation):
         return layers
 
     def _perturbed_shapes(self):
-        return [tuple(layer._kernel.shape) for layer in self._lora_layers()]
+        return [tuple(layer_internals.raw_kernel(layer).shape) for layer in self._lora_layers()]
 
     def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
         step = self._step()
@@ -352,7 +353,7 @@ class FlatLoRAModel(_RandomWeightPerturbation):
             fixed = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
             layers = self._lora_layers()
             for layer, z in zip(layers, self.standard_normals(step)):
-                k = fixed[id(layer._kernel)]
+                k = fixed[id(layer_internals.raw_kernel(layer))]
                 a = weights[trainable[id(layer.lora_kernel_a)]]
                 b = weights[trainable[id(layer.lora_kernel_b)]]
                 kernel = state[k]
