@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from backend_gradient import backend_gradient
 from other_backends import subprocess_env
 from strategies import mirrored
 
@@ -81,32 +82,7 @@ def numpy(t):
 def gradient(model, x, y):
     """The gradient of the loss in training mode, by the backend's own
     autodiff of `stateless_call` (independently of keras_sam), as NumPy."""
-    tv = [v.value for v in model.trainable_variables]
-    ntv = [v.value for v in model.non_trainable_variables]
-    x = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
-    y = keras.ops.convert_to_tensor(y)
-
-    def loss_fn(values):
-        y_pred, _ = model.stateless_call(values, ntv, x, training=True)
-        return LOSS(y, y_pred)
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        values = [tf.convert_to_tensor(t) for t in tv]
-        with tf.GradientTape() as tape:
-            tape.watch(values)
-            loss = loss_fn(values)
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, values)]
-    elif backend == "jax":
-        import jax
-
-        grads = jax.grad(loss_fn)(tv)
-    else:
-        import torch
-
-        values = [t.detach().clone().requires_grad_(True) for t in tv]
-        grads = torch.autograd.grad(loss_fn(values), values)
-    return [numpy(g).astype(np.float64) for g in grads]
+    return backend_gradient(model, LOSS, x, y)
 
 
 def at(variables, values, fn):

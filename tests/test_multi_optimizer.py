@@ -13,6 +13,7 @@ PyTorch: tests/test_multi_optimizer_backends.py.
 import keras
 import numpy as np
 import pytest
+from backend_gradient import backend_gradient
 
 import keras_sam
 from keras_sam import _keras_compat
@@ -60,33 +61,7 @@ def multi(head_rate=0.01, default=None):
 
 def gradient(model, x, y):
     """The backend's own gradient of the MSE at the model's weights (NumPy)."""
-    tv = [v.value for v in model.trainable_variables]
-    ntv = [v.value for v in model.non_trainable_variables]
-    x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
-
-    def loss_fn(values):
-        y_pred, _ = model.stateless_call(values, ntv, x, training=True)
-        return keras.ops.mean(keras.ops.square(y_pred - y))
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        values = [tf.convert_to_tensor(t) for t in tv]
-        with tf.GradientTape() as tape:
-            tape.watch(values)
-            loss = loss_fn(values)
-        grads = tape.gradient(loss, values)
-    elif backend == "jax":
-        import jax
-
-        grads = jax.grad(loss_fn)(tv)
-    else:
-        import torch
-
-        values = [t.detach().clone().requires_grad_(True) for t in tv]
-        grads = torch.autograd.grad(loss_fn(values), values)
-    return [numpy(g).astype(np.float64) for g in grads]
+    return backend_gradient(model, lambda t, p: keras.ops.mean(keras.ops.square(p - t)), x, y)
 
 
 def norm(arrays):
