@@ -116,3 +116,14 @@ def test_quickstart_example():
     assert "test accuracy" in out
     for name in ("sgd", "sam", "gsam"):
         assert re.search(rf"^\s*{name}: [0-9.]+$", out, re.M), out
+
+
+def test_importing_the_library_sets_no_environment_variable():
+    """Quieting TensorFlow is the scripts' business (examples/_quiet.py): the
+    library leaves the environment as it found it."""
+    code = (
+        "import os, keras, tensorflow; before = dict(os.environ); "
+        "import keras_sam; print(dict(os.environ) == before)"
+    )
+    out = _run("-c", code, timeout=240, progress=r".*")  # TensorFlow's own lines allowed here
+    assert out.strip().splitlines()[-1] == "True"
