@@ -30,7 +30,6 @@ import tensorflow as tf
 from strategies import mirrored
 
 import keras_sam
-from keras_sam import models as sam_models
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
@@ -443,14 +442,16 @@ def test_keras_bug_loss_scale_optimizer_checks_only_replica_0(mixed_float16):
 
 
 def test_without_the_workaround_sam_breaks_too(mixed_float16, monkeypatch):
-    """Counterfactual: with `SAMModel._apply` reduced to a plain
-    `optimizer.apply` (the all-reduce workaround taken out), the scenario of
-    the test above ends with non-finite weights, so that test detects the
-    workaround's removal."""
+    """Counterfactual: with `keras_sam.models._replicas.apply` reduced to a
+    plain `optimizer.apply` (the all-reduce workaround taken out), the
+    scenario of the test above ends with non-finite weights, so that test
+    detects the workaround's removal."""
+    from keras_sam.models import _replicas
+
     monkeypatch.setattr(
-        sam_models.SAMModel,
-        "_apply",
-        lambda self, descent, variables: self.optimizer.apply(descent, variables),
+        _replicas,
+        "apply",
+        lambda optimizer, descent, variables: optimizer.apply(descent, variables),
     )
     _, _, callback = fit_poisoned(lambda inner: wrap("sam", inner, False))
     finite, unchanged = nonfinite_step_outcome(callback)

@@ -20,6 +20,11 @@ from keras_sam.models import host_steps
 D, BATCH, LR = 5, 8, 0.1
 
 
+def own_state(model):
+    """The wrapper's named state variables, in the order they were made."""
+    return keras.tree.flatten(list(model.state_variables().values()))
+
+
 def make_inner(seed=0, bn=True):
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((D,)), keras.layers.Dense(6, activation="tanh")]
@@ -144,7 +149,7 @@ def test_looksam_matches_its_formula(k):
     w, g_v = looksam_reference(x, y, rho=0.2, k=k, alpha=0.7)
     for v, ref in zip(model.inner.trainable_variables, w):
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-5, atol=1e-6)
-    for v, ref in zip(model._own_state_variables(), g_v):
+    for v, ref in zip(own_state(model), g_v):
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-4, atol=1e-6)
 
 
@@ -182,9 +187,7 @@ def test_aesam_decides_by_the_moving_moments_of_the_squared_gradient_norm():
     assert 0 < sum(decisions) < len(decisions), decisions  # both kinds occur
     np.testing.assert_allclose(history.history["sam_fraction"][0], np.mean(decisions), rtol=1e-6)
     assert_same_variables(model.inner, reference)
-    np.testing.assert_allclose(
-        [v.numpy() for v in model._own_state_variables()], [mean, variance], rtol=1e-4
-    )
+    np.testing.assert_allclose([v.numpy() for v in own_state(model)], [mean, variance], rtol=1e-4)
 
 
 def aesam_reference(x, y, rho, threshold, decay, replicas=1):
@@ -275,7 +278,7 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, name):
     resumed = compiled(WRAPPERS[name](make_inner(seed=5)))  # other weights: all restored
     resumed.fit(dataset(x, y), epochs=4, verbose=0, shuffle=False, callbacks=[backup])
     assert_same_variables(resumed, whole)
-    assert any(np.any(v.numpy() != 0) for v in resumed._own_state_variables())
+    assert any(np.any(v.numpy() != 0) for v in own_state(resumed))
 
 
 # ------------------------------------------------------ several replicas agree
@@ -317,7 +320,7 @@ def test_looksam_after_freezing_a_layer_keeps_the_other_directions():
     compiled(model).fit(dataset(x, y), epochs=1, verbose=0)
     for v, w in zip(inner.layers[0].weights, frozen):
         np.testing.assert_array_equal(v.numpy(), w)
-    slots = model._own_state_variables()
+    slots = own_state(model)
     assert [s.shape for s in slots] == [v.shape for v in model.trainable_variables]
     assert all(np.any(s.numpy() != 0) for s in slots)
 
@@ -345,7 +348,7 @@ def test_replicas_perturbing_apart_match_the_float64_reference(name):
         )
     for v, ref in zip(model.inner.trainable_variables, w):
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-6, atol=1e-6, err_msg=v.path)
-    for v, ref in zip(model._own_state_variables(), own):
+    for v, ref in zip(own_state(model), own):
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-4, atol=1e-6, err_msg=v.path)
 
 
@@ -354,7 +357,7 @@ def collective_reductions(model, kind=host_steps.IN_STEP):
     one kind of step (by default the step that chooses inside, so both
     kinds' collectives): every replica's copy, inside conditionals (library
     functions) too."""
-    model._host_steps.kind = kind
+    model._chooser.clock.kind = kind
     strategy = model.distribute_strategy
     step = tf.function(lambda x, y: strategy.run(model.train_step, args=((x, y),)))
     graph = step.get_concrete_function(

@@ -26,6 +26,11 @@ from keras_sam.models import host_steps
 D, BATCH, STEPS = 5, 8, 6
 
 
+def own_state(model):
+    """The wrapper's named state variables, in the order they were made."""
+    return keras.tree.flatten(list(model.state_variables().values()))
+
+
 def make_inner(seed=0, bn=True):
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((D,)), keras.layers.Dense(6, activation="tanh")]
@@ -79,7 +84,7 @@ WRAPPERS = {
 def conditionals(model, kind):
     """Conditional ops in `train_step` traced for one kind of step (every
     graph function included)."""
-    model._host_steps.kind = kind
+    model._chooser.clock.kind = kind
     step = tf.function(lambda x, y: model.train_step((x, y)))
     graph = step.get_concrete_function(
         tf.TensorSpec((BATCH, D)), tf.TensorSpec((BATCH, 2))
@@ -155,7 +160,7 @@ def test_late_phase_is_plain_keras_then_the_wrapper_exactly(name, every):
     assert fraction[:2] == [0.0, 0.0]
     grad_norm = history.history["grad_norm"]
     assert np.isnan(grad_norm[:2]).all() and np.isfinite(grad_norm[2:]).all()  # not measured
-    assert model._host_steps.kind is host_steps.IN_STEP  # a train_step called by hand
+    assert model._chooser.kind is host_steps.IN_STEP  # a train_step called by hand
     if name != "aesam":
         expected = [len(range(e * STEPS, (e + 1) * STEPS, every)) / STEPS for e in (2, 3)]
         np.testing.assert_allclose(fraction[2:], expected, rtol=1e-6)
@@ -243,7 +248,7 @@ def test_a_callback_list_gets_the_clock_for_the_fit_only():
     b = compiled(keras_sam.SAMModel(make_inner(), rho=0.1, sam_every=3))
     callbacks = keras.callbacks.CallbackList([keras.callbacks.History()], model=b)
     fit(b, data, 2, callbacks=callbacks)
-    assert b._host_steps not in callbacks.callbacks
+    assert b._chooser.clock not in callbacks.callbacks
     assert_equal_states(state(a, a.optimizer), state(b, b.optimizer))
 
 
@@ -390,8 +395,27 @@ def test_a_model_saved_by_0_3_loads_and_trains_on(name):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
     assert int(loaded.optimizer.iterations.numpy()) == 4  # 2 epochs of 2 steps
     if name == "looksam":  # the stored direction came back
-        assert any(np.any(v.numpy() != 0) for v in loaded._own_state_variables())
+        assert any(np.any(v.numpy() != 0) for v in own_state(loaded))
     before = [v.numpy() for v in loaded.inner.trainable_variables]
     loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     assert int(loaded.optimizer.iterations.numpy()) == 6
     assert any(np.any(a != b.numpy()) for a, b in zip(before, loaded.inner.trainable_variables))
+
+
+@pytest.mark.parametrize("name", ["looksam_noise", "aesam_noise"])
+def test_a_model_saved_by_0_4_with_state_and_noise_scale_loads_its_state(name):
+    """tests/data/<name>_0_4.keras: LookSAM / AE-SAM with `noise_scale=True`,
+    trained 2 epochs and saved by keras_sam 0.4 (Keras 3.15.1), which held a
+    method's state and the noise scale's averages in one order; both come
+    back bitwise, beside the predictions."""
+    if tuple(int(p) for p in keras.__version__.split(".")[:2]) < (3, 15):
+        pytest.skip("the files were saved with Keras 3.15.1")
+    loaded = keras.models.load_model(os.path.join(DATA, f"{name}_0_4.keras"))
+    saved = np.load(os.path.join(DATA, f"{name}_0_4_state.npz"))
+    state = own_state(loaded)
+    assert len(state) == len([k for k in saved.files if k.startswith("own_")])
+    for i, v in enumerate(state):
+        np.testing.assert_array_equal(v.numpy(), saved[f"own_{i}"])
+    np.testing.assert_array_equal(loaded._noise.average.numpy(), saved["noise"])
+    data = np.load(os.path.join(DATA, "data_0_3.npz"))
+    np.testing.assert_array_equal(loaded.predict(data["x"], verbose=0), saved["predict"])

@@ -936,7 +936,7 @@ def test_noise_scale_equals_the_estimate_from_hand_gradients(name):
     model = keras_sam.SAMModel(inner, rho=SAM_RHO, noise_scale=True, noise_scale_decay=decay)
     model.compile(**family.compile_kwargs(keras.optimizers.SGD(0.0)))
     logged = fit(model, family, x, y).history["noise_scale"][-1]
-    got = to_numpy(model._noise_average)
+    got = to_numpy(model._noise.average)
     np.testing.assert_allclose(got[:2], average, rtol=1e-4, atol=1e-9)
     assert got[2] == N // BATCH  # every step measured
     if average[0] > 0:

@@ -157,10 +157,10 @@ def test_two_replicas_measure_what_two_sub_batches_do(sync):
     got, model = small_fit(strategy, lr=lr, sync_perturbation=sync)
     want, reference = small_fit(lr=lr, num_batch_splits=2)
     np.testing.assert_allclose(got.history["noise_scale"], want.history["noise_scale"], rtol=1e-4)
-    local = [t.numpy() for t in strategy.experimental_local_results(model._noise_average.value)]
+    local = [t.numpy() for t in strategy.experimental_local_results(model._noise.average.value)]
     assert len(local) == 2
     np.testing.assert_array_equal(local[0], local[1])
-    np.testing.assert_allclose(local[0], reference._noise_average.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(local[0], reference._noise.average.numpy(), rtol=1e-4)
     if not sync:
         for a, b in zip(model.inner.get_weights(), reference.inner.get_weights()):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -176,7 +176,7 @@ def test_mixed_float16_measures_in_loss_units(mixed_float16):
     want, reference = small_fit(lr=0.0)
     np.testing.assert_allclose(got.history["noise_scale"], want.history["noise_scale"], rtol=2e-2)
     np.testing.assert_allclose(
-        model._noise_average.numpy(), reference._noise_average.numpy(), rtol=2e-2
+        model._noise.average.numpy(), reference._noise.average.numpy(), rtol=2e-2
     )
 
 
@@ -200,7 +200,7 @@ def test_a_batch_of_one_example_leaves_the_averages():
 
     class Averages(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            averages.append(np.array(ops.convert_to_numpy(model._noise_average)))
+            averages.append(np.array(ops.convert_to_numpy(model._noise.average)))
 
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Averages()])
     assert len(averages) == 2
@@ -217,7 +217,7 @@ def test_config_round_trip_and_saved_averages(tmp_path):
     loaded = keras.saving.load_model(path)
     assert loaded.noise_scale is True
     np.testing.assert_array_equal(
-        ops.convert_to_numpy(loaded._noise_average), ops.convert_to_numpy(model._noise_average)
+        ops.convert_to_numpy(loaded._noise.average), ops.convert_to_numpy(model._noise.average)
     )
 
 
@@ -299,7 +299,7 @@ def test_uneven_replica_batches_are_left_out_alike():
         model = keras_sam.SAMModel(inner, rho=0.05, noise_scale=True)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    local = [t.numpy() for t in strategy.experimental_local_results(model._noise_average.value)]
+    local = [t.numpy() for t in strategy.experimental_local_results(model._noise.average.value)]
     np.testing.assert_array_equal(local[0], local[1])
     assert local[0][2] == 1.0
 
@@ -313,7 +313,7 @@ def test_no_measured_step_logs_nan():
     model.compile(optimizer="sgd", loss="mse")
     history = model.fit(x, x[:, :1], batch_size=1, epochs=1, verbose=0)
     assert np.isnan(history.history["noise_scale"][-1])
-    np.testing.assert_array_equal(ops.convert_to_numpy(model._noise_average), [0, 0, 0])
+    np.testing.assert_array_equal(ops.convert_to_numpy(model._noise.average), [0, 0, 0])
 
 
 def test_a_loss_that_is_not_mean_reduced_is_refused_before_training():

@@ -11,16 +11,14 @@ suite on the newest Keras and the library's tests on Keras 3.12, the range
   Keras has no public route to it) and the attributes the batch-size swap
   writes, the progress bar's copies of the step count, the compiled
   metrics' `_direction` and `Trainer._symbolic_build` (the "auto" mode of
-  `BatchSizeOnPlateau`);
+  `BatchSizeOnPlateau`), and, for the wrappers' own `train_step`, the
+  `Trainer` members `_compute_loss` (the wrapper of `compute_loss` that
+  Keras' own `train_step` calls) and `_loss_tracker` (the `Mean` behind the
+  logged `"loss"`);
 - `distribution`: how a multi-process `keras.distribution` splits `fit`'s
   batches (3.12's `_num_process`, `_is_multi_process`);
 - `layers`: the recursive walk over a model's layers (`_flatten_layers`)
   and the backend's seed dtype.
-
-Besides these, `keras_sam.models` (a `keras.Model` subclass) calls the
-`Trainer` members `_compute_loss` (the wrapper of `compute_loss` that Keras'
-own `train_step` calls) and `_loss_tracker` (the `Mean` behind the logged
-`"loss"`).
 
 Nothing here imports a keras_sam module: the rules that use these accesses
 live with the features.

@@ -223,3 +223,20 @@ def compiled_metric_directions(model, element_spec=None):
                 if hasattr(m, "_direction"):
                     directions[m.name] = m._direction == "up"
     return directions
+
+
+# --------------------------------------------------------------------------
+# A custom `train_step`: the loss Keras' own step computes, and the tracker
+# behind the logged "loss" (both `Trainer` members, Keras 3.12 to 3.15).
+
+
+def compute_loss(model, x, y, y_pred, sample_weight):
+    """The training loss Keras' own `train_step` computes (`Trainer._compute_loss`,
+    the wrapper that calls a user's `compute_loss` override with or without
+    its `training` argument)."""
+    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+
+def loss_tracker(model):
+    """The `Mean` behind the logged `"loss"` (`Trainer._loss_tracker`)."""
+    return model._loss_tracker

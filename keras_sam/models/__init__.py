@@ -2,10 +2,13 @@
 
 One family per module, on the step they share:
 
-- `engine.py`: `StepEngine`, the training step every wrapper runs (gradient
-  passes, sub-batches, replicas, noise scale, the train steps);
-- `host_steps.py`: the kind of the next step (SAM, plain, ...) chosen on the
-  host, one compiled function per kind;
+- `method.py`: the contract of a method, `TwoGradientModel` (the SAM step's
+  clean and perturbed gradients) and `OneGradientModel` (one gradient at
+  perturbed weights), on `engine.py`'s `StepEngine` (the Keras side);
+- the engine's rooms: `_passes.py` (gradient passes, sub-batches),
+  `host_steps.py` (the kind of the next step, chosen on the host),
+  `_replicas.py` (replicas, devices, loss scaling), `_noise.py` (the
+  gradient noise scale), `_train_steps.py` (the per-backend train steps);
 - `sam.py`: `SAMModel` (SAM, ASAM, `sam_every=k`) and
   `SharpnessAwareMinimization` (tf.keras' old signature);
 - `gsam.py`: `GSAMModel`, the surrogate-gap descent and its learning-rate-tied radius;
@@ -22,6 +25,8 @@ from keras_sam.models.engine import TRAINING_STATISTICS
 from keras_sam.models.gsam import GSAMModel
 from keras_sam.models.looksam import LookSAMModel
 from keras_sam.models.mesa import MESAModel
+from keras_sam.models.method import OneGradientModel
+from keras_sam.models.method import TwoGradientModel
 from keras_sam.models.msam import MSAMModel
 from keras_sam.models.rwp import FlatLoRAModel
 from keras_sam.models.rwp import RWPModel
@@ -39,8 +44,10 @@ __all__ = [
     "LookSAMModel",
     "MESAModel",
     "MSAMModel",
+    "OneGradientModel",
     "RWPModel",
     "SAMModel",
     "SharpnessAwareMinimization",
+    "TwoGradientModel",
     "asam_scaled",
 ]

@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_sam import _validation
 from keras_sam import rules
+from keras_sam.models._replicas import loss_scale
 from keras_sam.models.sam import SAMModel
 from keras_sam.models.sam import _no_splits
 
@@ -72,7 +73,6 @@ class AESAMModel(SAMModel):
                 "AESAMModel decides at every step whether to take a SAM step; "
                 "`sam_every` must be 1 (use `threshold` to take fewer SAM steps)."
             )
-        self._moments = []
         super().__init__(model, rho=rho, **kwargs)
         _no_splits("AESAMModel", self)
 
@@ -87,35 +87,20 @@ class AESAMModel(SAMModel):
         )
         return config
 
-    _decides_from_data = True
+    def build_state(self):
+        self.add_state("aesam_mean")
+        self.add_state("aesam_variance")
 
-    def _switches_steps(self):
-        return True
-
-    def _build_own_state(self):
-        self._moments = [
-            self.add_weight(
-                shape=(),
-                dtype="float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                name=name,
-            )
-            for name in ("aesam_mean", "aesam_variance")
-        ]
-
-    def _own_state_variables(self):
-        return list(self._moments)
-
-    def _decide(self, grads, own, summed):
-        (g,) = summed("clean")
-        scale = self._loss_scale()
-        squared_norm = ops.square(rules.global_norm(g) / scale)
+    def should_perturb(self, gradients, state):
+        """A SAM step where `||g||^2 >= mu + c sqrt(var)` (moving moments)."""
+        scale = loss_scale(self.optimizer)
+        squared_norm = ops.square(rules.global_norm(gradients) / scale)
         iteration = ops.cast(ops.convert_to_tensor(self.optimizer.iterations), "float32")
         c = self.threshold
         if self.total_steps is not None:
             progress = ops.minimum(iteration / self.total_steps, 1.0)
             c = c + (self.threshold_end - c) * progress
-        mean, variance, do_sam = rules.aesam_decision(squared_norm, own[0], own[1], self.decay, c)
-        return do_sam, [mean, variance]
+        mean, variance, do_sam = rules.aesam_decision(
+            squared_norm, state["aesam_mean"], state["aesam_variance"], self.decay, c
+        )
+        return do_sam, {"aesam_mean": mean, "aesam_variance": variance}

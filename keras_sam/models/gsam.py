@@ -114,9 +114,10 @@ class GSAMModel(SAMModel):
             top, bottom = float(ops.convert_to_numpy(rate)), 0.0
         return top, bottom if self.lr_min is None else self.lr_min
 
-    def _before_fit(self):
+    def _before_fit(self, bound):
+        x = super()._before_fit(bound)
         if self.rho_min is None or self.optimizer is None:
-            return
+            return x
         lr_range = self.learning_rate_range()
         if lr_range[1] > lr_range[0]:
             raise ValueError(
@@ -128,6 +129,7 @@ class GSAMModel(SAMModel):
             # The range is a constant of the traced step: trace it anew.
             self._lr_range = lr_range
             self.train_function = None
+        return x
 
     def current_rho(self):
         if self.rho_min is None:
@@ -147,10 +149,8 @@ class GSAMModel(SAMModel):
         rate = optimizer_internals.rate_optimizer(self.optimizer).learning_rate
         return rules.gsam_rho(rate, self.rho, self.rho_min, lr_max, lr_min)
 
-    _descent_uses_clean_gradient = True
-
-    def _descent(self, grads, perturbed_grads):
-        return rules.gsam_descent(grads, perturbed_grads, self.alpha)
+    def descent(self, gradients, perturbed_gradients):
+        return rules.gsam_descent(gradients, perturbed_gradients, self.alpha)
 
 
 def _schedule_range(lr):

@@ -28,13 +28,155 @@ keeps its in-step choice (`sam_start_epoch`, by the epoch, stays on the
 host).
 """
 
+import warnings
+
 import keras
 from keras import ops
+from keras import tree
+
+from keras_sam import _validation
 
 SAM = "sam"
 BETWEEN = "between"
 PLAIN = "plain"
 IN_STEP = None
+
+
+class StepChooser:
+    """Which kind of step runs next: SAM every `sam_every` steps from epoch
+    `sam_start_epoch` on, or a method's own decision from the data.
+
+    Args:
+        sam_every: a SAM step when `optimizer.iterations % sam_every == 0`.
+        sam_start_epoch: plain steps in the epochs before this one.
+        decides_from_data: the method decides inside the step (AE-SAM).
+    """
+
+    def __init__(self, sam_every=1, sam_start_epoch=0, decides_from_data=False):
+        self.sam_every = _validation.integer("sam_every", sam_every, low=1)
+        self.sam_start_epoch = _validation.integer("sam_start_epoch", sam_start_epoch, low=0)
+        self.decides_from_data = decides_from_data
+        self.clock = StepClock()
+
+    @property
+    def kind(self):
+        """The kind of the step being traced or run."""
+        return self.clock.kind
+
+    def switches(self):
+        """Whether some steps are plain (then `sam_fraction` is logged)."""
+        return self.sam_every > 1 or self.sam_start_epoch > 0 or self.decides_from_data
+
+    def on_host(self, optimizer):
+        """Whether `fit` chooses each step's kind on the host."""
+        return self.sam_start_epoch > 0 or self._every_on_host(optimizer)
+
+    def _every_on_host(self, optimizer):
+        """Whether the `sam_every` schedule is chosen on the host: not for a
+        data-driven policy, and not under a LossScaleOptimizer, whose skipped
+        steps (non-finite gradients) leave `optimizer.iterations` behind a
+        count of the steps taken."""
+        return (
+            self.sam_every > 1
+            and not self.decides_from_data
+            and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        )
+
+    def kind_at(self, step, epoch, per_call, optimizer):
+        """The kind of the call that starts at step `step` (the optimizer's
+        count) in epoch `epoch` (None outside `fit`) and runs up to
+        `per_call` steps."""
+        if epoch is not None and epoch < self.sam_start_epoch:
+            return PLAIN
+        if self.decides_from_data:
+            return IN_STEP
+        if self.sam_every == 1:
+            return SAM
+        if per_call > 1 or not self._every_on_host(optimizer):  # see _every_on_host
+            return IN_STEP
+        return SAM if step % self.sam_every == 0 else BETWEEN
+
+    def in_step(self, optimizer):
+        """Whether this step is a SAM step: a Python bool for a kind chosen
+        on the host (the traced step then holds no conditional), else a
+        boolean scalar tensor from `optimizer.iterations`."""
+        if self.kind is not IN_STEP:
+            return self.kind == SAM
+        if self.sam_every == 1:
+            return True
+        iteration = ops.convert_to_tensor(optimizer.iterations)
+        return ops.equal(ops.mod(iteration, self.sam_every), 0)
+
+    def fit(self, model, fit, bound):
+        """Runs `fit(*args, **kwargs)` of the bound `keras.Model.fit`
+        arguments with the step clock as the last callback, after the user's
+        (BackupAndRestore restores the step count in its on_train_begin)."""
+        arguments = bound.arguments
+        callbacks = arguments.get("callbacks")
+        clock = self.clock
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.callbacks.append(clock)
+            clock.set_model(model)
+        else:
+            arguments["callbacks"] = (tree.flatten(callbacks) if callbacks else []) + [clock]
+        outer = clock.state()  # a fit called from a callback of another fit
+        try:
+            return fit(*bound.args[1:], **bound.kwargs)
+        finally:
+            clock.set_state(outer)
+            if isinstance(callbacks, keras.callbacks.CallbackList):
+                callbacks.callbacks.remove(clock)
+
+    def train_step_of_kind(self, train_step, kind):
+        """`train_step` for one kind of step: it sets the kind, then runs the
+        step (tracing it for that kind)."""
+        clock = self.clock
+
+        def step(*args):
+            clock.kind = kind
+            return train_step(*args)
+
+        return step
+
+    def train_function(self, model, make_train_function):
+        """A `HostChosenSteps` with one Keras training function per kind of
+        step this fit can take; `make_train_function` is Keras' own (the
+        model's `super().make_train_function`)."""
+
+        def make_keras_function(train_step):
+            chooser = model.train_function
+            # Keras (TensorFlow, JAX) compiles the `train_step` it reads now:
+            # give it this kind's, so each compiled function traces its own
+            # kind whenever it traces (a new batch shape, say).
+            object.__setattr__(model, "train_step", train_step)
+            try:
+                make_train_function(force=True)
+            finally:
+                object.__delattr__(model, "train_step")
+            function, model.train_function = model.train_function, chooser
+            return function
+
+        # Every kind, built now: under a keras.distribution Keras reads the
+        # variables' shardings when it builds a function, and during an epoch
+        # the JAX trainer has purged the variables.
+        per_call = model.steps_per_execution
+        epochs = [None] + ([0] if self.sam_start_epoch > 0 else [])
+        kinds = {self.kind_at(s, e, per_call, model.optimizer) for s in (0, 1) for e in epochs}
+        return HostChosenSteps(model, self, make_keras_function, kinds)
+
+    def warn_if_no_sam_step(self, name, epochs):
+        """`sam_start_epoch` at or after the end of this `fit` (epochs `<=`
+        `sam_start_epoch`): every step is plain. A warning, not an error: a
+        later `fit(..., initial_epoch=...)` may continue into SAM."""
+        if self.sam_start_epoch and isinstance(epochs, int) and epochs <= self.sam_start_epoch:
+            warnings.warn(
+                f"{name}(sam_start_epoch={self.sam_start_epoch}) takes "
+                f"its first SAM step in epoch {self.sam_start_epoch} (0-based), but this "
+                f"`fit(epochs={epochs})` ends before it: every step of this fit is a plain "
+                "step. Pass more `epochs` (a later `fit(..., initial_epoch=...)` continues "
+                "into SAM) or a smaller `sam_start_epoch`.",
+                stacklevel=5,
+            )
 
 
 class StepClock(keras.callbacks.Callback):
@@ -76,20 +218,24 @@ class HostChosenSteps:
     kind.
 
     Args:
-        model: the wrapper (a `keras_sam.models.engine.StepEngine`).
-        build: `build(kind)` -> a new Keras training function for `kind`
-            (each traces when it is first called).
+        model: the wrapper, a `keras.Model`.
+        chooser: its `StepChooser`.
+        make_keras_function: `make_keras_function(train_step)` -> a new Keras
+            training function around `train_step` (each traces when it is
+            first called).
         kinds: the kinds to build, every kind a call may take.
     """
 
-    def __init__(self, model, build, kinds):
+    def __init__(self, model, chooser, make_keras_function, kinds):
         self.model = model
+        self.chooser = chooser
         self.functions = {}
         for kind in sorted(kinds, key=str):
-            self.functions[kind] = build(kind)
+            step = chooser.train_step_of_kind(model.train_step, kind)
+            self.functions[kind] = make_keras_function(step)
 
     def __call__(self, *args):
-        clock = self.model._host_steps
+        clock = self.chooser.clock
         running = clock.running
         if running:
             step, epoch = clock.step, clock.epoch
@@ -97,7 +243,7 @@ class HostChosenSteps:
             step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
             epoch = None
         per_call = self.model.steps_per_execution
-        kind = self.model._host_step_kind(step, epoch, per_call)
+        kind = self.chooser.kind_at(step, epoch, per_call, self.model.optimizer)
         function = self.functions[kind]
         clock.kind = kind  # PyTorch runs `train_step` eagerly: read on every call
         try:

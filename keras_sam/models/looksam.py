@@ -4,7 +4,6 @@ reused in between (Liu et al., CVPR 2022; `keras_sam.rules.looksam_*`)."""
 import keras
 
 from keras_sam import _validation
-from keras_sam import backend as sam_backend
 from keras_sam import rules
 from keras_sam.models.sam import SAMModel
 from keras_sam.models.sam import _no_splits
@@ -47,7 +46,6 @@ class LookSAMModel(SAMModel):
 
     def __init__(self, model, rho=0.05, sam_every=5, alpha=0.7, **kwargs):
         self.alpha = _validation.real("alpha", alpha, low=0)
-        self._g_v = {}
         super().__init__(model, rho=rho, sam_every=sam_every, **kwargs)
         _no_splits("LookSAMModel", self)
 
@@ -56,37 +54,13 @@ class LookSAMModel(SAMModel):
         config.update(alpha=self.alpha)
         return config
 
-    def _build_own_state(self):
-        # One slot per trainable variable at build time, found by its path,
-        # so freezing a layer later leaves the other slots in place.
-        self._g_v = {
-            v.path: self.add_weight(
-                shape=v.shape,
-                dtype=v.dtype,
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                name=f"looksam_direction_{i}",
-            )
-            for i, v in enumerate(self.inner.trainable_variables)
-        }
+    def build_state(self):
+        self.add_state("looksam_direction", like="trainable_variables")
 
-    def _own_state_variables(self):
-        """The stored direction of each current trainable variable, in order."""
-        missing = [v.path for v in self.trainable_variables if v.path not in self._g_v]
-        if missing:
-            raise ValueError(
-                f"LookSAMModel keeps a direction for the variables that were "
-                f"trainable when it was built; {missing} became trainable later. "
-                "Wrap the model again after changing which layers train."
-            )
-        return [self._g_v[v.path] for v in self.trainable_variables]
+    def update_state(self, state, gradients, perturbed_gradients):
+        """A SAM step stores `g_v`, the part of `g_p` orthogonal to `g`."""
+        return {"looksam_direction": rules.looksam_direction(gradients, perturbed_gradients)}
 
-    def _after_sam(self, grads, perturbed, own, summed):
-        return rules.looksam_direction(*summed("clean", "perturbed"))
-
-    def _plain_descent(self, grads, own, summed):
-        replicas = sam_backend.num_replicas()
-        (g,) = summed("clean")  # reduced with `perturbed` in `_after_sam`
-        extra = rules.looksam_reuse(g, own, self.alpha)
-        return [gi + (d - g_all) / replicas for gi, d, g_all in zip(grads, extra, g)]
+    def between_descent(self, gradients, state):
+        """`g + alpha (||g|| / ||g_v||) g_v` between SAM steps."""
+        return rules.looksam_reuse(gradients, state["looksam_direction"], self.alpha)

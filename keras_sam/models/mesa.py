@@ -15,11 +15,8 @@ import keras
 from keras import ops
 
 from keras_sam import _validation
-from keras_sam import backend as sam_backend
 from keras_sam import rules
-from keras_sam.models.sam import SAM_ONLY_KEYWORDS
-from keras_sam.models.sam import SAMModel
-from keras_sam.models.sam import _refuse_sam_keywords
+from keras_sam.models.method import OneGradientModel
 
 _PROBABILITY_LOSSES = (
     "sparse_categorical_crossentropy",
@@ -29,7 +26,7 @@ _PROBABILITY_LOSSES = (
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
-class MESAModel(SAMModel):
+class MESAModel(OneGradientModel):
     """Wraps a classifier so that `fit` trains it with MESA.
 
     Each step evaluates ONE gradient, of the compiled loss plus
@@ -89,7 +86,11 @@ class MESAModel(SAMModel):
     ```
     """
 
-    _logged_statistics = ("grad_norm",)
+    _logged_statistics = ("grad_norm", "kl")
+    _takes = (
+        "Pass `kl_weight`, `temperature`, `ema_decay`, `kl_start_epoch` (and "
+        "keras.Model keywords such as `name`)."
+    )
 
     def __init__(
         self,
@@ -103,14 +104,7 @@ class MESAModel(SAMModel):
         kl_output=None,
         **kwargs,
     ):
-        _refuse_sam_keywords(
-            "MESAModel",
-            kwargs,
-            "it takes one gradient per step, of the loss "
-            "plus the distillation term. Pass `kl_weight`, `temperature`, "
-            "`ema_decay`, `kl_start_epoch` (and keras.Model keywords such as `name`).",
-        )
-        kwargs.pop("rho", None)  # a SAMModel config key, meaningless here
+        kwargs.pop("rho", None)  # in the configs of keras_sam <= 0.4
         self.kl_weight = _validation.real("kl_weight", kl_weight, low=0)
         self.temperature = _validation.real("temperature", temperature, low=0, low_inclusive=False)
         self.ema_decay = _validation.real(
@@ -130,15 +124,10 @@ class MESAModel(SAMModel):
                 f"`kl_output` must be an output name (str) or None; received: {kl_output!r}."
             )
         self.kl_output = kl_output
-        self._ema = {}
-        self._counters = []
-        super().__init__(model, rho=0.0, **kwargs)
-        self._kl_tracker = keras.metrics.Mean(name="kl")
+        super().__init__(model, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        for key in SAM_ONLY_KEYWORDS + ("rho",):
-            config.pop(key)
         config.update(
             kl_weight=self.kl_weight,
             temperature=self.temperature,
@@ -151,48 +140,26 @@ class MESAModel(SAMModel):
         return config
 
     # ------------------------------------------------------------ own state
-    def _build_own_state(self):
+    def build_state(self):
         # One average per floating-point variable of the model, found by its
-        # path (freezing a layer later leaves the others in place).
-        self._ema = {
-            v.path: self.add_weight(
-                shape=v.shape,
-                dtype=v.dtype,
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                name=f"mesa_ema_{i}",
-            )
-            for i, v in enumerate(self.inner.variables)
-            if keras.backend.is_float_dtype(v.dtype)
-        }
-        # [the average holds weights (0 / 1), the epoch fit is in]
-        self._counters = [
-            self.add_weight(
-                shape=(),
-                dtype="float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                name=name,
-            )
-            for name in ("mesa_ema_started", "mesa_epoch")
-        ]
+        # path (freezing a layer later leaves the others in place); whether
+        # the average holds weights yet (0 / 1); the epoch fit is in.
+        self.add_state("mesa_ema", like="variables")
+        self.add_state("mesa_ema_started")
+        self.add_state("mesa_epoch")
 
     def _averaged(self):
         """The model's variables that are averaged, in a fixed order."""
-        return [v for v in self.inner.variables if v.path in self._ema]
+        return self.state_sources("mesa_ema")
 
-    def _own_state_variables(self):
-        return [self._ema[v.path] for v in self._averaged()] + list(self._counters)
+    def current_rho(self):
+        return 0.0
 
     def ema_weights(self):
         """The moving average of the weights, as NumPy arrays in the order of
         `model.weights` (variables that are not floats: their current value)."""
-        return [
-            ops.convert_to_numpy((self._ema[v.path] if v.path in self._ema else v).value)
-            for v in self.inner.weights
-        ]
+        averages = dict(zip([v.path for v in self._averaged()], self.state_variables()["mesa_ema"]))
+        return [ops.convert_to_numpy(averages.get(v.path, v).value) for v in self.inner.weights]
 
     # ------------------------------------------------------------ fit hooks
     def fit(self, *args, **kwargs):
@@ -203,7 +170,8 @@ class MESAModel(SAMModel):
         extra = arguments.pop("kwargs", {})
         arguments.pop("self")
         callbacks = list(arguments.get("callbacks") or [])
-        arguments["callbacks"] = callbacks + [_EpochCounter(self._counters[1])]
+        counter = self.state_variables()["mesa_epoch"]
+        arguments["callbacks"] = callbacks + [_EpochCounter(counter)]
         return super().fit(**arguments, **extra)
 
     def _logits_of(self, outputs):
@@ -271,71 +239,45 @@ class MESAModel(SAMModel):
         return layout
 
     # ------------------------------------------------------------- the step
-    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
-        positions = self._own_state_positions()
-        own = [state[i] for i in positions]
-        ema, (started, epoch) = own[:-2], own[-2:]
+    def loss_term(self, x, weights, non_trainable, state):
+        """The distillation term from the teacher at the moving average (which
+        starts from the weights of the first step)."""
         sources, teacher_trainable, teacher_state = self._ema_layout()
 
         def current(source):
             kind, i = source
-            return weights[i] if kind == "weights" else state[i]
+            return weights[i] if kind == "weights" else non_trainable[i]
 
-        # The average starts from the weights of the first step.
-        ema = [ops.where(started > 0, a, current(s)) for a, s in zip(ema, sources)]
-        extra = None
-        if self.kl_weight:
-            teacher_outputs, _ = self.inner.stateless_call(
-                [ema[k] for k in teacher_trainable],
-                [ema[k] if isinstance(k, int) else current(k) for k in teacher_state],
-                x,
-                training=False,
-            )
-            teacher_logits = ops.stop_gradient(self._logits_of(teacher_outputs))
-            on = epoch > self.kl_start_epoch
-            if self.kl_end_epoch is not None:
-                on = ops.logical_and(on, epoch < self.kl_end_epoch)
-            weight = self.kl_weight * ops.cast(on, "float32")
-
-            def extra(y_pred):
-                kl = rules.mesa_kl(self._logits_of(y_pred), teacher_logits, self.temperature)
-                return ops.cast(weight * kl, "float32")
-
-        (_, (loss, y_pred, new_state, new_metrics)), grads = sam_backend.value_and_grad(
-            self._loss_and_state
-        )(weights, state, metrics_state, x, y, sample_weight, extra_loss=extra)
-        zero = ops.zeros((), "float32")
-        kl = zero
-        if extra is not None:
-            kl = rules.mesa_kl(self._logits_of(y_pred), teacher_logits, self.temperature)
-        for i, value in zip(positions, ema):  # the counters: see _after_apply
-            new_state[i] = value
-        grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
-        stats = dict(
-            loss=ops.cast(loss, "float32"),
-            sharpness=zero,
-            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
-            rho=zero,
-            sam_step=zero,
-            kl=kl,
+        started = state["mesa_ema_started"]
+        ema = [ops.where(started > 0, a, current(s)) for a, s in zip(state["mesa_ema"], sources)]
+        state = dict(state, mesa_ema=ema)
+        if not self.kl_weight:
+            return None, state
+        teacher_outputs, _ = self.inner.stateless_call(
+            [ema[k] for k in teacher_trainable],
+            [ema[k] if isinstance(k, int) else current(k) for k in teacher_state],
+            x,
+            training=False,
         )
-        return list(grads), new_state, new_metrics, stats, y_pred
+        teacher_logits = ops.stop_gradient(self._logits_of(teacher_outputs))
+        on = state["mesa_epoch"] > self.kl_start_epoch
+        if self.kl_end_epoch is not None:
+            on = ops.logical_and(on, state["mesa_epoch"] < self.kl_end_epoch)
+        weight = self.kl_weight * ops.cast(on, "float32")
 
-    def _after_apply(self, trainable, state):
+        def term(y_pred):
+            kl = rules.mesa_kl(self._logits_of(y_pred), teacher_logits, self.temperature)
+            return ops.cast(weight * kl, "float32"), {"kl": kl}
+
+        return term, state
+
+    def after_apply(self, variables, non_trainable, state):
         """The average moves toward the weights (and statistics) after the step."""
-        state = list(state)
-        positions = self._own_state_positions()
         sources = self._ema_layout()[0]
-        new = [trainable[i] if kind == "weights" else state[i] for kind, i in sources]
-        old = [state[i] for i in positions[: len(sources)]]
-        for i, value in zip(positions, rules.ema_update(old, new, self.ema_decay)):
-            state[i] = value
-        state[positions[-2]] = ops.ones_like(state[positions[-2]])  # started
-        return state
-
-    def _track(self, x, stats):
-        super()._track(x, stats)
-        self._kl_tracker.update_state(stats["kl"])
+        new = [variables[i] if kind == "weights" else non_trainable[i] for kind, i in sources]
+        ema = rules.ema_update(state["mesa_ema"], new, self.ema_decay)
+        started = ops.ones_like(state["mesa_ema_started"])
+        return dict(state, mesa_ema=ema, mesa_ema_started=started)
 
 
 class _EpochCounter(keras.callbacks.Callback):

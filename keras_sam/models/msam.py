@@ -8,14 +8,11 @@ would apply a plain gradient.
 """
 
 import keras
-from keras import ops
 
-from keras_sam import backend as sam_backend
+from keras_sam import _validation
 from keras_sam import rules
 from keras_sam._keras_compat import optimizers as optimizer_internals
-from keras_sam.models.sam import SAM_ONLY_KEYWORDS
-from keras_sam.models.sam import SAMModel
-from keras_sam.models.sam import _refuse_sam_keywords
+from keras_sam.models.method import OneGradientModel
 
 MOMENTUM_OPTIMIZERS = ("SGD(momentum > 0)", "Adam", "AdamW", "Adamax", "Nadam")
 """Optimizers whose first-moment buffer `MSAMModel` can perturb along."""
@@ -53,7 +50,7 @@ def first_moment_sign(optimizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
-class MSAMModel(SAMModel):
+class MSAMModel(OneGradientModel):
     """Wraps a Keras model so that `fit` trains it with Momentum-SAM.
 
     Each step evaluates ONE gradient, at the point one normalized step of
@@ -104,44 +101,24 @@ class MSAMModel(SAMModel):
     ```
     """
 
-    _logged_statistics = ("grad_norm", "rho")
-
     def __init__(self, model, rho=0.3, **kwargs):
-        _refuse_sam_keywords(
-            "MSAMModel",
-            kwargs,
-            "it perturbs along the optimizer's momentum with "
-            "one gradient per step. Pass `rho` (and keras.Model keywords such as `name`).",
-        )
-        super().__init__(model, rho=rho, **kwargs)
+        self.rho = _validation.real("rho", rho, low=0)
+        super().__init__(model, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        for key in SAM_ONLY_KEYWORDS:
-            config.pop(key)
+        config.update(rho=self.rho)
         return config
 
-    def _before_fit(self):
+    def _before_fit(self, bound):
         if self.optimizer is not None:
             first_moment_sign(self.optimizer)  # a clear error now
 
-    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
+    def perturbation(self, weights, non_trainable, rho):
+        """One normalized step of length `rho` down the momentum."""
         if not self.optimizer.built:  # as `apply` would, on its first call
             self.optimizer.build(self.trainable_variables)
         optimizer, sign = first_moment_sign(self.optimizer)
         variables = self.trainable_variables
         moments = optimizer_internals.momentum_buffers(optimizer, variables, adam=sign > 0)
-        e = rules.msam_perturbation([sign * m.value for m in moments], self.rho)
-        (_, (loss, y_pred, new_state, new_metrics)), grads = sam_backend.value_and_grad(
-            self._loss_and_state
-        )([w + ei for w, ei in zip(weights, e)], state, metrics_state, x, y, sample_weight)
-        zero = ops.zeros((), "float32")
-        grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
-        stats = dict(
-            loss=ops.cast(loss, "float32"),
-            sharpness=zero,
-            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
-            rho=ops.convert_to_tensor(self.rho, "float32"),
-            sam_step=ops.ones((), "float32"),
-        )
-        return list(grads), new_state, new_metrics, stats, y_pred
+        return rules.msam_perturbation([sign * m.value for m in moments], rho), None

@@ -21,14 +21,11 @@ import keras
 from keras import ops
 
 from keras_sam import _validation
-from keras_sam import backend as sam_backend
 from keras_sam import rules
 from keras_sam._keras_compat import layers as layer_internals
 from keras_sam.models import _lora_state
 from keras_sam.models import _weight_noise
-from keras_sam.models.sam import SAM_ONLY_KEYWORDS
-from keras_sam.models.sam import SAMModel
-from keras_sam.models.sam import _refuse_sam_keywords
+from keras_sam.models.method import OneGradientModel
 
 
 def _radius(rho):
@@ -54,24 +51,17 @@ def _filter_axis(variable):
     return 0 if variable.name == "embeddings" else -1
 
 
-class _RandomWeightPerturbation(SAMModel):
+class _RandomWeightPerturbation(OneGradientModel):
     """What RWP and Flat-LoRA share: the radius (a float or a schedule of the
-    step), the seed, the noise of a step, the logged statistics."""
-
-    _logged_statistics = ("grad_norm", "rho")
-    _what = ""
+    step), the seed, the noise of a step."""
 
     def __init__(self, model, rho, seed=None, **kwargs):
-        _refuse_sam_keywords(type(self).__name__, kwargs, self._what)
-        radius = _radius(rho)
-        super().__init__(model, rho=0.0, **kwargs)
-        self.rho = radius
+        self.rho = _radius(rho)
         self.seed = _seed(seed)
+        super().__init__(model, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        for key in SAM_ONLY_KEYWORDS:
-            config.pop(key)
         rho = self.rho
         if callable(rho):
             rho = keras.saving.serialize_keras_object(rho)
@@ -95,17 +85,6 @@ class _RandomWeightPerturbation(SAMModel):
         """The standard normal draws `z` of step `step` (one per perturbed
         weight, see `_perturbed_shapes`), as the training step draws them."""
         return _weight_noise.standard_normals(self._perturbed_shapes(), self.seed, step)
-
-    def _stats(self, loss, grads, rho):
-        zero = ops.zeros((), "float32")
-        grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
-        return dict(
-            loss=ops.cast(loss, "float32"),
-            sharpness=zero,
-            grad_norm=ops.cast(grad_norm / self._loss_scale(), "float32"),
-            rho=ops.cast(rho, "float32"),
-            sam_step=ops.ones((), "float32"),
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -165,10 +144,7 @@ class RWPModel(_RandomWeightPerturbation):
     ```
     """
 
-    _what = (
-        "it takes its gradient at randomly perturbed weights. Pass `rho`, "
-        "`clean_weight`, `seed` (and keras.Model keywords such as `name`)."
-    )
+    _takes = "Pass `rho`, `clean_weight`, `seed` (and keras.Model keywords such as `name`)."
 
     def __init__(self, model, rho=0.01, clean_weight=0.0, seed=None, **kwargs):
         self.clean_weight = _validation.real(
@@ -184,27 +160,20 @@ class RWPModel(_RandomWeightPerturbation):
     def _perturbed_shapes(self):
         return [tuple(v.shape) for v in self.trainable_variables]
 
-    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
-        step = self._step()
-        rho = self.current_rho(step)
-        grad_fn = sam_backend.value_and_grad(self._loss_and_state)
-        random_state = sam_backend.random_state()
-        noisy = weights
-        if not self._noise_is_off(rho):
-            axes = [_filter_axis(v) for v in self.trainable_variables]
-            noise = rules.rwp_noise(self.standard_normals(step), weights, rho, axes)
-            noisy = [w + n for w, n in zip(weights, noise)]
-        (_, (loss, y_pred, new_state, new_metrics)), grads = grad_fn(
-            noisy, state, metrics_state, x, y, sample_weight
-        )
-        descent = list(grads)
-        if self.clean_weight:
-            sam_backend.set_random_state(random_state)  # the same dropout mask
-            (_, (loss, y_pred, new_state, new_metrics)), clean = grad_fn(
-                weights, state, metrics_state, x, y, sample_weight
-            )
-            descent = rules.mixed_gradient(clean, grads, self.clean_weight)
-        return descent, new_state, new_metrics, self._stats(loss, grads, rho), y_pred
+    @property
+    def uses_clean_gradient(self):
+        return self.clean_weight > 0
+
+    def perturbation(self, weights, non_trainable, rho):
+        """Filter-wise Gaussian noise, `rho` times each filter's norm."""
+        if self._noise_is_off(rho):
+            return None, None
+        axes = [_filter_axis(v) for v in self.trainable_variables]
+        return rules.rwp_noise(self.standard_normals(self._step()), weights, rho, axes), None
+
+    def descent(self, gradients, clean_gradients):
+        """m-RWP: `(1 - c) g(w + n) + c g(w)`."""
+        return rules.mixed_gradient(clean_gradients, gradients, self.clean_weight)
 
 
 def lora_layers(model):
@@ -288,10 +257,7 @@ class FlatLoRAModel(_RandomWeightPerturbation):
     ```
     """
 
-    _what = (
-        "it perturbs the merged weights of LoRA layers with random noise. "
-        "Pass `rho`, `ramp_steps`, `seed` (and keras.Model keywords such as `name`)."
-    )
+    _takes = "Pass `rho`, `ramp_steps`, `seed` (and keras.Model keywords such as `name`)."
 
     def __init__(self, model, rho=0.05, ramp_steps=None, seed=None, **kwargs):
         self.ramp_steps = _validation.integer("ramp_steps", ramp_steps, low=1, allow_none=True)
@@ -310,7 +276,7 @@ class FlatLoRAModel(_RandomWeightPerturbation):
             return rho
         return rules.cosine_ramp(step, self.ramp_steps) * rho
 
-    def _before_fit(self):
+    def _before_fit(self, bound):
         self._lora_layers()  # a clear error before any step
 
     def _lora_layers(self):
@@ -344,28 +310,21 @@ class FlatLoRAModel(_RandomWeightPerturbation):
     def _perturbed_shapes(self):
         return [tuple(layer_internals.raw_kernel(layer).shape) for layer in self._lora_layers()]
 
-    def _sam_step(self, weights, state, metrics_state, x, y, sample_weight):
-        step = self._step()
-        rho = self.current_rho(step)
-        noisy_state, frozen = list(state), []
-        if not self._noise_is_off(rho):
-            trainable = {id(v): i for i, v in enumerate(self.trainable_variables)}
-            fixed = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
-            layers = self._lora_layers()
-            for layer, z in zip(layers, self.standard_normals(step)):
-                k = fixed[id(layer_internals.raw_kernel(layer))]
-                a = weights[trainable[id(layer.lora_kernel_a)]]
-                b = weights[trainable[id(layer.lora_kernel_b)]]
-                kernel = state[k]
-                scale = getattr(layer, "lora_alpha", layer.lora_rank) / layer.lora_rank
-                merged = ops.cast(kernel, a.dtype) + scale * ops.matmul(a, b)
-                noise = rules.flat_lora_noise(z, merged, rho)
-                noisy_state[k] = kernel + ops.cast(noise, kernel.dtype)
-                frozen.append(k)
-        grad_fn = sam_backend.value_and_grad(self._loss_and_state)
-        (_, (loss, y_pred, new_state, new_metrics)), grads = grad_fn(
-            weights, noisy_state, metrics_state, x, y, sample_weight
-        )
-        for k in frozen:  # the frozen kernels keep their values, bitwise
-            new_state[k] = state[k]
-        return list(grads), new_state, new_metrics, self._stats(loss, grads, rho), y_pred
+    def perturbation(self, weights, non_trainable, rho):
+        """Noise on each LoRA layer's merged weight `W + s A B`, added to the
+        frozen `W` for this pass only."""
+        if self._noise_is_off(rho):
+            return None, None
+        trainable = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        fixed = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        offsets = [None] * len(non_trainable)
+        layers = self._lora_layers()
+        for layer, z in zip(layers, self.standard_normals(self._step())):
+            k = fixed[id(layer_internals.raw_kernel(layer))]
+            a = weights[trainable[id(layer.lora_kernel_a)]]
+            b = weights[trainable[id(layer.lora_kernel_b)]]
+            kernel = non_trainable[k]
+            scale = getattr(layer, "lora_alpha", layer.lora_rank) / layer.lora_rank
+            merged = ops.cast(kernel, a.dtype) + scale * ops.matmul(a, b)
+            offsets[k] = ops.cast(rules.flat_lora_noise(z, merged, rho), kernel.dtype)
+        return None, offsets

@@ -1,11 +1,12 @@
 """SAMModel: any Keras model trained with SAM or ASAM through plain `fit`.
 
-The method in one screen: `_perturbation` (SAM's `e = rho g / ||g||`, ASAM's
-scaled form), `_descent` (descend along the gradient at `w + e`) and
-`current_rho`; the math is in `keras_sam.rules`. Where the step runs (the two
-gradient passes, sub-batches, replicas, the train steps) is
-`keras_sam.models.engine`; which kind of step runs next (`sam_every`,
-`sam_start_epoch`) is chosen on the host by `keras_sam.models.host_steps`.
+The method in one screen: `perturbation` (SAM's `e = rho g / ||g||`, ASAM's
+scaled form); the descent along the gradient at `w + e` is the default of
+`TwoGradientModel` (`keras_sam.models.method`), the math is in
+`keras_sam.rules`. Where the step runs (the two gradient passes, sub-batches,
+replicas, the train steps) is the engine's (`keras_sam.models.engine`); which
+kind of step runs next (`sam_every`, `sam_start_epoch`) is chosen on the host
+by `keras_sam.models.host_steps`.
 """
 
 import keras
@@ -13,7 +14,7 @@ import keras
 from keras_sam import _validation
 from keras_sam import rules
 from keras_sam.models.engine import TRAINING_STATISTICS  # noqa: F401 (public name)
-from keras_sam.models.engine import StepEngine
+from keras_sam.models.method import TwoGradientModel
 
 ADAPTIVE_SCOPES = ("weights", "kernels", "all")
 """Which variables ASAM scales by `T_w = |w| + eta` (see `asam_scaled`)."""
@@ -40,7 +41,7 @@ def asam_scaled(variables, scope):
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
-class SAMModel(StepEngine):
+class SAMModel(TwoGradientModel):
     """Wraps a Keras model so that `fit` trains it with SAM or adaptive SAM.
 
     Each training step evaluates the gradient `g` of the loss on the batch,
@@ -191,58 +192,21 @@ class SAMModel(StepEngine):
         return config
 
     # ---------------------------------------------------------- the method
-    def current_rho(self):
-        """The radius for this step (a float; GSAMModel ties it to the lr)."""
-        return self.rho
-
-    def _perturbation(self, grads, weights, rho):
+    def perturbation(self, gradients, variables, rho):
         if self.adaptive:
             scaled = asam_scaled(self.trainable_variables, self.adaptive_scope)
-            return rules.asam_perturbation(grads, weights, rho, self.eta, scaled)
-        return rules.sam_perturbation(grads, rho)
+            return rules.asam_perturbation(gradients, variables, rho, self.eta, scaled)
+        return rules.sam_perturbation(gradients, rho)
 
-    _descent_uses_clean_gradient = False
-
-    def _descent(self, grads, perturbed_grads):
-        """How the two gradients combine; SAM takes the perturbed one."""
-        return list(perturbed_grads)
-
-    def _decide(self, grads, own, summed):
-        """`(do_sam, own)`: whether this step is a SAM step (True, or a boolean
-        scalar tensor, the same on every replica) and the updated own state.
-        `summed("clean")` is the global clean gradient (see `_sam_step`)."""
-        if self.rho == 0 and self._second_pass_is_sams():
-            return False, own  # e = 0: the perturbed gradient is the clean one
-        return super()._decide(grads, own, summed)
-
-    def _second_pass_is_sams(self):
-        """Whether the radius, the perturbation, the combination and the own
-        state after a SAM step are SAMModel's (then `rho=0` needs no second
-        pass: its gradient is the clean one)."""
+    def _takes_second_pass(self):
+        """`rho=0` with SAMModel's radius, perturbation, descent and state:
+        the perturbed gradient is the clean one, so no second pass."""
         cls = type(self)
-        return all(
+        same = all(
             getattr(cls, name) is getattr(SAMModel, name)
-            for name in ("current_rho", "_perturbation", "_descent", "_after_sam")
+            for name in ("current_rho", "perturbation", "descent", "update_state")
         )
-
-
-SAM_ONLY_KEYWORDS = (
-    "adaptive",
-    "eta",
-    "adaptive_scope",
-    "sync_perturbation",
-    "num_batch_splits",
-    "sub_batch_size",
-    "sam_every",
-    "sam_start_epoch",
-)
-"""SAMModel keywords that mean nothing to a one-gradient method (MSAM, MESA)."""
-
-
-def _refuse_sam_keywords(cls_name, kwargs, what):
-    unknown = sorted(set(kwargs) & set(SAM_ONLY_KEYWORDS))
-    if unknown:
-        raise ValueError(f"{cls_name} does not take {', '.join(f'`{k}`' for k in unknown)}: {what}")
+        return not (self.rho == 0 and same)
 
 
 def _no_splits(cls_name, model):
