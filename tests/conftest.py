@@ -99,6 +99,7 @@ CROSS_BACKEND_MODULES = frozenset(
         "test_jax_per_device.py",
         "test_lora_resume_backends.py",
         "test_multi_optimizer_backends.py",
+        "test_custom_method_backends.py",
     }
 )
 
@@ -127,6 +128,7 @@ SLOWEST_FIRST = (
     "test_examples.py",  # about 90: --help of every script
     "test_lora_resume_backends.py",  # about 75
     "test_multi_optimizer_backends.py",  # about 50
+    "test_custom_method_backends.py",  # about 40
     "test_noise_scale.py",  # 98, with the noise-scale runs
     "test_host_steps.py",  # 71
     "test_gpu_step_cost.py",  # 70

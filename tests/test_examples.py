@@ -3,6 +3,7 @@ subprocesses: their output, and nothing on stderr (no TensorFlow C++
 start-up line, no warning) for `--help` and a short run."""
 
 import ast
+import math
 import os
 import re
 import subprocess
@@ -127,3 +128,11 @@ def test_importing_the_library_sets_no_environment_variable():
     )
     out = _run("-c", code, timeout=240, progress=r".*")  # TensorFlow's own lines allowed here
     assert out.strip().splitlines()[-1] == "True"
+
+
+def test_layerwise_sam_example_prints_each_epoch():
+    out = _run("examples/layerwise_sam.py", "--epochs", "2")
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1"]
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in lines]
+    assert all(math.isfinite(v) for v in losses), out
