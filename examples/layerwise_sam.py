@@ -4,7 +4,7 @@
 layer's own gradient norm: `e_v = rho_L * g_v / ||g_L||` for every variable
 `v` of layer `L` (plain SAM normalizes by one global norm). It is the worked
 example of the guide "Write your own SAM variant" (docs/custom-method.md),
-which shows the class below as it is here; tests/test_custom_method.py checks
+which shows the class below as it is here; tests/integration/test_custom_method.py checks
 its steps against a NumPy replay on TensorFlow, JAX and PyTorch.
 
     python examples/layerwise_sam.py --epochs 5

@@ -28,7 +28,7 @@ if keras.backend.backend() == "tensorflow":
 
 
 # ---------------------------------------------------------------------------
-# tests/noise_scale_check.py on every backend, once per session (used by
+# tests/support/noise_scale_check.py on every backend, once per session (used by
 # test_noise_scale.py and test_adaptive_batch_size.py).
 
 NOISE_SCALE_RUNS = [("tensorflow", False), ("jax", False), ("jax", True), ("torch", False)]
@@ -36,7 +36,7 @@ NOISE_SCALE_RUNS = [("tensorflow", False), ("jax", False), ("jax", True), ("torc
 
 
 def _noise_scale_check(backend, parallel):
-    """`make(out)` for tests/session_files.py: tests/noise_scale_check.py in a
+    """`make(out)` for tests/support/session_files.py: tests/support/noise_scale_check.py in a
     process of its own under KERAS_BACKEND=`backend`, its results in `out`."""
 
     def make(out):
@@ -52,9 +52,9 @@ def _noise_scale_check(backend, parallel):
 
 @pytest.fixture(scope="session")
 def noise_scale_backends(tmp_path_factory):
-    """`{(backend, parallel): results}` of tests/noise_scale_check.py for the
+    """`{(backend, parallel): results}` of tests/support/noise_scale_check.py for the
     installed backends, made once per session: with pytest-xdist, the workers
-    that ask at once share the runs out between them (tests/session_files.py)."""
+    that ask at once share the runs out between them (tests/support/session_files.py)."""
     import importlib.util
     import json
 
@@ -69,39 +69,23 @@ def noise_scale_backends(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------
-# Marks for CI's oldest-Keras leg, which runs `-m "not tooling and not
-# cross_backend"`: the library's own tests, each backend's check
-# (test_backends.py, test_backends_torch.py) and the noise scale on every
-# backend, but not the tests of the benchmark scripts, the docs and the
-# examples (`tooling`), nor the modules that rerun whole features in
-# subprocesses on the other backends, over several processes or on forced
-# device meshes (`cross_backend`). The newest-Keras leg runs everything.
+# The folders of tests/, by kind; a module's folder gives its mark:
+#
+# - unit/: the math and the checks of arguments, no training;
+# - integration/: the library's features in `fit` on this process's backend;
+# - backends/: each backend's check (tests/support/backend_check.py in a
+#   process per backend);
+# - cross_backend/ (mark `cross_backend`): whole features rerun in
+#   subprocesses on the other backends, over several processes or on forced
+#   device meshes;
+# - tooling/ (mark `tooling`): the benchmark scripts, the docs, the examples;
+# - support/: helpers, the scripts tests run in subprocesses, saved files.
+#
+# CI's oldest-Keras leg runs `-m "not tooling and not cross_backend"`; the
+# newest-Keras leg runs everything.
 
-TOOLING_MODULES = frozenset(
-    {
-        "test_docs.py",
-        "test_examples.py",
-        "test_examples_fine_tune.py",
-        "test_paper_benchmark.py",
-        "test_paper_verdicts.py",
-        "test_efficient_benchmark.py",
-        "test_step_memory.py",
-        "test_gpu_step_cost.py",
-        "test_lora_study.py",
-    }
-)
-CROSS_BACKEND_MODULES = frozenset(
-    {
-        "test_model_families_backends.py",
-        "test_fine_tuning_backends.py",
-        "test_multi_process.py",
-        "test_model_parallel.py",
-        "test_jax_per_device.py",
-        "test_lora_resume_backends.py",
-        "test_multi_optimizer_backends.py",
-        "test_custom_method_backends.py",
-    }
-)
+KINDS = ("unit", "integration", "backends", "cross_backend", "tooling")
+MARKED_KINDS = ("cross_backend", "tooling")
 
 
 # ---------------------------------------------------------------------------
@@ -139,9 +123,12 @@ SLOWEST_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in TOOLING_MODULES:
-            item.add_marker(pytest.mark.tooling)
-        if item.path.name in CROSS_BACKEND_MODULES:
-            item.add_marker(pytest.mark.cross_backend)
+        kind = item.path.parent.name
+        if kind not in KINDS:
+            raise pytest.UsageError(
+                f"{item.path}: a test module belongs in one of tests/{{{','.join(KINDS)}}}"
+            )
+        if kind in MARKED_KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable

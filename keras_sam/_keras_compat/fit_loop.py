@@ -15,7 +15,7 @@ from keras_sam._keras_compat import check_keras_version
 # Keras stores no reference to it on the model, so the scheduler reads it from
 # the frame of the running `fit` (read only: no local is rebound, nothing is
 # patched) and then swaps its data between two epochs. The attributes below are
-# what that swap reads or writes; `tests/test_batch_size_scheduler.py` checks
+# what that swap reads or writes; `tests/integration/test_batch_size_scheduler.py` checks
 # they exist on a real fit's iterator.
 
 _BATCH_SIZE_SCHEDULER = "BatchSizeScheduler"
