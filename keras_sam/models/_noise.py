@@ -67,10 +67,13 @@ class NoiseScale:
         )
 
     @staticmethod
-    def part_statistics(mode, grads, halves_stats, x, global_grads=None):
-        """What one part's step contributes: `mode` is `"step"` (the whole
-        batch: its parts are the halves or the replicas; `global_grads` the
-        replicas' sum) or `"part"` (a sub-batch, combined later)."""
+    def part_statistics(mode, grads, halves_stats, x, summed):
+        """What one part's step contributes: `mode` is None (no estimate),
+        `"step"` (the whole batch: its parts are the halves or the replicas,
+        `summed("clean")` their sum) or `"part"` (a sub-batch, combined
+        later)."""
+        if mode is None:
+            return {}
         if halves_stats is not None:
             squared, inverse = halves_stats
         else:
@@ -78,6 +81,7 @@ class NoiseScale:
             inverse = 1.0 / ops.cast(_batch_size(x), "float32")
         stats = dict(noise_small=squared, noise_inverse=inverse)
         if mode == "step":
+            (global_grads,) = summed("clean") if sam_backend.num_replicas() > 1 else (grads,)
             stats.update(
                 noise_large=rules.dot(global_grads, global_grads),
                 noise_parts=ops.convert_to_tensor(2.0 if halves_stats is not None else 1.0),
@@ -133,6 +137,13 @@ class NoiseScale:
             )
         )
         return dict(noise_sq=squared, noise_trace=trace, noise_valid=ops.cast(valid, "float32"))
+
+    def after_step(self, model, state, new_state, stats):
+        """`(new_state, logs)` of a step of `model`: the averages moved, and
+        the noise scale logged."""
+        index = [id(v) for v in model.non_trainable_variables].index(id(self.average))
+        new_state, noise_scale = self.moved(index, state, new_state, stats)
+        return new_state, {"noise_scale": noise_scale}
 
     def moved(self, index, state, new_state, stats):
         """`(new_state, noise_scale)`: the averages (`state[index]`) moved by

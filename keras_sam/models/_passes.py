@@ -16,6 +16,7 @@ from keras_sam import _validation
 from keras_sam import backend as sam_backend
 from keras_sam import rules
 from keras_sam.models._batches import _batch_size
+from keras_sam.models._batches import _first_batch_size
 from keras_sam.models._batches import _static_batch_size
 
 
@@ -164,6 +165,17 @@ class SubBatches:
                 "(and drop the last partial batch)."
             )
         return k if self.num_batch_splits else batch_size // k
+
+    def check_first_batch(self, fit_arguments, replicas):
+        """Checks the split of the first batch `fit` will draw (from its bound
+        arguments), before any step. Returns a replacement for `x` (a
+        generator peeked at, see `_first_batch_size`) or None."""
+        if not self:
+            return None
+        size, x = _first_batch_size(fit_arguments.get("x"), fit_arguments.get("batch_size"))
+        if size is not None:
+            self.count(size // replicas)
+        return x
 
     def in_step(self, x, synced_replicas):
         """Sub-batches for the batch `x` inside the step: an int, or (on

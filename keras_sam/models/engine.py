@@ -15,6 +15,7 @@ kept), `export`, `fit`'s checks, and Keras' `train_step` / `test_step` /
 import inspect
 
 import keras
+from keras import tree
 
 from keras_sam.models import _lora_state
 from keras_sam.models import _train_steps
@@ -76,8 +77,16 @@ class StepEngine(keras.Model):
             self._build_state()
         self.built = True
 
+    def current_rho(self):
+        """The radius of this step's perturbation (default: `self.rho`)."""
+        return self.rho
+
     def _build_state(self):
-        """Creates the wrapper's own variables (the method's named state)."""
+        """Creates the wrapper's own variables."""
+        self.build_state()
+
+    def build_state(self):
+        """Creates the method's named state (`self.add_state`); none by default."""
 
     def add_state(self, name, shape=(), dtype="float32", like=None):
         """Creates named state of the method, kept across steps: a
@@ -251,8 +260,32 @@ class StepEngine(keras.Model):
         """Checks before any step (the bound `fit` arguments); may return a
         replacement for `x` (a generator peeked at)."""
 
+    def _fit_callbacks(self):
+        """Callbacks the method runs after the user's in `fit` (the host's
+        step clock, MESA's epoch counter)."""
+        return []
+
     def _run_fit(self, fit, bound):
-        return fit(*bound.args[1:], **bound.kwargs)
+        """Runs `fit` with the method's callbacks last, after the user's
+        (after `BackupAndRestore`'s `on_train_begin`, say)."""
+        extra = self._fit_callbacks()
+        if not extra:
+            return fit(*bound.args[1:], **bound.kwargs)
+        arguments = bound.arguments
+        callbacks = arguments.get("callbacks")
+        given = isinstance(callbacks, keras.callbacks.CallbackList)
+        if given:
+            callbacks.callbacks.extend(extra)
+            for callback in extra:
+                callback.set_model(self)
+        else:
+            arguments["callbacks"] = (tree.flatten(callbacks) if callbacks else []) + extra
+        try:
+            return fit(*bound.args[1:], **bound.kwargs)
+        finally:
+            if given:
+                for callback in extra:
+                    callbacks.callbacks.remove(callback)
 
     # ----------------------------------------------------------- the steps
     def _step_parts(self):

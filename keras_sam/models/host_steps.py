@@ -32,7 +32,6 @@ import warnings
 
 import keras
 from keras import ops
-from keras import tree
 
 from keras_sam import _validation
 
@@ -106,26 +105,6 @@ class StepChooser:
             return True
         iteration = ops.convert_to_tensor(optimizer.iterations)
         return ops.equal(ops.mod(iteration, self.sam_every), 0)
-
-    def fit(self, model, fit, bound):
-        """Runs `fit(*args, **kwargs)` of the bound `keras.Model.fit`
-        arguments with the step clock as the last callback, after the user's
-        (BackupAndRestore restores the step count in its on_train_begin)."""
-        arguments = bound.arguments
-        callbacks = arguments.get("callbacks")
-        clock = self.clock
-        if isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks.callbacks.append(clock)
-            clock.set_model(model)
-        else:
-            arguments["callbacks"] = (tree.flatten(callbacks) if callbacks else []) + [clock]
-        outer = clock.state()  # a fit called from a callback of another fit
-        try:
-            return fit(*bound.args[1:], **bound.kwargs)
-        finally:
-            clock.set_state(outer)
-            if isinstance(callbacks, keras.callbacks.CallbackList):
-                callbacks.callbacks.remove(clock)
 
     def train_step_of_kind(self, train_step, kind):
         """`train_step` for one kind of step: it sets the kind, then runs the

@@ -9,8 +9,6 @@ softened outputs of an EMA "teacher" of the weights and those of the model,
 at the cost of one forward pass of the teacher per step.
 """
 
-import inspect
-
 import keras
 from keras import ops
 
@@ -162,17 +160,9 @@ class MESAModel(OneGradientModel):
         return [ops.convert_to_numpy(averages.get(v.path, v).value) for v in self.inner.weights]
 
     # ------------------------------------------------------------ fit hooks
-    def fit(self, *args, **kwargs):
-        """`keras.Model.fit`, with the epoch counter that switches the
-        distillation term on kept up to date."""
-        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
-        arguments = bound.arguments
-        extra = arguments.pop("kwargs", {})
-        arguments.pop("self")
-        callbacks = list(arguments.get("callbacks") or [])
-        counter = self.state_variables()["mesa_epoch"]
-        arguments["callbacks"] = callbacks + [_EpochCounter(counter)]
-        return super().fit(**arguments, **extra)
+    def _fit_callbacks(self):
+        """The epoch counter that switches the distillation term on."""
+        return [_EpochCounter(self.state_variables()["mesa_epoch"])]
 
     def _logits_of(self, outputs):
         """The classification output the term applies to, as logits."""

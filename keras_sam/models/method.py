@@ -77,10 +77,6 @@ class TwoGradientModel(StepEngine):
         super().__init__(model, **kwargs)
 
     # ------------------------------------------------------ the contract
-    def current_rho(self):
-        """The radius of this step's perturbation (default: `self.rho`)."""
-        return self.rho
-
     def perturbation(self, gradients, variables, rho):
         """The offsets `e`: the second gradient is taken at `variables + e`.
 
@@ -158,9 +154,6 @@ class TwoGradientModel(StepEngine):
         if self.noise_scale:  # after the method's (the order files hold them in)
             self._noise.build(self)
 
-    def build_state(self):
-        """Creates the method's named state (`self.add_state`); none by default."""
-
     def _switches_steps(self):
         return self._chooser.switches()
 
@@ -174,26 +167,24 @@ class TwoGradientModel(StepEngine):
         return self._sub_batches.count(batch_size)
 
     def _before_fit(self, bound):
-        from keras_sam.models._batches import _first_batch_size
-
         if not self.sync_perturbation:
             _replicas.check_per_replica_perturbation(type(self).__name__)
         if self.noise_scale:
             NoiseScale.check_loss(getattr(self, "loss", None))
-        x = None
-        if self._sub_batches:
-            arguments = bound.arguments
-            size, x = _first_batch_size(arguments.get("x"), arguments.get("batch_size"))
-            if size is not None:
-                replicas = _replicas.per_replica_batches(self, self.sync_perturbation)
-                self.num_splits(size // replicas)
+        replicas = _replicas.per_replica_batches(self, self.sync_perturbation)
+        x = self._sub_batches.check_first_batch(bound.arguments, replicas)
         self._chooser.warn_if_no_sam_step(type(self).__name__, bound.arguments.get("epochs", 1))
         return x
 
+    def _fit_callbacks(self):
+        return [self._chooser.clock] if self._chooser.on_host(self.optimizer) else []
+
     def _run_fit(self, fit, bound):
-        if not self._chooser.on_host(self.optimizer):
-            return fit(*bound.args[1:], **bound.kwargs)
-        return self._chooser.fit(self, fit, bound)
+        outer = self._chooser.clock.state()  # a fit called from a callback of another fit
+        try:
+            return super()._run_fit(fit, bound)
+        finally:
+            self._chooser.clock.set_state(outer)
 
     def train_step_of_kind(self, kind):
         """`train_step` for one kind of step (`keras_sam.models.host_steps`)."""
@@ -243,9 +234,7 @@ class TwoGradientModel(StepEngine):
     def _after_step(self, state, new_state, stats):
         if not self.noise_scale:
             return new_state, {}
-        index = [id(v) for v in self.non_trainable_variables].index(id(self._noise.average))
-        new_state, noise_scale = self._noise.moved(index, state, new_state, stats)
-        return new_state, {"noise_scale": noise_scale}
+        return self._noise.after_step(self, state, new_state, stats)
 
     def _takes_second_pass(self):
         """False where the second gradient is known to be the first (SAMModel at rho=0)."""
@@ -288,12 +277,7 @@ class TwoGradientModel(StepEngine):
             do_sam = False
         else:
             do_sam = self._chooser.in_step(self.optimizer)
-        noise_stats = {}
-        if noise is not None:
-            global_grads = None
-            if noise == "step":
-                (global_grads,) = summed("clean") if replicas > 1 else (grads,)
-            noise_stats = NoiseScale.part_statistics(noise, grads, halves_stats, x, global_grads)
+        noise_stats = NoiseScale.part_statistics(noise, grads, halves_stats, x, summed)
 
         # Only the second gradient evaluation is conditional: collectives
         # (all-reduce under MirroredStrategy) cannot run inside a branch.
@@ -411,10 +395,6 @@ class OneGradientModel(StepEngine):
         super().__init__(model, **kwargs)
 
     # ------------------------------------------------------ the contract
-    def current_rho(self):
-        """The radius of this step's perturbation (default: `self.rho`)."""
-        return self.rho
-
     def perturbation(self, weights, non_trainable, rho):
         """`(weight_offsets, non_trainable_offsets)`: where the one gradient
         is taken, as offsets of the trainable and of the non-trainable values
@@ -441,13 +421,7 @@ class OneGradientModel(StepEngine):
         `variables` (MESA's moving average); unchanged by default."""
         return state
 
-    def build_state(self):
-        """Creates the method's named state (`self.add_state`); none by default."""
-
     # ------------------------------------------------------- the engine's
-    def _build_state(self):
-        self.build_state()
-
     def _step_parts(self):
         mesh = getattr(sam_backend, "per_device_mesh", lambda: None)()
         return StepParts(
