@@ -96,7 +96,7 @@ def compiled_step(model, batch, image, momentum=0.0):
     )
     state = jax.tree_util.tree_map(lambda t: jax.numpy.array(t), state)
     data = (jax.device_put(x), jax.device_put(y))
-    if not (isinstance(model, StepEngine) and model._steps_chosen_on_host()):
+    if not isinstance(model, StepEngine) or model.host_step_kind(0) is None:
         return jax.jit(model.train_step, donate_argnums=0), state, data
     # sam_every / LookSAM: as `fit` runs them, one compiled function per kind
     # of step, the kind of each step chosen on the host from its own count.
@@ -104,7 +104,7 @@ def compiled_step(model, batch, image, momentum=0.0):
     count = [int(keras.ops.convert_to_numpy(model.optimizer.iterations))]
 
     def step(state, data):
-        kind = model._host_step_kind(count[0], None, 1)
+        kind = model.host_step_kind(count[0])
         count[0] += 1
         if kind not in functions:
             functions[kind] = jax.jit(model.train_step_of_kind(kind), donate_argnums=0)

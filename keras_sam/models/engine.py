@@ -13,6 +13,7 @@ kept), `export`, `fit`'s checks, and Keras' `train_step` / `test_step` /
 """
 
 import inspect
+import warnings
 
 import keras
 from keras import tree
@@ -20,6 +21,7 @@ from keras import tree
 from keras_sam.models import _lora_state
 from keras_sam.models import _train_steps
 from keras_sam.models._passes import GradientPasses
+from keras_sam.models._state import NamedState
 from keras_sam.models._train_steps import TRAINING_STATISTICS  # noqa: F401 (public name)
 
 
@@ -49,9 +51,8 @@ class StepEngine(keras.Model):
                 "on a batch, or call `model.build(input_shape)`."
             )
         self._saved_lora = None  # LoRA variables read by load_own_variables
-        # name -> variable, or (like, {path: variable}); plain data (the
-        # variables are tracked by add_weight).
-        object.__setattr__(self, "_state_variables", {})
+        # Plain data: the variables are tracked by add_weight.
+        object.__setattr__(self, "_named_state", NamedState())
         super().__init__(**kwargs)
         self.inner = model
         self._passes = GradientPasses(self)
@@ -101,89 +102,18 @@ class StepEngine(keras.Model):
                 with the gradients in the hooks); `"variables"`: one per
                 floating-point variable of the wrapped model.
         """
-        if like is None:
-            self._state_variables[name] = self._state_weight(shape, dtype, name)
-            return
-        if like not in ("trainable_variables", "variables"):
-            raise ValueError(
-                f"`like` must be None, 'trainable_variables' or 'variables'; received {like!r}."
-            )
-        variables = getattr(self.inner, like)
-        # Found by path, so freezing a layer later leaves the others in place.
-        self._state_variables[name] = (
-            like,
-            {
-                v.path: self._state_weight(v.shape, v.dtype, f"{name}_{i}")
-                for i, v in enumerate(variables)
-                if keras.backend.is_float_dtype(v.dtype)
-            },
-        )
-
-    def _state_weight(self, shape, dtype, name):
-        return self.add_weight(
-            shape=shape,
-            dtype=dtype,
-            initializer="zeros",
-            trainable=False,
-            autocast=False,
-            name=name,
-        )
+        self._named_state.add(self, name, shape, dtype, like)
 
     def state_variables(self):
         """`{name: variable or list of variables}`: the method's state, the
         lists aligned with `state_sources(name)`."""
-        named = {}
-        for name, value in self._state_variables.items():
-            if isinstance(value, keras.Variable):
-                named[name] = value
-            else:
-                named[name] = [value[1][v.path] for v in self.state_sources(name)]
-        return named
+        return self._named_state.variables(self)
 
     def state_sources(self, name):
         """The variables of the wrapped model that the slots of the list state
         `name` mirror: the current trainable variables (`like=
         "trainable_variables"`), or its float variables (`like="variables"`)."""
-        like, slots = self._state_variables[name]
-        if like == "variables":
-            return [v for v in self.inner.variables if v.path in slots]
-        missing = [v.path for v in self.trainable_variables if v.path not in slots]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} keeps state for the variables that were "
-                f"trainable when it was built; {missing} became trainable later. "
-                "Wrap the model again after changing which layers train."
-            )
-        return list(self.trainable_variables)
-
-    def _state_positions(self):
-        """`{name: index or list of indices}` of the named state in
-        `non_trainable_variables` (the values a step reads and writes)."""
-        index = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
-        return {
-            name: index[id(v)] if isinstance(v, keras.Variable) else [index[id(u)] for u in v]
-            for name, v in self.state_variables().items()
-        }
-
-    @staticmethod
-    def _read_state(positions, values):
-        """The named state's entries of the non-trainable `values`."""
-        return {
-            name: values[p] if isinstance(p, int) else [values[i] for i in p]
-            for name, p in positions.items()
-        }
-
-    @staticmethod
-    def _write_state(positions, values, state):
-        """`values` with the named `state` written into its entries."""
-        values = list(values)
-        for name, p in positions.items():
-            if isinstance(p, int):
-                values[p] = state[name]
-            else:
-                for i, value in zip(p, state[name]):
-                    values[i] = value
-        return values
+        return self._named_state.sources(self, name)
 
     @property
     def output_names(self):
@@ -254,11 +184,28 @@ class StepEngine(keras.Model):
         x = self._before_fit(bound)
         if x is not None:
             bound.arguments["x"] = x
+        for message in self._fit_warnings(bound):
+            warnings.warn(message, stacklevel=2)
         return self._run_fit(super().fit, bound)
 
     def _before_fit(self, bound):
         """Checks before any step (the bound `fit` arguments); may return a
         replacement for `x` (a generator peeked at)."""
+
+    def _fit_warnings(self, bound):
+        """Warnings about the bound `fit` arguments (none by default)."""
+        return []
+
+    def host_step_kind(self, step, epoch=None):
+        """The kind of the step `fit` takes at optimizer step `step` in
+        `epoch` where it chooses each step's kind on the host (one of
+        `keras_sam.models.host_steps`' kinds), else None."""
+        return None
+
+    def train_step_of_kind(self, kind):
+        """`train_step` for one kind of step (`host_step_kind`); the same
+        step for every kind by default."""
+        return self.train_step
 
     def _fit_callbacks(self):
         """Callbacks the method runs after the user's in `fit` (the host's

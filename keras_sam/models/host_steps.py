@@ -28,8 +28,6 @@ keeps its in-step choice (`sam_start_epoch`, by the epoch, stays on the
 host).
 """
 
-import warnings
-
 import keras
 from keras import ops
 
@@ -143,19 +141,21 @@ class StepChooser:
         kinds = {self.kind_at(s, e, per_call, model.optimizer) for s in (0, 1) for e in epochs}
         return HostChosenSteps(model, self, make_keras_function, kinds)
 
-    def warn_if_no_sam_step(self, name, epochs):
-        """`sam_start_epoch` at or after the end of this `fit` (epochs `<=`
-        `sam_start_epoch`): every step is plain. A warning, not an error: a
-        later `fit(..., initial_epoch=...)` may continue into SAM."""
-        if self.sam_start_epoch and isinstance(epochs, int) and epochs <= self.sam_start_epoch:
-            warnings.warn(
-                f"{name}(sam_start_epoch={self.sam_start_epoch}) takes "
-                f"its first SAM step in epoch {self.sam_start_epoch} (0-based), but this "
-                f"`fit(epochs={epochs})` ends before it: every step of this fit is a plain "
-                "step. Pass more `epochs` (a later `fit(..., initial_epoch=...)` continues "
-                "into SAM) or a smaller `sam_start_epoch`.",
-                stacklevel=5,
-            )
+    def no_sam_step(self, name, epochs):
+        """The warning for a `fit(epochs=...)` that ends before
+        `sam_start_epoch` (every step plain), or None. A warning, not an
+        error: a later `fit(..., initial_epoch=...)` may continue into SAM."""
+        if not (self.sam_start_epoch and isinstance(epochs, int)):
+            return None
+        if epochs > self.sam_start_epoch:
+            return None
+        return (
+            f"{name}(sam_start_epoch={self.sam_start_epoch}) takes "
+            f"its first SAM step in epoch {self.sam_start_epoch} (0-based), but this "
+            f"`fit(epochs={epochs})` ends before it: every step of this fit is a plain "
+            "step. Pass more `epochs` (a later `fit(..., initial_epoch=...)` continues "
+            "into SAM) or a smaller `sam_start_epoch`."
+        )
 
 
 class StepClock(keras.callbacks.Callback):

@@ -35,6 +35,7 @@ from keras_sam.models import _replicas
 from keras_sam.models import host_steps
 from keras_sam.models._noise import NoiseScale
 from keras_sam.models._passes import SubBatches
+from keras_sam.models._state import NamedState
 from keras_sam.models._train_steps import StepParts
 from keras_sam.models.engine import StepEngine
 
@@ -116,25 +117,12 @@ class TwoGradientModel(StepEngine):
         return list(gradients)
 
     # ------------------------------------------------------- the engine's
-    @property
-    def num_batch_splits(self):
-        return self._sub_batches.num_batch_splits
-
-    @property
-    def sub_batch_size(self):
-        return self._sub_batches.sub_batch_size
-
-    @property
-    def sam_every(self):
-        return self._chooser.sam_every
-
-    @property
-    def sam_start_epoch(self):
-        return self._chooser.sam_start_epoch
-
-    @property
-    def noise_scale_decay(self):
-        return self._noise.decay
+    # The settings, read from the rooms that hold them.
+    num_batch_splits = property(lambda self: self._sub_batches.num_batch_splits)
+    sub_batch_size = property(lambda self: self._sub_batches.sub_batch_size)
+    sam_every = property(lambda self: self._chooser.sam_every)
+    sam_start_epoch = property(lambda self: self._chooser.sam_start_epoch)
+    noise_scale_decay = property(lambda self: self._noise.decay)
 
     def get_config(self):
         config = super().get_config()
@@ -172,9 +160,17 @@ class TwoGradientModel(StepEngine):
         if self.noise_scale:
             NoiseScale.check_loss(getattr(self, "loss", None))
         replicas = _replicas.per_replica_batches(self, self.sync_perturbation)
-        x = self._sub_batches.check_first_batch(bound.arguments, replicas)
-        self._chooser.warn_if_no_sam_step(type(self).__name__, bound.arguments.get("epochs", 1))
-        return x
+        return self._sub_batches.check_first_batch(bound.arguments, replicas)
+
+    def _fit_warnings(self, bound):
+        name, epochs = type(self).__name__, bound.arguments.get("epochs", 1)
+        message = self._chooser.no_sam_step(name, epochs)
+        return [message] if message else []
+
+    def host_step_kind(self, step, epoch=None):
+        if not self._chooser.on_host(self.optimizer):
+            return None
+        return self._chooser.kind_at(step, epoch, 1, self.optimizer)
 
     def _fit_callbacks(self):
         return [self._chooser.clock] if self._chooser.on_host(self.optimizer) else []
@@ -266,8 +262,8 @@ class TwoGradientModel(StepEngine):
         if self.sync_perturbation and replicas > 1:
             ascent = summed.reduced["clean"] = sam_backend.all_reduce(grads, "sum")
 
-        positions = self._state_positions()
-        own = self._read_state(positions, state)
+        positions = self._named_state.positions(self)
+        own = NamedState.read(positions, state)
         plain = self._chooser.kind == host_steps.PLAIN  # before sam_start_epoch
         if plain:
             do_sam = False
@@ -321,7 +317,7 @@ class TwoGradientModel(StepEngine):
             between = self._between(grads, own, summed)
             descent = [ops.where(do_sam, d, b) for d, b in zip(descent, between)]
             own = keras.tree.map_structure(lambda n, o: ops.where(do_sam, n, o), sam_own, own)
-        new_state = self._write_state(positions, new_state, own)
+        new_state = NamedState.write(positions, new_state, own)
         grad_norm = rules.global_norm(ascent)
         if not self.sync_perturbation:
             grad_norm = grad_norm * replicas
@@ -402,6 +398,11 @@ class OneGradientModel(StepEngine):
         values it offsets (Flat-LoRA's frozen kernels) keep their values."""
         return None, None
 
+    sync_perturbation = False
+    """Not a keyword (no gradient goes into the perturbation): True runs the
+    JAX step on the global batch instead of one step per device, so
+    BatchNorm sees the global batch's statistics, as on one device."""
+
     uses_clean_gradient = False
     """True: the step also evaluates the clean gradient at `w`, and the
     optimizer applies `descent(gradients, clean_gradients)`."""
@@ -423,7 +424,9 @@ class OneGradientModel(StepEngine):
 
     # ------------------------------------------------------- the engine's
     def _step_parts(self):
-        mesh = getattr(sam_backend, "per_device_mesh", lambda: None)()
+        mesh = None
+        if not self.sync_perturbation:
+            mesh = getattr(sam_backend, "per_device_mesh", lambda: None)()
         return StepParts(
             self._step_on_batch,
             lambda s, n, stats: (n, {}),
@@ -435,8 +438,8 @@ class OneGradientModel(StepEngine):
 
     def _step_on_batch(self, weights, state, metrics_state, x, y, sample_weight):
         passes = self._passes
-        positions = self._state_positions()
-        own = self._read_state(positions, state)
+        positions = self._named_state.positions(self)
+        own = NamedState.read(positions, state)
         rho = self.current_rho()
         random_state = sam_backend.random_state()
         weight_offsets, state_offsets = self.perturbation(weights, state, rho)
@@ -457,7 +460,7 @@ class OneGradientModel(StepEngine):
         if state_offsets is not None:  # offset values keep theirs, bitwise
             kept = zip(new_state, state_offsets, state)
             new_state = [s if o is None else old for s, o, old in kept]
-        new_state = self._write_state(positions, new_state, own)
+        new_state = NamedState.write(positions, new_state, own)
         zero = ops.zeros((), "float32")
         grad_norm = rules.global_norm(grads) * sam_backend.num_replicas()
         stats = dict(
@@ -472,11 +475,11 @@ class OneGradientModel(StepEngine):
         return descent, new_state, new_metrics, stats, y_pred
 
     def _after_apply(self, trainable, new_state):
-        positions = self._state_positions()
+        positions = self._named_state.positions(self)
         if not positions:
             return new_state
-        own = self.after_apply(trainable, new_state, self._read_state(positions, new_state))
-        return self._write_state(positions, new_state, own)
+        own = self.after_apply(trainable, new_state, NamedState.read(positions, new_state))
+        return NamedState.write(positions, new_state, own)
 
 
 def _offset(values, offsets):
