@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from other_backends import subprocess_env
 from paths import ROOT
+from paths import SUPPORT
 
-WORKER = os.path.join(ROOT, "tests", "multi_process_worker.py")
+WORKER = os.path.join(SUPPORT, "multi_process_worker.py")
 PROCESSES = 2
 TIMEOUT = 300  # seconds, for each process
 NO_GLOO = 3  # the worker's exit status when jax has no gloo collectives
