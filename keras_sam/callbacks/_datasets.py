@@ -1,11 +1,11 @@
 """The training pipelines of `BatchSizeScheduler`: one per batch size, built
 once by the user's `dataset_fn` and checked (batched by the size asked,
-finite and known cardinality), and what an epoch draws from them: the
-pipeline itself, the same with the batch dimension hidden (one trace for
-every batch size), or this process's share of every global batch under a
-multi-process `keras.distribution`. Also the checks of a batch size against
-the replicas, the devices and the model's sub-batches.
-"""
+finite and known cardinality; the data given to `fit()` batched as
+scheduled), and what an epoch draws from them: the pipeline itself, the
+same with the batch dimension hidden (one trace for every batch size), or
+this process's share of every global batch under a multi-process
+`keras.distribution`. Also the checks of a batch size against the replicas,
+the devices and the model's sub-batches."""
 
 from keras_sam._keras_compat import distribution as distribution_internals
 
@@ -54,6 +54,43 @@ class DatasetCache:
                 dataset = self.dataset(batch_size)
                 self._drawn[key] = hide_batch_dim(dataset) if relaxed else dataset
         return self._drawn[key]
+
+    def batch_size_of_fit_data(self, adapter, num_batches, allowed, initial_epoch, sharding):
+        """The batch size of the data passed to `fit()` (its data `adapter`,
+        `num_batches` a step), checked against the `allowed` sizes: the
+        schedule's at epoch 0 and at `initial_epoch` (a run continued by
+        hand). `sharding` splits every batch between processes, or is None."""
+        where = "at epoch 0" + (
+            f" and {allowed[1]} at initial_epoch={initial_epoch}" if len(allowed) > 1 else ""
+        )
+        names = " or ".join(f"`dataset_fn({b})`" for b in allowed)
+        given = getattr(adapter, "batch_size", None)
+        if sharding is not None:
+            # fit's adapter holds this process's slice, of unknown cardinality
+            drawn = {b: self.drawn(b, False, sharding) for b in allowed}
+            locals_ = {leading_dim(d): b for b, d in drawn.items()}
+            if given is not None and given not in locals_:
+                raise ValueError(
+                    f"The data passed to `fit()` gives this process batches "
+                    f"of {given}, but `schedule` gives a global batch size of "
+                    f"{allowed[0]} {where}, i.e. {', '.join(map(str, locals_))} in each of "
+                    f"the {sharding.num_processes} processes. Pass {names} (the full "
+                    "pipeline, batched with the GLOBAL batch size) to `fit()` in every process."
+                )
+            return locals_.get(given, allowed[0])
+        if given is not None and given not in allowed:
+            raise ValueError(
+                f"The data passed to `fit()` has batch size {given}, but "
+                f"`schedule` gives {allowed[0]} {where}. Pass {names} to `fit()`."
+            )
+        matching = [b for b in allowed if self.steps(b) == num_batches and given in (None, b)]
+        if not matching:
+            raise ValueError(
+                f"The data passed to `fit()` has {num_batches} batches per epoch, but "
+                + " and ".join(f"`dataset_fn({b})` has {self.steps(b)}" for b in allowed)
+                + f". Pass {names} to `fit()`."
+            )
+        return matching[0] if given is None else given
 
 
 # ------------------------------------------------------------------- checks

@@ -213,7 +213,16 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             self._cache.steps(batch_size)  # builds and checks the dataset
             if self._per_process():
                 _datasets.check_full_batches(self._cache.dataset(batch_size), batch_size)
-        given = self._check_fit_data(iterator, fit.initial_epoch)
+        allowed = [self.batch_size_at(0)]
+        if fit.initial_epoch and self.batch_size_at(fit.initial_epoch) not in allowed:
+            allowed.append(self.batch_size_at(fit.initial_epoch))
+        given = self._cache.batch_size_of_fit_data(
+            fit_loop.epoch_iterator_data_adapter(iterator),
+            fit_loop.epoch_iterator_num_batches(iterator),
+            allowed,
+            fit.initial_epoch,
+            self._sharding if self._per_process() else None,
+        )
         self._fit = fit
         # With relaxed shapes even the first epoch draws from our dataset, so
         # the train function is traced once, for every batch size. Across
@@ -336,43 +345,3 @@ class BatchSizeScheduler(keras.callbacks.Callback):
             return self.relax_batch_shape
         # A fixed sub-batch size needs the batch size at trace time.
         return not getattr(self.model, "sub_batch_size", None)
-
-    def _check_fit_data(self, iterator, initial_epoch):
-        """The batch size of the data passed to `fit()`: the schedule's at
-        epoch 0 or at `initial_epoch` (a run continued by hand)."""
-        allowed = [self.batch_size_at(0)]
-        if initial_epoch and self.batch_size_at(initial_epoch) not in allowed:
-            allowed.append(self.batch_size_at(initial_epoch))
-        where = "at epoch 0" + (
-            f" and {allowed[1]} at initial_epoch={initial_epoch}" if len(allowed) > 1 else ""
-        )
-        names = " or ".join(f"`dataset_fn({b})`" for b in allowed)
-        adapter = fit_loop.epoch_iterator_data_adapter(iterator)
-        given = getattr(adapter, "batch_size", None)
-        if self._per_process():
-            # fit's adapter holds this process's slice, of unknown cardinality
-            drawn = {b: self._cache.drawn(b, False, self._sharding) for b in allowed}
-            locals_ = {_datasets.leading_dim(d): b for b, d in drawn.items()}
-            if given is not None and given not in locals_:
-                raise ValueError(
-                    f"The data passed to `fit()` gives this process batches "
-                    f"of {given}, but `schedule` gives a global batch size of "
-                    f"{allowed[0]} {where}, i.e. {', '.join(map(str, locals_))} in each of "
-                    f"the {self._sharding.num_processes} processes. Pass {names} (the full "
-                    "pipeline, batched with the GLOBAL batch size) to `fit()` in every process."
-                )
-            return locals_.get(given, allowed[0])
-        if given is not None and given not in allowed:
-            raise ValueError(
-                f"The data passed to `fit()` has batch size {given}, but "
-                f"`schedule` gives {allowed[0]} {where}. Pass {names} to `fit()`."
-            )
-        steps = fit_loop.epoch_iterator_num_batches(iterator)
-        matching = [b for b in allowed if self._cache.steps(b) == steps and given in (None, b)]
-        if not matching:
-            raise ValueError(
-                f"The data passed to `fit()` has {steps} batches per epoch, but "
-                + " and ".join(f"`dataset_fn({b})` has {self._cache.steps(b)}" for b in allowed)
-                + f". Pass {names} to `fit()`."
-            )
-        return matching[0] if given is None else given

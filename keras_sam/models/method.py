@@ -40,8 +40,9 @@ from keras_sam.models._train_steps import StepParts
 from keras_sam.models.engine import StepEngine
 
 
-def _overrides(model, name, base):
-    return getattr(type(model), name) is not getattr(base, name)
+def _overrides(model, name):
+    """Whether `model`'s method defines the optional hook `name`."""
+    return getattr(type(model), name) is not getattr(TwoGradientModel, name)
 
 
 class TwoGradientModel(StepEngine):
@@ -71,7 +72,7 @@ class TwoGradientModel(StepEngine):
     ):
         self.sync_perturbation = bool(sync_perturbation)
         self._sub_batches = SubBatches(num_batch_splits, sub_batch_size)
-        data_driven = _overrides(self, "should_perturb", TwoGradientModel)
+        data_driven = _overrides(self, "should_perturb")
         self._chooser = host_steps.StepChooser(sam_every, sam_start_epoch, data_driven)
         self.noise_scale = _validation.one_of("noise_scale", noise_scale, (False, True))
         self._noise = NoiseScale(noise_scale_decay)
@@ -163,8 +164,7 @@ class TwoGradientModel(StepEngine):
         return self._sub_batches.check_first_batch(bound.arguments, replicas)
 
     def _fit_warnings(self, bound):
-        name, epochs = type(self).__name__, bound.arguments.get("epochs", 1)
-        message = self._chooser.no_sam_step(name, epochs)
+        message = self._chooser.no_sam_step(type(self).__name__, bound.arguments.get("epochs", 1))
         return [message] if message else []
 
     def host_step_kind(self, step, epoch=None):
@@ -303,7 +303,7 @@ class TwoGradientModel(StepEngine):
             descent = list(grads)
         elif do_sam is False:  # a step between SAM steps, decided when traced
             descent = self._between(grads, own, summed)
-        elif self.sync_perturbation and replicas > 1 and self._combines():
+        elif self.sync_perturbation and replicas > 1 and _overrides(self, "descent"):
             # The combination needs the global gradients; every replica
             # computes the same global direction and hands apply() its share.
             (gp_all,) = summed("perturbed")
@@ -318,9 +318,7 @@ class TwoGradientModel(StepEngine):
             descent = [ops.where(do_sam, d, b) for d, b in zip(descent, between)]
             own = keras.tree.map_structure(lambda n, o: ops.where(do_sam, n, o), sam_own, own)
         new_state = NamedState.write(positions, new_state, own)
-        grad_norm = rules.global_norm(ascent)
-        if not self.sync_perturbation:
-            grad_norm = grad_norm * replicas
+        grad_norm = rules.global_norm(ascent) * (1 if self.sync_perturbation else replicas)
         stats = dict(
             loss=ops.cast(loss, "float32"),
             sharpness=sharpness,
@@ -331,17 +329,14 @@ class TwoGradientModel(StepEngine):
         )
         return descent, new_state, new_metrics, stats, y_pred
 
-    def _combines(self):
-        return _overrides(self, "descent", TwoGradientModel)
-
     def _updated(self, own, summed):
-        if not _overrides(self, "update_state", TwoGradientModel):
+        if not _overrides(self, "update_state"):
             return dict(own)
         return self.update_state(own, *summed("clean", "perturbed"))
 
     def _between(self, grads, own, summed):
         """This replica's share of `between_descent` of the global gradient."""
-        if not _overrides(self, "between_descent", TwoGradientModel):
+        if not _overrides(self, "between_descent"):
             return list(grads)
         replicas = sam_backend.num_replicas()
         (g,) = summed("clean")
