@@ -5,6 +5,8 @@ before anything touches a device.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,6 +27,43 @@ if keras.backend.backend() == "tensorflow":
     tf.config.set_logical_device_configuration(
         _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
     )
+
+
+# ---------------------------------------------------------------------------
+# JAX's persistent compilation cache, for every JAX process the tests start
+# (the backend and noise-scale checks, the reruns of whole modules): XLA
+# compiles most of their time away, and many of their computations are the
+# same (small models, the same ops). One folder per test session, made by
+# the process that starts the session and handed to the xdist workers and
+# their subprocesses through the environment; CI sets
+# JAX_COMPILATION_CACHE_DIR itself, to share it between its two Keras legs.
+# The cache's size limit turns on JAX's file lock, so that processes write
+# and read the same folder safely; a failed read is a warning and a compile.
+
+JAX_CACHE_SETTINGS = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}
+_OWN_JAX_CACHE = pytest.StashKey[str]()  # the folder this process made
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the controller's settings, inherited
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        folder = tempfile.mkdtemp(prefix="keras_sam_jax_cache.")
+        config.stash[_OWN_JAX_CACHE] = folder
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    for name, value in JAX_CACHE_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(_OWN_JAX_CACHE, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 
 # ---------------------------------------------------------------------------
